@@ -1,0 +1,24 @@
+"""Single-device math with a plain PyTorch reference beside each fast path.
+
+Every op has one dispatcher that honours `CTXSCALE_KERNELS=torch|triton|auto` (see
+`ctxscale.kernels.dispatch`).
+"""
+
+from ctxscale.kernels.attention import (
+    attention,
+    attention_backward,
+    attention_blockwise,
+    attention_forward,
+    attention_reference,
+)
+from ctxscale.kernels.dispatch import chosen_paths, set_kernel_mode
+
+__all__ = [
+    "attention",
+    "attention_backward",
+    "attention_blockwise",
+    "attention_forward",
+    "attention_reference",
+    "chosen_paths",
+    "set_kernel_mode",
+]

@@ -1,0 +1,94 @@
+"""Kernel path selection shared by every dispatcher in `ctxscale.kernels`.
+
+`CTXSCALE_KERNELS=torch|triton|auto` picks the family of paths for every op (default `auto`:
+Triton on CUDA, PyTorch on CPU). `CTXSCALE_KERNELS_<OP>=<path>` (for example
+`CTXSCALE_KERNELS_ATTENTION=blockwise`) forces one named path of one op, for tests and
+comparisons. `set_kernel_mode()` does the same from a training config. Every dispatcher logs the
+path it chose once per (op, path, reason), so a run says which code actually ran.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("ctxscale.kernels")
+
+MODES = ("auto", "torch", "triton")
+_mode_override: str | None = None
+_op_overrides: dict[str, str] = {}
+_logged: set[tuple[str, str]] = set()
+_chosen: dict[str, str] = {}
+
+
+def set_kernel_mode(mode: str | None = None, **per_op: str) -> None:
+    """Set the kernel family (`auto`, `torch`, `triton`) and per-op paths from code or config."""
+    global _mode_override
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"kernel mode {mode!r} is not one of {MODES}")
+    _mode_override = mode
+    _op_overrides.clear()
+    _op_overrides.update({k: v for k, v in per_op.items() if v})
+
+
+def kernel_mode() -> str:
+    mode = _mode_override or os.environ.get("CTXSCALE_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(
+            f"CTXSCALE_KERNELS={mode!r} is not one of {MODES}; unset it or pick one of those"
+        )
+    return mode
+
+
+def forced_path(op: str) -> str | None:
+    """The path forced for `op` by `CTXSCALE_KERNELS_<OP>` or `set_kernel_mode(op=...)`."""
+    value = _op_overrides.get(op) or os.environ.get(f"CTXSCALE_KERNELS_{op.upper()}")
+    return value.strip().lower() if value else None
+
+
+def triton_runnable(device: torch.device) -> bool:
+    """Triton kernels run on CUDA, or on CPU in the interpreter (`TRITON_INTERPRET=1`)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def want_triton(device: torch.device) -> bool:
+    """Whether the family setting asks for Triton on this device."""
+    mode = kernel_mode()
+    if mode == "torch":
+        return False
+    if mode == "triton":
+        if not triton_runnable(device):
+            raise RuntimeError(
+                "CTXSCALE_KERNELS=triton but Triton cannot run here: it needs a CUDA device, or "
+                "TRITON_INTERPRET=1 on CPU. Unset CTXSCALE_KERNELS to use the PyTorch paths."
+            )
+        return True
+    return device.type == "cuda" and triton_runnable(device)
+
+
+def module_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def log_choice(op: str, path: str, reason: str = "") -> None:
+    """Record (and log once) which path `op` ran."""
+    _chosen[op] = path
+    key = (op, path)
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("kernel %s -> %s%s", op, path, f" ({reason})" if reason else "")
+
+
+def chosen_paths() -> dict[str, str]:
+    """The last path each op ran, e.g. `{'attention': 'sdpa', 'rms_norm': 'torch'}`."""
+    return dict(_chosen)
