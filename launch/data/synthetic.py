@@ -214,6 +214,49 @@ def passkey_text_sample(
     }
 
 
+def passkey_text_eval_set(
+    tokenizer,
+    filler_text,
+    *,
+    seq_len: int,
+    depths: list[float],
+    samples_per_depth: int,
+    seed: int = 0,
+    num_digits: int = 5,
+    bos_id: int | None = None,
+) -> list[dict]:
+    """A fixed passkey sweep over depths: one batch per depth, deterministic in `seed`.
+
+    Returns [{"depth": d, "input_ids": (samples_per_depth, seq_len), "labels": (same),
+    "passkeys": [str, ...]}] in the order of `depths`; sample j of depth index i is drawn
+    from default_rng([seed, i, j]), so the set does not depend on how it is batched.
+    """
+    filler = _encode(tokenizer, filler_text) if isinstance(filler_text, str) else list(filler_text)
+    out = []
+    for i, depth in enumerate(depths):
+        rows = [
+            passkey_text_sample(
+                tokenizer,
+                filler,
+                seq_len,
+                float(depth),
+                np.random.default_rng([seed, i, j]),
+                num_digits=num_digits,
+                bos_id=bos_id,
+            )
+            for j in range(samples_per_depth)
+        ]
+        out.append(
+            {
+                "depth": float(depth),
+                "input_ids": torch.stack([r["input_ids"] for r in rows]),
+                "labels": torch.stack([r["labels"] for r in rows]),
+                "passkeys": [r["passkey"] for r in rows],
+            }
+        )
+    return out
+
+
 def mqar_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     """MQAR accuracy as in Zoology: (correct, total) over the labelled (query) positions."""
     return token_accuracy(logits, labels)
