@@ -283,3 +283,31 @@ def test_uint32_tokens_for_large_vocab(tmp_path):
     assert corpus.tokens.dtype == np.uint32
     assert corpus.tokens.tolist() == [65_537, 3, 69_999, 65_538, 3, 69_999, 65_539, 3, 69_999]
     np.testing.assert_array_equal(corpus.offsets, [0, 3, 6, 9])
+
+
+def _rank_builds(rank, world, cfg_dict):
+    import torch.distributed as dist
+
+    cfg = DataConfig(**cfg_dict)
+    dist.barrier()  # all ranks hit the empty cache together: one trains/tokenizes, others wait
+    src = build_data(cfg, batch_size=2, dp_rank=rank, dp_size=world, seed=8)
+    return src.tokenizer.sha256, [src.next_batch()["input_ids"] for _ in range(3)]
+
+
+def test_concurrent_ranks_build_one_shared_cache(corpus):
+    from dataclasses import asdict
+
+    from tests.harness import run_distributed
+
+    cfg, _ = corpus
+    results = run_distributed(_rank_builds, world_size=2, args=(asdict(cfg),))
+    assert len({sha for sha, _ in results}) == 1
+    single = _take(build_data(cfg, **_args(batch_size=4, seed=8)), 3)
+    for k in range(3):
+        joined = torch.cat([batches[k] for _, batches in results])
+        assert torch.equal(joined, single[k]["input_ids"])
+    bins, metas = _token_files(cfg)
+    assert len(bins) == len(metas) == 1
+    assert len(list((Path(cfg.cache_dir) / "tokenizers").glob("*.model"))) == 1
+    leftovers = [p for p in Path(cfg.cache_dir).rglob("*") if ".tmp" in p.name]
+    assert leftovers == []
