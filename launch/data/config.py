@@ -10,8 +10,6 @@ validation set depends on `DataConfig.seed` only, so runs that differ in their r
 evaluated on exactly the same samples.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 from typing import Literal
 

@@ -9,11 +9,12 @@ MQAR — Arora, Eyuboglu et al. 2023, "Zoology: Measuring and Improving Recall i
 Language Models", the `multiquery_ar` task. With V = vocab_size, n = num_kv_pairs, L = seq_len:
   * keys: n distinct tokens from [1, V/2); values: n distinct tokens from [V/2, V);
   * positions 0..2n-1 hold k_1 v_1 k_2 v_2 ... k_n v_n;
-  * the rest is split into S = (L - 2n) // 2 two-token slots; n distinct slots g_i are drawn
-    without replacement with p(g) ∝ a · g^(a-1), g = 1..S (power law, a = power_a; a=1 is
+  * the rest is split into S = (L - 2n) // 2 two-token slots; n distinct slots s_i ∈ [0, S)
+    are drawn without replacement with p(s) ∝ a · (s+1)^(a-1) (power law, a = power_a; a=1 is
     uniform), so queries cluster close to the context as repeated bigrams do in real text;
-  * key k_i is placed at position 2n + 2·g_i (0-based slot index) and labels[that position] =
-    v_i (the model must emit the paired value next); every other label is -100;
+  * key k_i is placed at position 2n + 2·s_i and labels[that position] = v_i (the model must
+    emit the paired value next); every other label is -100. Zoology requires an even L; an
+    odd L works the same, its last position is never a query;
   * with random_non_queries, all remaining (zero) input positions get uniform random tokens
     from [0, V) — Zoology's default.
   Accuracy is the per-token accuracy over the labelled positions (Zoology's metric).
@@ -49,7 +50,7 @@ PASSKEY_FIRST_FILLER = 13
 
 @functools.lru_cache(maxsize=64)
 def _power_law(space: int, power_a: float) -> np.ndarray:
-    """p(g) ∝ a · g^(a-1) for g = 1..space, normalized (Zoology's query-gap distribution)."""
+    """p(s) ∝ a · (s+1)^(a-1) for slot s = 0..space-1, normalized (Zoology's query gaps)."""
     g = np.arange(1, space + 1, dtype=np.float64)
     p = power_a * g ** (power_a - 1.0)
     return p / p.sum()
@@ -212,6 +213,49 @@ def passkey_text_sample(
         "key_start": len(intro) + before,
         "depth": depth,
     }
+
+
+def passkey_text_eval_set(
+    tokenizer,
+    filler_text,
+    *,
+    seq_len: int,
+    depths: list[float],
+    samples_per_depth: int,
+    seed: int = 0,
+    num_digits: int = 5,
+    bos_id: int | None = None,
+) -> list[dict]:
+    """A fixed passkey sweep over depths: one batch per depth, deterministic in `seed`.
+
+    Returns [{"depth": d, "input_ids": (samples_per_depth, seq_len), "labels": (same),
+    "passkeys": [str, ...]}] in the order of `depths`; sample j of depth index i is drawn
+    from default_rng([seed, i, j]), so the set does not depend on how it is batched.
+    """
+    filler = _encode(tokenizer, filler_text) if isinstance(filler_text, str) else list(filler_text)
+    out = []
+    for i, depth in enumerate(depths):
+        rows = [
+            passkey_text_sample(
+                tokenizer,
+                filler,
+                seq_len,
+                float(depth),
+                np.random.default_rng([seed, i, j]),
+                num_digits=num_digits,
+                bos_id=bos_id,
+            )
+            for j in range(samples_per_depth)
+        ]
+        out.append(
+            {
+                "depth": float(depth),
+                "input_ids": torch.stack([r["input_ids"] for r in rows]),
+                "labels": torch.stack([r["labels"] for r in rows]),
+                "passkeys": [r["passkey"] for r in rows],
+            }
+        )
+    return out
 
 
 def mqar_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from ctxscale.launch.data import (
     mqar_sample,
     passkey_accuracy,
     passkey_sample,
+    passkey_text_eval_set,
     passkey_text_sample,
     sequence_accuracy,
     token_accuracy,
@@ -231,6 +232,23 @@ def test_passkey_text_sample(depth):
     assert text[needle_end + num_filler - before :].startswith(PASSKEY_TEXT_QUESTION)
     with pytest.raises(ValueError, match="seq_len"):
         passkey_text_sample(tok, "x", 50, depth, rng)
+
+
+def test_passkey_text_eval_set_fixed_depth_sweep():
+    tok = _CharTokenizer()
+    kw = dict(seq_len=400, depths=[0.0, 0.25, 1.0], samples_per_depth=3, seed=7)
+    a = passkey_text_eval_set(tok, "Filler words here. ", **kw)
+    b = passkey_text_eval_set(tok, [ord(c) for c in "Filler words here. "], **kw)
+    assert [x["depth"] for x in a] == [0.0, 0.25, 1.0]
+    for x, y in zip(a, b):
+        assert torch.equal(x["input_ids"], y["input_ids"]) and x["passkeys"] == y["passkeys"]
+        assert x["input_ids"].shape == x["labels"].shape == (3, 400)
+        for row, key in zip(x["labels"], x["passkeys"]):
+            assert row[row != -100].tolist() == [ord(c) for c in key]
+    starts = [
+        "".join(map(chr, x["input_ids"][0].tolist())).index(PASSKEY_TEXT_NEEDLE_BEFORE) for x in a
+    ]
+    assert starts[0] < starts[1] < starts[2]  # deeper needles sit later
 
 
 # ---------------------------------------------------------------- sampler
