@@ -22,3 +22,10 @@ __all__ = [
     "chosen_paths",
     "set_kernel_mode",
 ]
+from ctxscale.kernels.linear_attention import (  # noqa: E402
+    linear_attention,
+    linear_attention_chunked,
+    linear_attention_recurrent,
+)
+
+__all__ += ["linear_attention", "linear_attention_chunked", "linear_attention_recurrent"]
