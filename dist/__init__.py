@@ -22,3 +22,11 @@ __all__ = [
     "shard_sequence",
     "trace_events",
 ]
+from ctxscale.dist.recurrent import (  # noqa: E402
+    cp_causal_conv1d,
+    cp_linear_attention,
+    cp_selective_scan,
+    pass_states,
+)
+
+__all__ += ["cp_causal_conv1d", "cp_linear_attention", "cp_selective_scan", "pass_states"]
