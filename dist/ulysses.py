@@ -35,7 +35,6 @@ import math
 
 import torch
 import torch.distributed as dist
-
 from ctxscale.dist import comm
 from ctxscale.dist.layout import LAYOUTS, check_divisible, global_positions
 from ctxscale.kernels import attention
@@ -118,7 +117,7 @@ def _seq_to_heads(tensors, head_lists, group):
     rank-major concatenation of every rank's shard, restricted to this rank's heads. One
     all-to-all for all tensors."""
     rank, world = _world(group)
-    pieces, shapes, slices = [], [], []
+    pieces, slices = [], []
     for j in range(world):
         parts = [x.index_select(2, _index(h[j]).to(x.device)) for x, h in zip(tensors, head_lists)]
         pieces.append(torch.cat([p.reshape(-1) for p in parts]))
