@@ -9,6 +9,9 @@ from ctxscale.dist.comm import (
     trace_events,
 )
 from ctxscale.dist.layout import LAYOUTS, gather_sequence, global_positions, shard_sequence
+from ctxscale.dist.lightseq import lightseq_attention
+from ctxscale.dist.ulysses import ulysses_attention
+from ctxscale.dist.usp import usp_attention
 
 __all__ = [
     "LAYOUTS",
@@ -17,8 +20,11 @@ __all__ = [
     "enable_trace",
     "gather_sequence",
     "global_positions",
+    "lightseq_attention",
     "reset_comm_stats",
     "set_p2p_delay",
     "shard_sequence",
     "trace_events",
+    "ulysses_attention",
+    "usp_attention",
 ]

@@ -53,7 +53,7 @@ def _method(name):
     raise AssertionError(name)
 
 
-def oracle_case(rank, world, method, case):
+def oracle_case(rank, world, method, case, group=None):
     """One oracle comparison; returns {'o','dq','dk','dv': relative error}."""
     b, n, h, hk, d = case["shape"]
     causal, layout = case["causal"], case.get("layout", "contiguous")
@@ -71,14 +71,14 @@ def oracle_case(rank, world, method, case):
     kwargs = dict(case.get("kwargs", {}))
     if method != "lightseq":
         kwargs["layout"] = layout
-    local = [shard_sequence(t, layout=layout).to(dtype).requires_grad_() for t in (q, k, v)]
+    local = [shard_sequence(t, group=group, layout=layout).to(dtype).requires_grad_() for t in (q, k, v)]
     o = _method(method)(*local, causal=causal, softmax_scale=scale, **kwargs)
     assert o.dtype == dtype and o.shape == local[0].shape
-    o.backward(shard_sequence(do, layout=layout).to(dtype))
-    errs = {"o": _relerr(o, shard_sequence(o_ref, layout=layout))}
+    o.backward(shard_sequence(do, group=group, layout=layout).to(dtype))
+    errs = {"o": _relerr(o, shard_sequence(o_ref, group=group, layout=layout))}
     for name, x, r in zip(("dq", "dk", "dv"), local, ref_in):
         assert x.grad.dtype == dtype
-        errs[name] = _relerr(x.grad, shard_sequence(r.grad, layout=layout))
+        errs[name] = _relerr(x.grad, shard_sequence(r.grad, group=group, layout=layout))
     return errs
 
 
