@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
 from ctxscale.dist import comm
 from ctxscale.dist.layout import LAYOUTS, check_divisible
 from ctxscale.kernels.attention import attention_backward, attention_flops, attention_forward

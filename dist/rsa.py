@@ -37,7 +37,6 @@ Memory: the `(batch, heads, n, N)` float32 score/probability matrix (the cost Li
 from __future__ import annotations
 
 import torch
-
 from ctxscale.dist import comm
 from ctxscale.dist.layout import global_positions
 from ctxscale.dist.ring import RotatingBuffer, TravellingSum, check_cp_inputs, group_rank_world
@@ -147,7 +146,6 @@ def _rsa_backward(do, q, k, v, probs, *, group, layout, causal, scale):
 
     dv = _reduce_round_ring(v, dv_part, group=group, tag="rsa_bwd_v")
     dscores = probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True)) * scale
-    del dprobs
     dq = torch.zeros_like(qg)
 
     def dk_part(step, src, k_s):

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from ctxscale.dist import comm, shard_sequence
 from ctxscale.kernels.attention import attention_reference
+
 from tests.harness import run_distributed
 
 F32_TOL = 1e-5
