@@ -8,11 +8,13 @@ from ctxscale.dist.comm import (
     set_p2p_delay,
     trace_events,
 )
+from ctxscale.dist.context_parallel import context_parallel_attention
 from ctxscale.dist.layout import LAYOUTS, gather_sequence, global_positions, shard_sequence
 
 __all__ = [
     "LAYOUTS",
     "comm_stats",
+    "context_parallel_attention",
     "enable_comm_stats",
     "enable_trace",
     "gather_sequence",

@@ -12,6 +12,8 @@ assert the DESIGN contract of 1e-5 (normwise, against the float64 reference).
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from ctxscale.dist import comm, shard_sequence
@@ -35,8 +37,6 @@ def _method(name):
 
         return ring_self_attention
     if name.startswith("cp:"):
-        from functools import partial
-
         from ctxscale.dist.context_parallel import context_parallel_attention
 
         return partial(context_parallel_attention, method=name[3:])
@@ -53,7 +53,7 @@ def _global_inputs(seq_len, heads, kv_heads, *, batch=2, head_dim=HEAD_DIM, seed
 
 
 def oracle_case(method, *, layout, causal, heads, kv_heads, seq_len, dtype=torch.float32,
-                seed=0, **kwargs):
+                seed=0, group=None, **kwargs):
     """Run `method` on this rank's shard and the float64 reference on the full sequence.
     Returns {name: (got, ref)} for this rank's shards of o, dq, dk, dv, plus the global
     max |ref| of each (so ranks normalize errors alike)."""
@@ -62,17 +62,18 @@ def oracle_case(method, *, layout, causal, heads, kv_heads, seq_len, dtype=torch
     o_ref, _ = attention_reference(*ref_in, causal=causal)
     o_ref.backward(do)
     refs = [o_ref.detach()] + [x.grad for x in ref_in]
-    local = [shard_sequence(x, layout=layout).to(dtype).requires_grad_() for x in (q, k, v)]
-    o = _method(method)(*local, layout=layout, causal=causal, **kwargs)
+    shard = partial(shard_sequence, group=group, layout=layout)
+    local = [shard(x).to(dtype).requires_grad_() for x in (q, k, v)]
+    o = _method(method)(*local, layout=layout, causal=causal, group=group, **kwargs)
     assert o.dtype == dtype and o.shape == local[0].shape
-    o.backward(shard_sequence(do, layout=layout).to(dtype))
+    o.backward(shard(do).to(dtype))
     for x, x_global in zip(local, (q, k, v)):  # the rings must not write into the inputs
-        assert torch.equal(x.detach(), shard_sequence(x_global, layout=layout).to(dtype))
+        assert torch.equal(x.detach(), shard(x_global).to(dtype))
     gots = [o.detach()] + [x.grad for x in local]
     out = {}
     for name, got, ref in zip(("o", "dq", "dk", "dv"), gots, refs):
         assert got.dtype == dtype, name
-        out[name] = (got.double(), shard_sequence(ref, layout=layout), ref.abs().max().item())
+        out[name] = (got.double(), shard(ref), ref.abs().max().item())
     return out
 
 
