@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
 from ctxscale.dist import comm
 from ctxscale.dist.layout import LAYOUTS, check_divisible
 from ctxscale.kernels.attention import attention_backward, attention_flops, attention_forward
@@ -126,8 +125,13 @@ class RotatingBuffer:
     hop after the caller has computed. Without overlap `begin` posts and waits on step t's hop.
     """
 
-    def __init__(self, x, *, group, rank, world, overlap, tag, kind="p2p"):
-        self.bufs = [x, torch.empty_like(x) if world > 1 else None]
+    def __init__(self, x, *, group, rank, world, overlap, tag, kind="p2p", owned=False):
+        # from P = 3 on, step 2 receives into the first buffer: it must not be the caller's
+        # tensor unless `owned` says the caller handed over a private copy
+        if world > 2 and not owned:
+            x = x.clone(memory_format=torch.contiguous_format)
+        x = x.contiguous()
+        self.bufs = [x, torch.empty(x.shape, dtype=x.dtype, device=x.device) if world > 1 else None]
         self.group, self.world, self.overlap, self.tag, self.kind = group, world, overlap, tag, kind
         self.dst, self.src = (rank + 1) % world, (rank - 1) % world
         self.handle = None
@@ -160,7 +164,8 @@ class TravellingSum:
     """
 
     def __init__(self, like, *, group, rank, world, overlap, tag, kind="p2p"):
-        self.bufs = [torch.empty_like(like), torch.empty_like(like)] if world > 1 else []
+        self.bufs = [torch.empty(like.shape, dtype=like.dtype, device=like.device)
+                     for _ in range(2 if world > 1 else 0)]
         self.group, self.world, self.overlap, self.tag, self.kind = group, world, overlap, tag, kind
         self.dst, self.src = (rank + 1) % world, (rank - 1) % world
         self.handle = None
@@ -210,7 +215,7 @@ def _ring_forward(q, k, v, *, group, layout, causal, scale, overlap):
     out = torch.zeros(b, n, h, v.shape[-1], dtype=cdt, device=q.device)
     lse = torch.full((b, h, n), float("-inf"), dtype=cdt, device=q.device)
     kv = RotatingBuffer(torch.stack([k, v]), group=group, rank=rank, world=world,
-                        overlap=overlap, tag="ring_fwd_kv")
+                        overlap=overlap, tag="ring_fwd_kv", owned=True)
     for step in range(world):
         src = (rank - step) % world
         kv_s = kv.begin(step)
@@ -236,7 +241,7 @@ def _ring_backward(do, q, k, v, out, lse, *, group, layout, causal, scale, overl
     dq = torch.zeros(b, n, h, d, dtype=cdt, device=q.device)
     dkv_own = torch.zeros((2,) + k.shape, dtype=cdt, device=q.device)
     kv = RotatingBuffer(torch.stack([k, v]), group=group, rank=rank, world=world,
-                        overlap=overlap, tag="ring_bwd_kv")
+                        overlap=overlap, tag="ring_bwd_kv", owned=True)
     dkv = TravellingSum(dkv_own, group=group, rank=rank, world=world, overlap=overlap,
                         tag="ring_bwd_dkv")
     for step in range(world):
