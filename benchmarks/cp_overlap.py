@@ -47,7 +47,8 @@ def _machine() -> str:
                     break
     except OSError:
         pass
-    return f"{model}, {os.cpu_count()} logical cores, torch {torch.__version__}"
+    load = ", load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+    return f"{model}, {os.cpu_count()} logical cores{load}, torch {torch.__version__}"
 
 
 def _predict(phase, overlap, c, d):
