@@ -47,7 +47,7 @@ def _machine() -> str:
                     break
     except OSError:
         pass
-    load = ", load average %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     return f"{model}, {os.cpu_count()} logical cores{load}, torch {torch.__version__}"
 
 
