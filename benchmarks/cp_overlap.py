@@ -88,9 +88,9 @@ def _worker(rank, world, port, args, results):
     v = torch.randn(1, n, args.kv_heads, args.dim, generator=g)
     do = torch.randn_like(q)
 
-    def run(overlap, delay):
-        """One forward and one backward; returns {phase: (seconds, block compute times)}."""
-        qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+    def run(overlap, delay, backward=True):
+        """One forward (and backward); returns {phase: (seconds, block compute times)}."""
+        qq, kk, vv = (x.clone().requires_grad_(backward) for x in (q, k, v))
         comm.set_p2p_delay(delay)
         dist.barrier()
         block_times.clear()
@@ -98,6 +98,9 @@ def _worker(rank, world, port, args, results):
         out = ring.ring_attention(qq, kk, vv, causal=False, overlap=overlap)
         t_fwd = time.perf_counter() - t0
         c_fwd = list(block_times)
+        if not backward:
+            comm.set_p2p_delay(0.0)
+            return {"fwd": (t_fwd, c_fwd)}
         dist.barrier()
         block_times.clear()
         t0 = time.perf_counter()
@@ -117,7 +120,7 @@ def _worker(rank, world, port, args, results):
         for phase in ("fwd", "bwd"):
             d = factor * c_med[phase]
             for overlap in (True, False):
-                runs = [run(overlap, d)[phase] for _ in range(args.repeats)]
+                runs = [run(overlap, d, phase == "bwd")[phase] for _ in range(args.repeats)]
                 t = statistics.median(x[0] for x in runs)
                 pred = statistics.median(_predict(phase, overlap, x[1], d) for x in runs)
                 c_sum = statistics.median(sum(x[1]) for x in runs)
