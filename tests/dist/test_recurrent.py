@@ -8,6 +8,8 @@ each tensor's largest entry (exact algorithms in float32 vs a float64 oracle; se
 tests/kernels/test_linear_attention.py).
 """
 
+from functools import partial
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -93,15 +95,14 @@ def _cases(rank, world):
                 x, dims = _la_inputs(decay, torch.Generator().manual_seed(1))
                 results[("la", decay, method, str(dtype))] = _compare(
                     f"linear_attention[{decay},{method}]", dtype,
-                    lambda **a: linear_attention(**a),
-                    lambda **a: cp_linear_attention(**a, method=method), x, dims, rank, world)
+                    linear_attention, partial(cp_linear_attention, method=method),
+                    x, dims, rank, world)
             for grouped in (False, True):
                 x, dims = _ss_inputs(grouped, torch.Generator().manual_seed(2))
-                soft = grouped
                 results[("ss", grouped, method, str(dtype))] = _compare(
                     f"selective_scan[grouped={grouped},{method}]", dtype,
-                    lambda **a: selective_scan(**a, delta_softplus=soft),
-                    lambda **a: cp_selective_scan(**a, delta_softplus=soft, method=method),
+                    partial(selective_scan, delta_softplus=grouped),
+                    partial(cp_selective_scan, delta_softplus=grouped, method=method),
                     x, dims, rank, world)
         g = torch.Generator().manual_seed(3)
         x = dict(x=torch.randn(2, 5, N, generator=g, dtype=torch.float64),
