@@ -68,6 +68,17 @@ def test_chunked_matches_reference(dtype, form, L, chunk, segment):
     assert got[0].dtype == dtype and got[1].shape == (2, 6, 5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_masked_difference_form_matches_reference(dtype):
+    """cumsum_limit=0 forces the O(chunk^2) masked form used for very strong decays."""
+    inputs = _inputs("grouped", L=29)
+    ref = _run(selective_scan_reference, inputs, torch.float64)
+    got = _run(selective_scan_chunked, inputs, dtype, chunk_size=8, segment_chunks=2,
+               cumsum_limit=0.0)
+    for name, a, r in zip(NAMES, got, ref):
+        assert _rel(a, r) <= TOL[dtype], (name, _rel(a, r))
+
+
 def test_without_optional_terms():
     """No D, z, delta_bias, softplus: the bare scan and its gradients."""
     inputs = _inputs("plain", L=23)
