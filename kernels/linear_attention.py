@@ -199,14 +199,12 @@ def linear_attention_chunked(
         )
         recompute = needs_grad and n > seg
     outs = []
-    for s0 in range(0, n, seg):
-        args = (
-            qh[:, :, s0 : s0 + seg],
-            kh[:, :, s0 : s0 + seg],
-            vh[:, :, s0 : s0 + seg],
-            g[:, :, s0 : s0 + seg] if g is not None else None,
-            state,
-        )
+    # split (not slicing in the loop): its backward is one concatenation, while each slice's
+    # backward would materialize a full-length gradient, quadratic in the number of segments
+    pieces = [x.split(seg, dim=2) for x in (qh, kh, vh)]
+    g_pieces = g.split(seg, dim=2) if g is not None else [None] * len(pieces[0])
+    for q_seg, k_seg, v_seg, g_seg in zip(*pieces, g_pieces):
+        args = (q_seg, k_seg, v_seg, g_seg, state)
         if recompute:
             o_seg, state = checkpoint(_segment, *args, chunk_size, use_reentrant=False)
         else:

@@ -215,9 +215,11 @@ def selective_scan_chunked(
         )
         recompute = needs_grad and L > seg
     ys = []
-    for s0 in range(0, L, seg):
-        sl = slice(s0, s0 + seg)
-        args = (dt[:, :, sl], bu_scale[:, :, sl], Ac, Bg[..., sl], Cg[..., sl], x)
+    # split (not slicing in the loop): its backward is one concatenation, while each slice's
+    # backward would materialize a full-length gradient, quadratic in the number of segments
+    pieces = [t.split(seg, dim=-1) for t in (dt, bu_scale, Bg, Cg)]
+    for dt_seg, bu_seg, B_seg, C_seg in zip(*pieces):
+        args = (dt_seg, bu_seg, Ac, B_seg, C_seg, x)
         if recompute:
             y, x = checkpoint(_scan_segment, *args, chunk_size, limit, use_reentrant=False)
         else:
