@@ -6,6 +6,8 @@ plus the carried state, so against the float64 oracle the error is a few ulps ti
 accumulation depth, ~1e-6 relative; we allow 1e-5 (relative to each tensor's largest entry).
 """
 
+import importlib
+
 import pytest
 import torch
 from ctxscale.kernels import dispatch
@@ -139,3 +141,26 @@ def test_dispatcher_and_errors(monkeypatch):
                        x["C"])
     with pytest.raises(ValueError, match="initial_state"):
         selective_scan(*args, initial_state=torch.zeros(2, 6, 4))
+
+
+def test_dispatcher_uses_triton_module_when_it_supports_the_call(monkeypatch):
+    """Stand-in Triton module: called with the exact arguments when `supports` says yes."""
+    import types
+
+    ss_module = importlib.import_module("ctxscale.kernels.selective_scan")
+
+    calls = []
+    fake = types.SimpleNamespace(
+        supports=lambda *a, **kw: a[5] is not None,  # "supports" only calls with D
+        selective_scan=lambda *a, **kw: calls.append((a, kw)) or torch.zeros_like(a[0]),
+    )
+    monkeypatch.setattr(ss_module, "_import", lambda name: fake if "triton" in name else None)
+    monkeypatch.setattr(ss_module, "want_triton", lambda device: True)
+    monkeypatch.delenv("CTXSCALE_KERNELS_SELECTIVE_SCAN", raising=False)
+    x = _inputs("plain", L=7)
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"])
+    assert torch.equal(selective_scan(*args, x["D"]), torch.zeros_like(x["u"]))
+    assert len(calls[0][0]) == 10 and set(calls[0][1]) == {"initial_state"}
+    assert dispatch.chosen_paths()["selective_scan"] == "triton"
+    assert _rel(selective_scan(*args), selective_scan_reference(*args)) <= 1e-10
+    assert dispatch.chosen_paths()["selective_scan"] == "chunked"
