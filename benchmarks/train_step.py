@@ -73,20 +73,22 @@ def worker(args) -> dict:
             return model(ids, labels=labels, loss_reduction="mean")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for step in range(args.steps + 1):  # step 0 is the warm-up
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         losses.append(float(loss))
         del loss
         if step > 0:
             times.append(dt)
+            cpu_times.append(dc)
     peak_kb = _status_kb("VmHWM") - base_kb
-    return {"model": args.model, "seq": seq, "times": times, "losses": losses,
+    return {"model": args.model, "seq": seq, "times": times, "cpu_times": cpu_times,
+            "losses": losses,
             "peak_mib": peak_kb / 1024, "threads": torch.get_num_threads(), **shape}
 
 
@@ -143,12 +145,15 @@ def main(argv=None) -> None:
             for model in order:
                 res = _run_worker(model, seq, args)
                 runs[model].append(res)
-                print(f"seq={seq} {model:8s} step times {[round(t, 2) for t in res['times']]} s, "
+                print(f"seq={seq} {model:8s} step times {[round(t, 2) for t in res['times']]} s "
+                      f"(CPU {[round(t, 2) for t in res['cpu_times']]} s), "
                       f"peak {res['peak_mib']:.0f} MiB, loss {res['losses'][0]:.3f}", flush=True)
         stats = {}
         for model, rs in runs.items():
             times = [t for r in rs for t in r["times"]]
-            stats[model] = (seq / statistics.median(times), statistics.median(r["peak_mib"] for r in rs))
+            cpu = [t for r in rs for t in r["cpu_times"]]
+            stats[model] = (seq / statistics.median(times), statistics.median(r["peak_mib"] for r in rs),
+                            statistics.median(cpu))
         rows.append((seq, stats))
 
     cores = os.cpu_count()
@@ -161,14 +166,17 @@ def main(argv=None) -> None:
         f"Model: dim {args.dim}, {args.layers} layers, {args.heads} heads ({args.kv_heads} kv), "
         f"ffn {args.ffn}, vocab {args.vocab}; float32, batch 1, one step = forward + backward + "
         "AdamW. HF: `LlamaForCausalLM`, `attn_implementation=\"sdpa\"`, `labels=` loss. Peak "
-        "memory: VmHWM of a fresh process minus its RSS before the model is built.\n\n"
+        "memory: VmHWM of a fresh process minus its RSS before the model is built. CPU-s/step: "
+        "process CPU time per step (user+system, all threads), less sensitive than wall time to "
+        "other jobs on the machine.\n\n"
     )
-    table = ["| seq | ctxscale tok/s | HF tok/s | tok/s ratio (ctxscale/HF) | ctxscale peak MiB "
-             "| HF peak MiB | memory ratio (ctxscale/HF) |", "|---|---|---|---|---|---|---|"]
+    table = ["| seq | ctxscale tok/s | HF tok/s | tok/s ratio (ctxscale/HF) | CPU-s/step ctxscale "
+             "| CPU-s/step HF | CPU-time ratio (HF/ctxscale) | ctxscale peak MiB | HF peak MiB "
+             "| memory ratio (ctxscale/HF) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for seq, st in rows:
-        (ct, cm), (ht, hm) = st["ctxscale"], st["hf"]
-        table.append(f"| {seq} | {ct:.0f} | {ht:.0f} | {ct / ht:.2f}x | {cm:.0f} | {hm:.0f} | "
-                     f"{cm / hm:.2f}x |")
+        (ct, cm, cc), (ht, hm, hc) = st["ctxscale"], st["hf"]
+        table.append(f"| {seq} | {ct:.0f} | {ht:.0f} | **{ct / ht:.2f}x** | {cc:.1f} | {hc:.1f} | "
+                     f"{hc / cc:.2f}x | {cm:.0f} | {hm:.0f} | **{cm / hm:.2f}x** |")
     text = "# One training step, ctxscale vs Hugging Face Llama (CPU, float32)\n\n" + head + \
         "\n".join(table) + "\n\nCommand: `python benchmarks/train_step.py " + \
         " ".join(sys.argv[1:]) + "`\n"
