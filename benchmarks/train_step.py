@@ -44,6 +44,7 @@ def worker(args) -> dict:
                  ffn=args.ffn, vocab=args.vocab)
     seq = args.seq
     tokens = torch.randint(0, args.vocab, (1, seq + 1))
+    warm = min(seq, args.warmup_seq)  # warm-up step (AdamW state, thread pools) on a prefix
     if args.model == "hf":
         import transformers
 
@@ -55,9 +56,8 @@ def worker(args) -> dict:
         )
         base_kb = _status_kb("VmRSS")
         model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
-        ids = tokens[:, :seq]
-
-        def loss_fn():
+        def loss_fn(n):
+            ids = tokens[:, :n]
             return model(input_ids=ids, labels=ids, use_cache=False).loss
     else:
         from ctxscale.models import ModelConfig, build_model
@@ -67,16 +67,14 @@ def worker(args) -> dict:
                           max_seq_len=max(seq, 2048))
         base_kb = _status_kb("VmRSS")
         model = build_model(cfg)
-        ids, labels = tokens[:, :seq], tokens[:, 1:]
-
-        def loss_fn():
-            return model(ids, labels=labels, loss_reduction="mean")
+        def loss_fn(n):
+            return model(tokens[:, :n], labels=tokens[:, 1 : n + 1], loss_reduction="mean")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times, cpu_times, losses = [], [], []
     for step in range(args.steps + 1):  # step 0 is the warm-up
         t0, c0 = time.perf_counter(), time.process_time()
-        loss = loss_fn()
+        loss = loss_fn(seq if step > 0 else warm)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -94,6 +92,7 @@ def worker(args) -> dict:
 
 def _run_worker(model: str, seq: int, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", model, "--seq", str(seq), "--steps", str(args.steps),
+           "--warmup-seq", str(args.warmup_seq),
            "--dim", str(args.dim), "--layers", str(args.layers), "--heads", str(args.heads),
            "--kv-heads", str(args.kv_heads), "--ffn", str(args.ffn), "--vocab", str(args.vocab)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
@@ -118,6 +117,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096, 16384])
     p.add_argument("--steps", type=int, default=2, help="timed steps per run (after 1 warm-up)")
+    p.add_argument("--warmup-seq", type=int, default=1024, help="tokens in the warm-up step")
     p.add_argument("--repeats", type=int, default=2, help="runs per model and length (interleaved)")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -160,7 +160,8 @@ def main(argv=None) -> None:
     head = (
         f"Machine: {_cpu_name()}, {cores} cores visible, {torch.get_num_threads()} torch threads "
         f"(shared with other jobs: timings are noisy, medians over {args.repeats} interleaved runs "
-        f"x {args.steps} timed steps after a warm-up step).\n"
+        f"x {args.steps} timed steps after a warm-up step of "
+        f"{args.warmup_seq} tokens).\n"
         f"torch {torch.__version__}, transformers {transformers.__version__}, Python "
         f"{platform.python_version()}.\n\n"
         f"Model: dim {args.dim}, {args.layers} layers, {args.heads} heads ({args.kv_heads} kv), "
