@@ -30,6 +30,9 @@ repeat the whole intra-chunk work):
   last width−1 inputs (zeros on rank 0) and uses them as the conv's initial state; in the backward
   pass their gradient goes back to the previous rank.
 
+The exchanges are collective over `group`: every rank must make the same calls, forward and
+backward (inputs requiring grad on every rank or on none), or the others wait for it.
+
 All communication goes through `ctxscale.dist.comm` (byte accounting). Inputs are this rank's
 shard in the layouts of the kernels: q/k/v `(batch, seq_local, heads, dim)`; u/delta/z
 `(batch, dim, seq_local)`; B/C `(batch, [groups,] dstate, seq_local)`; conv x `(batch, dim,
