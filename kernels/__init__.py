@@ -22,3 +22,24 @@ __all__ = [
     "chosen_paths",
     "set_kernel_mode",
 ]
+from ctxscale.kernels.linear_attention import (  # noqa: E402
+    linear_attention,
+    linear_attention_chunked,
+    linear_attention_recurrent,
+)
+
+__all__ += ["linear_attention", "linear_attention_chunked", "linear_attention_recurrent"]
+from ctxscale.kernels.conv1d import causal_conv1d, causal_conv1d_reference  # noqa: E402
+from ctxscale.kernels.selective_scan import (  # noqa: E402
+    selective_scan,
+    selective_scan_chunked,
+    selective_scan_reference,
+)
+
+__all__ += [
+    "causal_conv1d",
+    "causal_conv1d_reference",
+    "selective_scan",
+    "selective_scan_chunked",
+    "selective_scan_reference",
+]

@@ -1,0 +1,267 @@
+"""Causal linear attention with a per-token scalar decay (simple GLA), and its dispatcher.
+
+Semantics are those of flash-linear-attention's simple GLA (Yang et al., "Gated Linear Attention
+Transformers with Hardware-Efficient Training", 2023; `fla.ops.simple_gla`), unnormalized:
+
+    S_t = exp(g_t) · S_{t-1} + k_t v_tᵀ          (state, dim_k × dim_v per head)
+    o_t = scale · q_tᵀ S_t
+
+Layout: q, k `(batch, seq, heads, dim_k)`, v `(batch, seq, heads, dim_v)`; `log_decay` g is
+`(batch, seq, heads)`, `(heads,)` (a fixed per-head decay, RetNet/Lightning style) or None (no
+decay, plain linear attention); states `(batch, heads, dim_k, dim_v)` in float32 (float64 for
+float64 inputs); `scale` defaults to `dim_k ** -0.5`. The output has q's dtype.
+
+Paths:
+- `recurrent`: the recurrence above token by token; the oracle for tests (float64 capable).
+- `chunked`: Lightning Attention-2 (Qin et al., "Lightning Attention-2: A Free Lunch for Handling
+  Unlimited Sequence Lengths in Large Language Models", 2024) in PyTorch. The sequence is cut into
+  chunks of `chunk_size` tokens; with G the cumulative log decay *within* a chunk,
+
+      o_i = scale · [ Σ_{j≤i in chunk} (q_i·k_j) e^{G_i−G_j} v_j  +  e^{G_i} q_iᵀ S_prev ]
+      S_next = e^{G_C} S_prev + Σ_j e^{G_C−G_j} k_j v_jᵀ
+
+  Every exponent is a difference G_i − G_j with i ≥ j (or G_i itself), so for decays ≤ 1 it is
+  ≤ 0 and nothing overflows however long the sequence is; the mask is applied *before* the
+  exponential. Chunks are processed a segment (`segment_chunks` chunks) at a time, vectorized
+  inside the segment, with the state carried from segment to segment. When gradients are needed
+  each segment is checkpointed (recomputed in the backward pass), so autograd memory is
+  O(seq · dim) for the inputs plus one segment's intermediates, not O(seq · chunk).
+- `triton`: `ctxscale.kernels.linear_attention_triton.linear_attention` (same signature) on CUDA
+  or in the Triton interpreter, when that module exists and its `supports(...)` accepts the call.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+from ctxscale.kernels.dispatch import forced_path, log_choice, module_available, want_triton
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_CHUNK = 64
+DEFAULT_SEGMENT_CHUNKS = 16
+PATHS = ("recurrent", "chunked", "triton", "torch")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_inputs(q, k, v, log_decay, initial_state):
+    """Validate shapes; return log decay as `(batch, heads, seq)` in the compute dtype, or None."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            "linear_attention expects q, k (batch, seq, heads, dim_k) and v (batch, seq, heads, "
+            f"dim_v); got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.shape != k.shape:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"v {tuple(v.shape)} must share (batch, seq, heads) with q {tuple(q.shape)}"
+        )
+    b, n, h, dk = q.shape
+    dv = v.shape[-1]
+    cdt = _compute_dtype(q.dtype)
+    g = None
+    if log_decay is not None:
+        if log_decay.shape == (h,):
+            g = log_decay.to(cdt).view(1, h, 1).expand(b, h, n)
+        elif log_decay.shape == (b, n, h):
+            g = log_decay.to(cdt).transpose(1, 2)
+        else:
+            raise ValueError(
+                f"log_decay has shape {tuple(log_decay.shape)}; expected (batch, seq, heads) = "
+                f"{(b, n, h)} or (heads,) = {(h,)}, or None for no decay"
+            )
+    if initial_state is not None and initial_state.shape != (b, h, dk, dv):
+        raise ValueError(
+            f"initial_state has shape {tuple(initial_state.shape)}; expected (batch, heads, "
+            f"dim_k, dim_v) = {(b, h, dk, dv)}"
+        )
+    return g
+
+
+def _default_scale(q, scale):
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
+# ---------------------------------------------------------------- reference
+def linear_attention_recurrent(
+    q, k, v, *, log_decay=None, scale=None, initial_state=None, return_final_state=False
+):
+    """Token-by-token recurrence (the oracle). Same arguments and returns as `linear_attention`."""
+    g = _check_inputs(q, k, v, log_decay, initial_state)
+    scale = _default_scale(q, scale)
+    cdt = _compute_dtype(q.dtype)
+    b, n, h, dk = q.shape
+    dv = v.shape[-1]
+    qc, kc, vc = (x.to(cdt) for x in (q, k, v))
+    state = (
+        initial_state.to(cdt)
+        if initial_state is not None
+        else torch.zeros(b, h, dk, dv, dtype=cdt, device=q.device)
+    )
+    outs = []
+    for t in range(n):
+        if g is not None:
+            state = state * torch.exp(g[:, :, t])[:, :, None, None]
+        state = state + kc[:, t, :, :, None] * vc[:, t, :, None, :]
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", qc[:, t], state))
+    o = torch.stack(outs, dim=1) if outs else vc.new_zeros(b, 0, h, dv)
+    o = o.to(q.dtype)
+    return (o, state) if return_final_state else o
+
+
+# ---------------------------------------------------------------- chunked (Lightning Attention-2)
+def _segment(q, k, v, g, state, chunk_size: int):
+    """One segment. q, k `(b, h, T, dk)` (q already scaled), v `(b, h, T, dv)`, g `(b, h, T)` or
+    None, state `(b, h, dk, dv)`. Returns (o `(b, h, T, dv)`, state after the segment)."""
+    b, h, T, dk = q.shape
+    dv = v.shape[-1]
+    C = chunk_size
+    nc = -(-T // C)
+    pad = nc * C - T
+    if pad:
+        # zero k/v and zero log decay leave the state untouched; padded outputs are dropped
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g = F.pad(g, (0, pad)) if g is not None else None
+    q = q.reshape(b, h, nc, C, dk)
+    k = k.reshape(b, h, nc, C, dk)
+    v = v.reshape(b, h, nc, C, dv)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    scores = torch.matmul(q, k.transpose(-1, -2))  # b h nc C C
+    if g is None:
+        scores = scores.masked_fill(~causal, 0.0)
+        kv_local = torch.matmul(k.transpose(-1, -2), v)  # b h nc dk dv
+        chunk_decay = None
+        q_inter = q
+    else:
+        G = g.reshape(b, h, nc, C).cumsum(-1)
+        diff = G.unsqueeze(-1) - G.unsqueeze(-2)  # G_i - G_j
+        scores = scores * torch.exp(torch.where(causal, diff, float("-inf")))
+        G_end = G[..., -1:]
+        kv_local = torch.matmul((k * torch.exp(G_end - G).unsqueeze(-1)).transpose(-1, -2), v)
+        chunk_decay = torch.exp(G_end.squeeze(-1))  # b h nc
+        q_inter = q * torch.exp(G).unsqueeze(-1)
+    before = []
+    for c in range(nc):
+        before.append(state)
+        if chunk_decay is not None:
+            state = state * chunk_decay[:, :, c, None, None]
+        state = state + kv_local[:, :, c]
+    states_before = torch.stack(before, dim=2)  # b h nc dk dv
+    o = torch.matmul(scores, v) + torch.matmul(q_inter, states_before)
+    o = o.reshape(b, h, nc * C, dv)[:, :, :T]
+    return o, state
+
+
+def linear_attention_chunked(
+    q,
+    k,
+    v,
+    *,
+    log_decay=None,
+    scale=None,
+    initial_state=None,
+    return_final_state=False,
+    chunk_size: int = DEFAULT_CHUNK,
+    segment_chunks: int = DEFAULT_SEGMENT_CHUNKS,
+    recompute: bool | None = None,
+):
+    """Chunked form (Lightning Attention-2); exact, same returns as `linear_attention`.
+
+    `chunk_size` tokens per chunk (any length works: the last chunk is padded), `segment_chunks`
+    chunks vectorized at a time. `recompute` checkpoints each segment (default: when gradients
+    are needed and there is more than one segment)."""
+    if chunk_size < 1 or segment_chunks < 1:
+        raise ValueError(f"chunk_size ({chunk_size}) and segment_chunks ({segment_chunks}) must be >= 1")
+    g = _check_inputs(q, k, v, log_decay, initial_state)
+    scale = _default_scale(q, scale)
+    cdt = _compute_dtype(q.dtype)
+    b, n, h, dk = q.shape
+    dv = v.shape[-1]
+    qh = (q.to(cdt) * scale).transpose(1, 2)
+    kh = k.to(cdt).transpose(1, 2)
+    vh = v.to(cdt).transpose(1, 2)
+    state = (
+        initial_state.to(cdt)
+        if initial_state is not None
+        else torch.zeros(b, h, dk, dv, dtype=cdt, device=q.device)
+    )
+    seg = chunk_size * segment_chunks
+    if recompute is None:
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, log_decay, initial_state)
+        )
+        recompute = needs_grad and n > seg
+    outs = []
+    for s0 in range(0, n, seg):
+        args = (
+            qh[:, :, s0 : s0 + seg],
+            kh[:, :, s0 : s0 + seg],
+            vh[:, :, s0 : s0 + seg],
+            g[:, :, s0 : s0 + seg] if g is not None else None,
+            state,
+        )
+        if recompute:
+            o_seg, state = checkpoint(_segment, *args, chunk_size, use_reentrant=False)
+        else:
+            o_seg, state = _segment(*args, chunk_size)
+        outs.append(o_seg)
+    o = torch.cat(outs, dim=2) if outs else vh.new_zeros(b, h, 0, dv)
+    o = o.transpose(1, 2).to(q.dtype)
+    return (o, state) if return_final_state else o
+
+
+# ---------------------------------------------------------------- dispatcher
+def _triton_module():
+    name = "ctxscale.kernels.linear_attention_triton"
+    if not module_available(name):
+        return None
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def linear_attention(
+    q, k, v, *, log_decay=None, scale=None, initial_state=None, return_final_state=False
+):
+    """Causal linear attention with optional per-token decay; see the module docstring.
+
+    q, k: `(batch, seq, heads, dim_k)`; v: `(batch, seq, heads, dim_v)`; log_decay:
+    `(batch, seq, heads)`, `(heads,)` or None; initial_state: `(batch, heads, dim_k, dim_v)`.
+    Returns o `(batch, seq, heads, dim_v)`, or `(o, final_state)` with `return_final_state`.
+    The path is `CTXSCALE_KERNELS_LINEAR_ATTENTION` (recurrent | chunked | triton) when set, else
+    Triton where `CTXSCALE_KERNELS` asks for it and the kernel supports the call, else chunked."""
+    kwargs = dict(
+        log_decay=log_decay,
+        scale=scale,
+        initial_state=initial_state,
+        return_final_state=return_final_state,
+    )
+    path = forced_path("linear_attention")
+    if path is not None and path not in PATHS:
+        raise ValueError(
+            f"CTXSCALE_KERNELS_LINEAR_ATTENTION={path!r} is not one of {PATHS}; unset it or pick one"
+        )
+    if path == "recurrent":
+        log_choice("linear_attention", "recurrent", "forced")
+        return linear_attention_recurrent(q, k, v, **kwargs)
+    if path == "triton" or (path is None and want_triton(q.device)):
+        mod = _triton_module()
+        if mod is not None and mod.supports(q, k, v, **kwargs):
+            log_choice("linear_attention", "triton", "forced" if path else "auto")
+            return mod.linear_attention(q, k, v, **kwargs)
+        if path == "triton":
+            raise RuntimeError(
+                "CTXSCALE_KERNELS_LINEAR_ATTENTION=triton but the Triton linear-attention kernel "
+                "is missing or does not support these inputs; unset the variable to fall back"
+            )
+        reason = "triton kernel missing or unsupported for these inputs"
+    else:
+        reason = "forced" if path else "pytorch path"
+    log_choice("linear_attention", "chunked", reason)
+    return linear_attention_chunked(q, k, v, **kwargs)

@@ -1,0 +1,270 @@
+"""Selective scan (the S6 layer of Mamba), and its dispatcher.
+
+Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces", 2023. Per channel
+c, state index i and time t (zero-order-hold discretization, as in mamba-ssm):
+
+    Δ_t   = softplus(delta_t + delta_bias)         (softplus and bias optional)
+    x_t   = exp(Δ_t A_ci) · x_{t-1} + Δ_t B_it u_t  (state, (batch, dim, dstate))
+    y_t   = Σ_i C_it x_t,i  + D_c u_t
+    out_t = y_t · silu(z_t)                          (when z is given)
+
+Signature and shapes follow mamba-ssm's `selective_scan_fn`: u, delta, z `(batch, dim, seq)`;
+A `(dim, dstate)` (real); B, C `(batch, dstate, seq)`, grouped `(batch, groups, dstate, seq)`
+(channel c uses group c // (dim / groups)) or fixed `(dim, dstate)`; D, delta_bias `(dim,)`.
+Returns out `(batch, dim, seq)` in u's dtype, or `(out, last_state)` with last_state
+`(batch, dim, dstate)` in float32 (float64 for float64 inputs). `initial_state` (an extension,
+same shape as last_state) starts the scan from a given state; context parallelism uses it.
+
+Paths:
+- `reference`: the recurrence token by token; the oracle for tests (float64 capable).
+- `chunked`: exact and parallel inside a chunk. With G_t = Σ_{s≤t} Δ_s A (cumulative sum in log
+  space within the chunk), x_t = e^{G_t} x_start + Σ_{s≤t} e^{G_t−G_s} Δ_s B_s u_s. The exponent
+  G_t − G_s (s ≤ t) is ≤ 0 for A ≤ 0 and is masked to −∞ before the exponential for s > t, so
+  nothing overflows (the tempting e^{G_t}·cumsum(e^{−G_s}·…) form does overflow). Chunk-end
+  states are chained chunk to chunk. Chunks are processed a segment at a time, checkpointed when
+  gradients are needed so autograd memory stays O(seq · dim · dstate / chunk) + one segment.
+- `triton`: `ctxscale.kernels.selective_scan_triton.selective_scan` (same signature) when that
+  module exists and its `supports(...)` accepts the call.
+- `mamba_ssm`: mamba-ssm's CUDA `selective_scan_fn` on CUDA when installed (no initial_state).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+from ctxscale.kernels.dispatch import forced_path, log_choice, module_available, want_triton
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_CHUNK = 16
+DEFAULT_SEGMENT_CHUNKS = 32
+PATHS = ("reference", "chunked", "triton", "mamba_ssm", "torch")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grouped_bc(X: torch.Tensor, name: str, b: int, d: int, n: int, L: int, cdt) -> torch.Tensor:
+    """B or C as `(batch, groups, dstate, seq)` (possibly an expanded view) in the compute dtype."""
+    if X.dim() == 3:
+        if X.shape != (b, n, L):
+            raise ValueError(f"{name} has shape {tuple(X.shape)}; expected (batch, dstate, seq) = {(b, n, L)}")
+        return X.to(cdt).unsqueeze(1)
+    if X.dim() == 4:
+        g = X.shape[1]
+        if X.shape != (b, g, n, L) or g < 1 or d % g != 0:
+            raise ValueError(
+                f"{name} has shape {tuple(X.shape)}; expected (batch, groups, dstate, seq) with "
+                f"dim ({d}) divisible by groups, batch {b}, dstate {n}, seq {L}"
+            )
+        return X.to(cdt)
+    if X.dim() == 2:
+        if X.shape != (d, n):
+            raise ValueError(f"{name} has shape {tuple(X.shape)}; a fixed {name} must be (dim, dstate) = {(d, n)}")
+        return X.to(cdt).view(1, d, n, 1).expand(b, d, n, L)
+    raise ValueError(
+        f"{name} has shape {tuple(X.shape)}; expected (batch, dstate, seq), "
+        "(batch, groups, dstate, seq) or (dim, dstate)"
+    )
+
+
+def _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+    """Check shapes; return (u, Δ, A, B, C) in the compute dtype with Δ fully transformed."""
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(
+            f"u {tuple(u.shape)} and delta {tuple(delta.shape)} must both be (batch, dim, seq)"
+        )
+    b, d, L = u.shape
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"A has shape {tuple(A.shape)}; expected (dim, dstate) with dim = {d}")
+    if A.is_complex():
+        raise ValueError("complex A is not supported; use a real (dim, dstate) A as in Mamba")
+    n = A.shape[1]
+    cdt = _compute_dtype(u.dtype)
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and t.shape != (d,):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected (dim,) = {(d,)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z has shape {tuple(z.shape)}; expected (batch, dim, seq) = {(b, d, L)}")
+    if initial_state is not None and initial_state.shape != (b, d, n):
+        raise ValueError(
+            f"initial_state has shape {tuple(initial_state.shape)}; expected (batch, dim, dstate) "
+            f"= {(b, d, n)}"
+        )
+    dt = delta.to(cdt)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(cdt)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    Bg = _grouped_bc(B, "B", b, d, n, L, cdt)
+    Cg = _grouped_bc(C, "C", b, d, n, L, cdt)
+    return u.to(cdt), dt, A.to(cdt), Bg, Cg
+
+
+def _finish(y, u, D, z, out_dtype):
+    """out = (y + D u) · silu(z)."""
+    if D is not None:
+        y = y + u * D.to(y.dtype)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y.to(out_dtype)
+
+
+def _per_channel(X: torch.Tensor, d: int) -> torch.Tensor:
+    """`(batch, groups, dstate, seq)` -> `(batch, dim, seq, dstate)` (channel c in group c // (d/g))."""
+    b, g, n, L = X.shape
+    return X.transpose(-1, -2).unsqueeze(2).expand(b, g, d // g, L, n).reshape(b, d, L, n)
+
+
+# ---------------------------------------------------------------- reference
+def selective_scan_reference(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+    return_last_state=False, *, initial_state=None,
+):
+    """Token-by-token recurrence (the oracle); same arguments and returns as `selective_scan`."""
+    uc, dt, Ac, Bg, Cg = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    b, d, L = u.shape
+    n = A.shape[1]
+    Bc = _per_channel(Bg, d)
+    Cc = _per_channel(Cg, d)
+    x = (
+        initial_state.to(uc.dtype)
+        if initial_state is not None
+        else uc.new_zeros(b, d, n)
+    )
+    ys = []
+    for t in range(L):
+        x = torch.exp(dt[:, :, t, None] * Ac) * x + (dt[:, :, t] * uc[:, :, t])[..., None] * Bc[:, :, t]
+        ys.append((x * Cc[:, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1) if ys else uc.new_zeros(b, d, 0)
+    out = _finish(y, uc, D, z, u.dtype)
+    return (out, x) if return_last_state else out
+
+
+# ---------------------------------------------------------------- chunked
+def _scan_segment(dt, bu_scale, A, Bg, Cg, x, chunk: int):
+    """One segment of the scan without D/z. dt, bu_scale (= Δ·u) `(b, d, T)`; A `(d, n)`;
+    Bg, Cg `(b, g, n, T)`; x `(b, d, n)`. Returns (y `(b, d, T)`, state after the segment)."""
+    b, d, T = dt.shape
+    n = A.shape[1]
+    nc = -(-T // chunk)
+    pad = nc * chunk - T
+    Bc = _per_channel(Bg, d)  # b d T n
+    Cc = _per_channel(Cg, d)
+    if pad:
+        # Δ = 0 means decay 1 and no input: padded steps leave the state unchanged
+        dt, bu_scale = F.pad(dt, (0, pad)), F.pad(bu_scale, (0, pad))
+        Bc, Cc = F.pad(Bc, (0, 0, 0, pad)), F.pad(Cc, (0, 0, 0, pad))
+    dt = dt.reshape(b, d, nc, chunk)
+    G = (dt.unsqueeze(-1) * A[:, None, None, :]).cumsum(-2)  # b d nc C n
+    bu = bu_scale.reshape(b, d, nc, chunk, 1) * Bc.reshape(b, d, nc, chunk, n)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=dt.device).tril()
+    diff = G.unsqueeze(-2) - G.unsqueeze(-3)  # [t, s] = G_t - G_s : b d nc C C n
+    W = torch.exp(torch.where(causal[:, :, None], diff, float("-inf")))
+    x_local = (W * bu.unsqueeze(-3)).sum(-2)  # b d nc C n: state from this chunk's inputs only
+    decay_end = torch.exp(G[:, :, :, -1])  # b d nc n
+    before = []
+    for c in range(nc):
+        before.append(x)
+        x = decay_end[:, :, c] * x + x_local[:, :, c, -1]
+    x_start = torch.stack(before, dim=2)  # b d nc n
+    states = x_local + torch.exp(G) * x_start.unsqueeze(-2)
+    y = (states * Cc.reshape(b, d, nc, chunk, n)).sum(-1).reshape(b, d, nc * chunk)[:, :, :T]
+    return y, x
+
+
+def selective_scan_chunked(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+    return_last_state=False, *, initial_state=None, chunk_size: int = DEFAULT_CHUNK,
+    segment_chunks: int = DEFAULT_SEGMENT_CHUNKS, recompute: bool | None = None,
+):
+    """Chunked exact scan (see the module docstring); same returns as `selective_scan`.
+    `recompute` checkpoints each segment (default: when gradients are needed and there is more
+    than one segment)."""
+    if chunk_size < 1 or segment_chunks < 1:
+        raise ValueError(f"chunk_size ({chunk_size}) and segment_chunks ({segment_chunks}) must be >= 1")
+    uc, dt, Ac, Bg, Cg = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    b, d, L = u.shape
+    n = A.shape[1]
+    x = initial_state.to(uc.dtype) if initial_state is not None else uc.new_zeros(b, d, n)
+    bu_scale = dt * uc
+    seg = chunk_size * segment_chunks
+    if recompute is None:
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad
+            for t in (u, delta, A, B, C, delta_bias, initial_state)
+        )
+        recompute = needs_grad and L > seg
+    ys = []
+    for s0 in range(0, L, seg):
+        sl = slice(s0, s0 + seg)
+        args = (dt[:, :, sl], bu_scale[:, :, sl], Ac, Bg[..., sl], Cg[..., sl], x)
+        if recompute:
+            y, x = checkpoint(_scan_segment, *args, chunk_size, use_reentrant=False)
+        else:
+            y, x = _scan_segment(*args, chunk_size)
+        ys.append(y)
+    y = torch.cat(ys, dim=-1) if ys else uc.new_zeros(b, d, 0)
+    out = _finish(y, uc, D, z, u.dtype)
+    return (out, x) if return_last_state else out
+
+
+# ---------------------------------------------------------------- dispatcher
+def _import(name: str):
+    if not module_available(name):
+        return None
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def _mamba_ssm_fn():
+    mod = _import("mamba_ssm.ops.selective_scan_interface")
+    return getattr(mod, "selective_scan_fn", None) if mod is not None else None
+
+
+def selective_scan(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+    return_last_state=False, *, initial_state=None,
+):
+    """Selective scan with mamba-ssm's `selective_scan_fn` signature (see the module docstring).
+
+    The path is `CTXSCALE_KERNELS_SELECTIVE_SCAN` (reference | chunked | triton | mamba_ssm) when
+    set; else Triton where `CTXSCALE_KERNELS` asks for it and the kernel supports the call; else
+    mamba-ssm's CUDA kernel on CUDA when installed (and no initial_state); else chunked."""
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    path = forced_path("selective_scan")
+    if path is not None and path not in PATHS:
+        raise ValueError(
+            f"CTXSCALE_KERNELS_SELECTIVE_SCAN={path!r} is not one of {PATHS}; unset it or pick one"
+        )
+    if path == "reference":
+        log_choice("selective_scan", "reference", "forced")
+        return selective_scan_reference(*args, initial_state=initial_state)
+    reason = "forced" if path else "pytorch path"
+    if path == "triton" or (path is None and want_triton(u.device)):
+        mod = _import("ctxscale.kernels.selective_scan_triton")
+        if mod is not None and mod.supports(*args, initial_state=initial_state):
+            log_choice("selective_scan", "triton", reason if path else "auto")
+            return mod.selective_scan(*args, initial_state=initial_state)
+        if path == "triton":
+            raise RuntimeError(
+                "CTXSCALE_KERNELS_SELECTIVE_SCAN=triton but the Triton selective-scan kernel is "
+                "missing or does not support these inputs; unset the variable to fall back"
+            )
+        reason = "triton kernel missing or unsupported for these inputs"
+    if path == "mamba_ssm" or (path is None and u.device.type == "cuda"):
+        fn = _mamba_ssm_fn() if u.device.type == "cuda" else None
+        if fn is not None and initial_state is None:
+            log_choice("selective_scan", "mamba_ssm", reason if path else "installed")
+            return fn(*args)
+        if path == "mamba_ssm":
+            raise RuntimeError(
+                "CTXSCALE_KERNELS_SELECTIVE_SCAN=mamba_ssm needs mamba-ssm installed, CUDA inputs "
+                "and no initial_state; unset the variable to fall back"
+            )
+    log_choice("selective_scan", "chunked", reason)
+    return selective_scan_chunked(*args, initial_state=initial_state)
