@@ -51,7 +51,7 @@ def _chunk_decay(G_PTR, offs_t, t_mask, HAS_DECAY: tl.constexpr, C: tl.constexpr
         G_end = tl.sum(g, 0)
     else:
         G = tl.zeros([C], dtype=tl.float32)
-        G_end = 0.0
+        G_end = tl.sum(G, 0)
     return G, G_end
 
 

@@ -79,6 +79,24 @@ def test_head_dim_128_and_custom_scale(head_dim, device):
         _rel_close(a, b, 1e-4)
 
 
+def test_float16_inputs(device):
+    """float16 q/k/v: o and gradients come back in float16. Against float64 on the same
+    (float16-rounded) inputs the error is set by casting p to float16 before the p·V product and by
+    rounding the outputs, a few float16 ulps (2^-11 ~ 5e-4): we assert 4e-3 relative."""
+    q16, k16, v16 = (t.half().requires_grad_() for t in _inputs(29, 29, 4, 2, 24, device, batch=1))
+    o, lse = flash_attention(q16, k16, v16, causal=True)
+    assert o.dtype == torch.float16 and lse.dtype == torch.float32
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q16, k16, v16))
+    o_ref, lse_ref = attention_reference(q64, k64, v64, causal=True)
+    _rel_close(o, o_ref, 4e-3)
+    _rel_close(lse, lse_ref, 4e-3)
+    w = torch.randn_like(o_ref)
+    grads = torch.autograd.grad(o, (q16, k16, v16), w.half())
+    for a, b in zip(grads, torch.autograd.grad((o_ref * w).sum(), (q64, k64, v64))):
+        assert a.dtype == torch.float16
+        _rel_close(a, b, 4e-3)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_merge_with_previous_block_equals_full(causal, device):
     """Ring step identity: attention over keys [0, 29) merged with keys [29, 61) == all keys.
