@@ -1,0 +1,16 @@
+"""Model definitions. `build_model(cfg, parallel)` builds the family named in `cfg.family`."""
+
+from __future__ import annotations
+
+from ctxscale.models.config import ModelConfig
+
+
+def build_model(cfg: ModelConfig, parallel=None):
+    if cfg.family == "transformer":
+        from ctxscale.models.transformer import Transformer
+
+        return Transformer(cfg, parallel)
+    raise ValueError(f"model.family {cfg.family!r} is not a known model family")
+
+
+__all__ = ["ModelConfig", "build_model"]

@@ -1,0 +1,82 @@
+"""The device mesh: named axes `pp`, `dp_replicate`, `dp_shard`, `cp`, `tp` sized from config.
+
+Rank layout (outermost first) is `pp × dp_replicate × dp_shard × cp × tp`: tensor-parallel ranks
+are neighbours (fastest links), pipeline stages are furthest apart. Flattened views:
+- `dp` = dp_replicate × dp_shard: ranks that see different data;
+- `dp_shard_cp` = dp_shard × cp: the ranks FSDP shards parameters over (context-parallel ranks
+  hold the same parameters, so they shard them too and their gradients are summed);
+- `dp_cp` = dp_replicate × dp_shard × cp: the ranks whose losses and gradients are combined.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    cp: int
+    tp: int
+    pp: int
+    world_size: int
+
+    @classmethod
+    def from_config(cls, par, world_size: int) -> ParallelDims:
+        """Resolve `dp_shard=-1` and check that the axes multiply to the world size."""
+        fixed = par.dp_replicate * par.tp * par.pp * par.cp
+        dp_shard = par.dp_shard
+        if dp_shard == -1:
+            if world_size % fixed:
+                raise ValueError(
+                    f"world size {world_size} is not divisible by dp_replicate×tp×pp×cp = "
+                    f"{par.dp_replicate}×{par.tp}×{par.pp}×{par.cp} = {fixed}; change the "
+                    "parallel sizes or the number of processes"
+                )
+            dp_shard = world_size // fixed
+        if fixed * dp_shard != world_size:
+            raise ValueError(
+                f"parallel sizes dp_replicate={par.dp_replicate} × dp_shard={dp_shard} × "
+                f"tp={par.tp} × pp={par.pp} × cp={par.cp} = {fixed * dp_shard} do not match the "
+                f"{world_size} processes launched; set parallel.dp_shard=-1 or launch "
+                f"{fixed * dp_shard} processes"
+            )
+        return cls(par.dp_replicate, dp_shard, par.cp, par.tp, par.pp, world_size)
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    def sizes(self) -> tuple[int, ...]:
+        return (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+
+    def build_mesh(self, device_type: str):
+        """A DeviceMesh over all axes plus the flattened `dp`, `dp_shard_cp`, `dp_cp` views
+        (None for a single process)."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return None
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device_type, self.sizes(), mesh_dim_names=AXES)
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        return mesh
+
+
+def axis_group(mesh, name: str):
+    """Process group of one (possibly flattened) mesh axis, None without a mesh."""
+    return None if mesh is None else mesh[name].get_group()
+
+
+def axis_rank(mesh, name: str) -> int:
+    return 0 if mesh is None else mesh[name].get_local_rank()
+
+
+def axis_size(mesh, name: str) -> int:
+    return 1 if mesh is None else mesh[name].size()

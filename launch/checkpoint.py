@@ -1,0 +1,147 @@
+"""Sharded, atomic, resumable checkpoints with torch.distributed.checkpoint (DCP).
+
+A checkpoint is a folder `step_00000120/` holding:
+- the DCP shards of `{"model": ..., "optim": ...}` (each rank writes its own shards; DCP can
+  load them back under a different parallel layout),
+- `meta.json`: step, the data sampler position (global, layout-independent) and the world size,
+- `rank_<r>.pt`: that rank's scheduler and RNG state (loaded with `weights_only=True`).
+
+Atomicity: everything is written to `step_XXXXXXXX.tmp/` and renamed to its final name by rank 0
+only after every rank has finished, so a folder without `.tmp` is complete and a crash mid-save
+leaves only a `.tmp` folder, which is ignored and cleaned up. The newest `keep_last` complete
+checkpoints are kept; older ones are deleted only after a newer one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def complete_checkpoints(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and STEP_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    found = complete_checkpoints(folder)
+    return found[-1] if found else None
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, folder: str | Path, *, keep_last: int = 2, async_save: bool = False):
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+        self.async_save = async_save and dist.is_initialized()
+        self._pending = None  # (future, tmp, final) of an asynchronous save
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, model, optimizer, scheduler, data_state: dict) -> Path:
+        self.wait()
+        final = self.folder / f"step_{step:08d}"
+        tmp = self.folder / f"step_{step:08d}.tmp"
+        if _rank() == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left by a crashed save
+        _barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {"scheduler": scheduler.state_dict(), "rng": _rng_state()},
+            tmp / f"rank_{_rank()}.pt",
+        )
+        if _rank() == 0:
+            meta = {"step": step, "data": data_state, "world_size": _world()}
+            (tmp / "meta.json").write_text(json.dumps(meta))
+        if self.async_save:
+            future = dcp.async_save(state, checkpoint_id=str(tmp))
+            self._pending = (future, tmp, final)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp))
+            self._finalize(tmp, final)
+        return final
+
+    def wait(self) -> None:
+        """Finish a pending asynchronous save (called before the next save and at exit)."""
+        if self._pending is not None:
+            future, tmp, final = self._pending
+            future.result()
+            self._pending = None
+            self._finalize(tmp, final)
+
+    def _finalize(self, tmp: Path, final: Path) -> None:
+        _barrier()
+        if _rank() == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in complete_checkpoints(self.folder)[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+
+    # ------------------------------------------------------------------ load
+    def load(self, path: str | Path, model, optimizer, scheduler) -> dict:
+        """Restore model, optimizer, scheduler and RNG from `path`; returns meta (step, data)."""
+        path = Path(path)
+        meta_file = path / "meta.json"
+        if not meta_file.is_file():
+            raise ValueError(
+                f"{path} is not a complete ctxscale checkpoint (no meta.json); pass a "
+                f"step_XXXXXXXX folder or set checkpoint.resume=none"
+            )
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_file} is corrupt ({e}); delete that checkpoint folder") from e
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        rank_file = path / f"rank_{_rank()}.pt"
+        same_layout = meta.get("world_size") == _world() and rank_file.is_file()
+        extra = torch.load(rank_file if same_layout else path / "rank_0.pt", weights_only=True)
+        scheduler.load_state_dict(extra["scheduler"])
+        if same_layout:
+            _set_rng_state(extra["rng"])
+        return meta

@@ -1,0 +1,200 @@
+"""The job config: every section a training run reads, with each field documented here.
+
+    ctxscale train --config configs/tiny.yaml train.steps=20 parallel.cp=2 --print-config
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ctxscale.launch.config_loader import ConfigError, dump, load
+from ctxscale.launch.data import DataConfig
+from ctxscale.models.config import ModelConfig
+
+CP_METHODS = ("rsa", "ring", "lightseq", "ulysses", "usp")
+
+
+@dataclass
+class ParallelConfig:
+    # Data parallel: replicas (plain all-reduce) and sharded ranks (FSDP2 / ZeRO).
+    # -1 for dp_shard means "whatever is left of the world size".
+    dp_replicate: int = 1
+    dp_shard: int = -1
+    # Tensor parallel degree (Megatron-style column/row sharding, sequence parallel norms).
+    tp: int = 1
+    # Pipeline stages, the schedule, micro-batches per step and virtual stages per rank.
+    pp: int = 1
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    pp_microbatches: int = 2
+    pp_virtual_stages: int = 1
+    # Context parallel degree: the sequence is sharded over `cp` ranks.
+    cp: int = 1
+    # Context-parallel attention method and sequence layout (see ctxscale.dist).
+    cp_method: Literal["rsa", "ring", "lightseq", "ulysses", "usp"] = "ring"
+    cp_layout: Literal["contiguous", "zigzag", "stripe"] = "contiguous"
+    # For usp: ranks of the Ulysses (all-to-all) dimension; the rest form rings.
+    ulysses_degree: int | None = None
+    # Data-parallel engine: FSDP2 (fully_shard), DDP-style replication, or DeepSpeed ZeRO.
+    dp_engine: Literal["fsdp", "ddp", "deepspeed"] = "fsdp"
+    # ZeRO stage when dp_engine is deepspeed.
+    zero_stage: int = 2
+
+    def validate(self) -> None:
+        for name in ("dp_replicate", "tp", "pp", "cp", "pp_microbatches", "pp_virtual_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dp_shard == 0 or self.dp_shard < -1:
+            raise ValueError(f"parallel.dp_shard must be >= 1 or -1 (auto), got {self.dp_shard}")
+        if self.cp_method == "lightseq" and self.cp_layout != "contiguous":
+            raise ValueError(
+                "parallel.cp_method=lightseq works on the contiguous layout only; set "
+                "parallel.cp_layout=contiguous"
+            )
+        if self.cp_method == "usp":
+            if self.ulysses_degree is None or self.cp % self.ulysses_degree:
+                raise ValueError(
+                    f"parallel.cp_method=usp needs parallel.ulysses_degree dividing "
+                    f"parallel.cp={self.cp}; got {self.ulysses_degree}"
+                )
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"parallel.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclass
+class OptimConfig:
+    # AdamW peak learning rate, betas, epsilon and decoupled weight decay.
+    lr: float = 3e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # Linear warmup steps, then `schedule` down to lr * min_lr_ratio at the last step.
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    # Clip the global gradient norm to this (0 disables clipping).
+    max_grad_norm: float = 1.0
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1 or self.max_grad_norm < 0:
+            raise ValueError(
+                "optim.warmup_steps must be >= 0, optim.min_lr_ratio in [0, 1] and "
+                "optim.max_grad_norm >= 0"
+            )
+
+
+@dataclass
+class TrainConfig:
+    # Optimizer steps to run.
+    steps: int = 100
+    # Sequences per data-parallel rank per micro-batch, and micro-batches per optimizer step.
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    # Where metrics.jsonl, TensorBoard events and checkpoints go.
+    output_dir: str = "runs/default"
+    # Mixed precision: bfloat16 autocast applies on CUDA only; CPU runs stay float32.
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Log every N steps; evaluate every N steps on `eval_batches` fixed validation batches
+    # (0 disables periodic evaluation; a final evaluation always runs).
+    log_every: int = 1
+    eval_every: int = 50
+    eval_batches: int = 4
+    # Show a progress bar on the logging rank.
+    progress: bool = True
+    # Write TensorBoard events next to metrics.jsonl.
+    tensorboard: bool = True
+    # Fail fast instead of continuing when the loss becomes NaN/inf.
+    stop_on_nan: bool = True
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every < 0 or self.eval_batches < 0:
+            raise ValueError("train.eval_every and train.eval_batches must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    # Save every N steps (0: only at the end if `at_end`).
+    every: int = 0
+    at_end: bool = True
+    # Keep the newest K complete checkpoints (older ones are deleted after a successful save).
+    keep_last: int = 2
+    # Resume: "auto" = from the newest complete checkpoint in the folder if any, "none", or a
+    # path to a checkpoint folder.
+    resume: str = "auto"
+    # Folder (default: <train.output_dir>/checkpoints).
+    folder: str | None = None
+    # Write checkpoints in a background thread (torch.distributed.checkpoint.async_save).
+    async_save: bool = False
+
+    def validate(self) -> None:
+        if self.every < 0 or self.keep_last < 1:
+            raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+
+
+@dataclass
+class KernelConfig:
+    # Kernel family: auto (Triton on CUDA, PyTorch on CPU), torch, or triton.
+    mode: Literal["auto", "torch", "triton"] = "auto"
+    # Force one path of the attention op (e.g. blockwise, sdpa, flash_attn, triton).
+    attention: str | None = None
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.parallel.validate()
+        self.train.validate()
+        self.optim.validate()
+        self.checkpoint.validate()
+        par, model = self.parallel, self.model
+        multiple = par.cp * (2 if par.cp_layout == "zigzag" else 1)
+        if self.data.seq_len % multiple:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} cannot be split over parallel.cp={par.cp} "
+                f"ranks with layout {par.cp_layout!r}: it must be a multiple of {multiple}"
+            )
+        if self.data.seq_len > model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}"
+            )
+        if model.num_heads % par.tp or model.kv_heads % par.tp:
+            raise ValueError(
+                f"model.num_heads={model.num_heads} and model.num_kv_heads={model.kv_heads} must "
+                f"both be divisible by parallel.tp={par.tp}"
+            )
+        if par.pp > 1 and model.num_layers < par.pp * par.pp_virtual_stages:
+            raise ValueError(
+                f"model.num_layers={model.num_layers} is fewer than the "
+                f"{par.pp * par.pp_virtual_stages} pipeline stages (pp x pp_virtual_stages)"
+            )
+
+    def world_size_needed(self, dp_shard: int | None = None) -> int:
+        par = self.parallel
+        shard = par.dp_shard if dp_shard is None else dp_shard
+        return par.dp_replicate * max(shard, 1) * par.tp * par.pp * par.cp
+
+
+def load_job_config(path=None, overrides=None) -> JobConfig:
+    return load(JobConfig, path, overrides)
+
+
+__all__ = ["ConfigError", "JobConfig", "dump", "load_job_config"]

@@ -1,0 +1,153 @@
+"""Data configuration: which task or corpus feeds the model, and how it is cut into sequences.
+
+One flat dataclass so that the generic YAML loader (which checks types from the annotations) can
+fill it from the `data:` section of a job config. Only the fields of the chosen `kind` matter;
+the others keep their defaults and are ignored.
+
+Seeds: the training sample stream is a function of (`DataConfig.seed`, the run seed passed to
+`build_data`), so two runs with different run seeds see different orders of the same task. The
+validation set depends on `DataConfig.seed` only, so runs that differ in their run seed are still
+evaluated on exactly the same samples.
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+KINDS = ("mqar", "passkey", "text")
+TOKENIZER_TYPES = ("bpe", "unigram")
+# Token ids of the token-space passkey task (see synthetic.py); filler ids follow them.
+PASSKEY_NUM_SPECIAL = 13  # 10 digits + KEY_OPEN, KEY_CLOSE, QUERY
+
+
+@dataclass
+class DataConfig:
+    # Which data: "mqar" (multi-query associative recall, Zoology), "passkey" (token-space
+    # passkey retrieval) or "text" (sentencepiece-tokenized text files, packed).
+    kind: Literal["mqar", "passkey", "text"] = "mqar"
+    # Tokens per training sequence (length of input_ids and labels). Any value >= 2 for text;
+    # the synthetic tasks need room for their structure (see validate()).
+    seq_len: int = 256
+    # Data seed: fixes the validation set and, mixed with the run seed, the training stream.
+    seed: int = 0
+
+    # --- mqar (Arora et al. 2023, "Zoology") ---
+    # Total vocabulary: keys are drawn from [1, vocab_size // 2), values from
+    # [vocab_size // 2, vocab_size). The model must use this vocabulary size.
+    vocab_size: int = 8192
+    # Key-value pairs written at the start of each sequence; each key is queried once later.
+    # Needs 4 * num_kv_pairs <= seq_len.
+    num_kv_pairs: int = 8
+    # Power-law exponent of the query gap distribution p(g) ~ g^(a-1); 1.0 = uniform gaps.
+    mqar_power_a: float = 0.01
+    # Replace the unused (zero) positions by uniformly random tokens, as Zoology does by default.
+    mqar_random_non_queries: bool = True
+
+    # --- passkey (token space) ---
+    # Vocabulary of the token-space passkey task: 10 digits + 3 markers + filler tokens, so at
+    # least 14. The model must use this vocabulary size when kind == "passkey".
+    passkey_vocab_size: int = 32
+    # Number of digits of the hidden key (also the number of labelled answer tokens).
+    passkey_digits: int = 5
+    # Depth of the hidden key as a fraction of the filler (0 = start, 1 = just before the
+    # question), drawn uniformly in [passkey_depth_min, passkey_depth_max] per sample. Set both
+    # to the same value for a fixed depth.
+    passkey_depth_min: float = 0.0
+    passkey_depth_max: float = 1.0
+
+    # --- text ---
+    # Plain UTF-8 text files forming the corpus (each split into documents by doc_separator).
+    text_files: list[str] = field(default_factory=list)
+    # Path to an existing sentencepiece .model file; None trains one on the training documents
+    # (deterministically) and caches it under cache_dir.
+    tokenizer: str | None = None
+    # Vocabulary size of the tokenizer trained when `tokenizer` is None (>= 300: byte fallback
+    # takes 256 ids, plus specials and the corpus' characters).
+    tokenizer_vocab_size: int = 1024
+    # Sentencepiece model type of the trained tokenizer: "bpe" or "unigram".
+    tokenizer_type: Literal["bpe", "unigram"] = "bpe"
+    # String separating documents inside a file ("" = each file is one document). An EOS token
+    # is placed after every document in the packed token stream.
+    doc_separator: str = "\n\n"
+    # Fraction of documents held out for validation (chosen by a fixed permutation that does not
+    # depend on any seed); at least one document is held out when > 0.
+    val_fraction: float = 0.05
+    # Folder for the trained tokenizer and the memory-mapped token cache. None means
+    # $CTXSCALE_CACHE_DIR or ~/.cache/ctxscale/data. build_data(cache_dir=...) overrides it.
+    cache_dir: str | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and the allowed values for an impossible config."""
+        if self.kind not in KINDS:
+            raise ValueError(f"data.kind={self.kind!r} is not supported; choose one of {KINDS}")
+        if self.seq_len < 2:
+            raise ValueError(f"data.seq_len={self.seq_len} must be >= 2")
+        if self.kind == "mqar":
+            self._validate_mqar()
+        elif self.kind == "passkey":
+            self._validate_passkey()
+        else:
+            self._validate_text()
+
+    def _validate_mqar(self) -> None:
+        if self.vocab_size < 4:
+            raise ValueError(f"data.vocab_size={self.vocab_size} must be >= 4 for mqar")
+        if self.num_kv_pairs < 1:
+            raise ValueError(f"data.num_kv_pairs={self.num_kv_pairs} must be >= 1")
+        if 4 * self.num_kv_pairs > self.seq_len:
+            raise ValueError(
+                f"data.num_kv_pairs={self.num_kv_pairs} needs data.seq_len >= "
+                f"{4 * self.num_kv_pairs} (4 tokens per pair: key, value, query, answer); got "
+                f"seq_len={self.seq_len}. Lower num_kv_pairs or raise seq_len."
+            )
+        num_keys = self.vocab_size // 2 - 1
+        num_values = self.vocab_size - self.vocab_size // 2
+        if self.num_kv_pairs > min(num_keys, num_values):
+            raise ValueError(
+                f"data.num_kv_pairs={self.num_kv_pairs} exceeds the {num_keys} distinct keys of "
+                f"data.vocab_size={self.vocab_size}; raise vocab_size to at least "
+                f"{2 * self.num_kv_pairs + 2}"
+            )
+        if not self.mqar_power_a > 0:
+            raise ValueError(f"data.mqar_power_a={self.mqar_power_a} must be > 0 (1.0 = uniform)")
+
+    def _validate_passkey(self) -> None:
+        if self.passkey_vocab_size < PASSKEY_NUM_SPECIAL + 1:
+            raise ValueError(
+                f"data.passkey_vocab_size={self.passkey_vocab_size} must be >= "
+                f"{PASSKEY_NUM_SPECIAL + 1} (10 digits, 3 markers, at least one filler token)"
+            )
+        if self.passkey_digits < 1:
+            raise ValueError(f"data.passkey_digits={self.passkey_digits} must be >= 1")
+        need = 2 * self.passkey_digits + 2
+        if self.seq_len < need:
+            raise ValueError(
+                f"data.seq_len={self.seq_len} is too short for passkey_digits="
+                f"{self.passkey_digits}: need seq_len >= {need}"
+            )
+        for name in ("passkey_depth_min", "passkey_depth_max"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"data.{name}={value} must be in [0, 1]")
+        if self.passkey_depth_min > self.passkey_depth_max:
+            raise ValueError(
+                f"data.passkey_depth_min={self.passkey_depth_min} must be <= "
+                f"data.passkey_depth_max={self.passkey_depth_max}"
+            )
+
+    def _validate_text(self) -> None:
+        if not self.text_files:
+            raise ValueError(
+                "data.text_files is empty; list at least one UTF-8 text file for kind=text"
+            )
+        if self.tokenizer is None and not 300 <= self.tokenizer_vocab_size <= 1_000_000:
+            raise ValueError(
+                f"data.tokenizer_vocab_size={self.tokenizer_vocab_size} must be in [300, 1000000] "
+                "(byte fallback alone takes 256 ids)"
+            )
+        if self.tokenizer_type not in TOKENIZER_TYPES:
+            raise ValueError(
+                f"data.tokenizer_type={self.tokenizer_type!r} is not supported; choose one of "
+                f"{TOKENIZER_TYPES}"
+            )
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")

@@ -1,0 +1,335 @@
+"""Text corpora: documents -> sentencepiece tokens in a memory-mapped cache -> packed sequences.
+
+Pipeline (done once per corpus and tokenizer, then reused from cache_dir):
+  1. each file in data.text_files is split into documents by data.doc_separator (empty
+     documents dropped); documents are numbered globally in file order;
+  2. the tokenizer is loaded (data.tokenizer) or trained on the TRAINING documents;
+  3. every document is encoded and written, followed by EOS, into one flat token file
+     `tokens/<key>.bin` (uint16 when vocab_size <= 65536, else uint32) with `<key>.offsets.npy`
+     (int64, num_docs + 1: document d is tokens[offsets[d]:offsets[d+1]], its EOS included) and
+     `<key>.json` metadata written LAST. <key> hashes the input files' (path, size, mtime), the
+     tokenizer file's sha256 and the separator. On load the metadata, file sizes, offsets
+     checksum and a probe checksum of the token file are verified; any mismatch (truncated or
+     corrupt cache) rebuilds the entry. Writes go to temporary names and are renamed into place.
+
+Split: a fixed permutation of the document ids (seed-independent) puts the first
+max(1, round(val_fraction · num_docs)) documents into "val", the rest into "train".
+
+Packing: a split's documents, each followed by its EOS, form one stream of T tokens. Window w
+is stream[w·L : w·L + L + 1] (L = seq_len), giving input_ids = window[:-1] and
+labels = window[1:]; there are (T - 1) // L windows. Every epoch visits all windows in a
+permutation drawn from (stream seed, epoch): sample index i -> epoch i // W, position i % W.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .cache import (
+    atomic_write_bytes,
+    check_text_files,
+    file_identity,
+    file_lock,
+    key_of,
+    resolve_cache_dir,
+    tmp_name,
+)
+from .config import DataConfig
+from .source import DataSource
+from .tokenizer import Tokenizer, train_tokenizer
+
+CACHE_FORMAT = 1
+SPLIT_SEED = 0x5EED5  # fixed: the train/val split never depends on a run or data seed
+_PROBE = 1 << 16  # bytes hashed at the start, middle and end of the token file
+
+
+def read_documents(path: Path, separator: str) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data.text_files entry {str(path)!r} is not valid UTF-8 text: {e}") from e
+    docs = text.split(separator) if separator else [text]
+    return [d for d in docs if d.strip()]
+
+
+def val_doc_ids(num_docs: int, val_fraction: float) -> np.ndarray:
+    """Sorted ids of the validation documents (see module docstring)."""
+    if val_fraction <= 0:
+        return np.zeros(0, dtype=np.int64)
+    num_val = max(1, int(round(val_fraction * num_docs)))
+    if num_val >= num_docs:
+        raise ValueError(
+            f"data.val_fraction={val_fraction} leaves no training documents out of {num_docs}; "
+            "lower val_fraction, add files, or set data.doc_separator to split files into documents"
+        )
+    perm = np.random.default_rng(SPLIT_SEED).permutation(num_docs)
+    return np.sort(perm[:num_val])
+
+
+def _all_documents(files: list[Path], separator: str) -> list[str]:
+    return [doc for f in files for doc in read_documents(f, separator)]
+
+
+# ------------------------------------------------------------------------------ tokenizer
+
+
+def load_or_train_tokenizer(cfg: DataConfig, files: list[Path], cache_dir: Path) -> Tokenizer:
+    if cfg.tokenizer is not None:
+        return Tokenizer(cfg.tokenizer)
+    key = key_of(
+        {
+            "format": CACHE_FORMAT,
+            "inputs": [file_identity(f) for f in files],
+            "separator": cfg.doc_separator,
+            "val_fraction": cfg.val_fraction,
+            "vocab_size": cfg.tokenizer_vocab_size,
+            "type": cfg.tokenizer_type,
+        }
+    )
+    folder = cache_dir / "tokenizers"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"spm-{cfg.tokenizer_type}{cfg.tokenizer_vocab_size}-{key}.model"
+    with file_lock(folder / f"{path.name}.lock"):
+        if path.exists():
+            try:
+                return Tokenizer(path)
+            except ValueError as e:
+                warnings.warn(f"rebuilding corrupt cached tokenizer {path}: {e}", stacklevel=2)
+        docs = _all_documents(files, cfg.doc_separator)
+        val = set(val_doc_ids(len(docs), cfg.val_fraction).tolist())
+        train_docs = (d for i, d in enumerate(docs) if i not in val)
+        return train_tokenizer(
+            train_docs, path, vocab_size=cfg.tokenizer_vocab_size, model_type=cfg.tokenizer_type
+        )
+
+
+# ------------------------------------------------------------------------------ token cache
+
+
+class CorruptCacheError(Exception):
+    """A cache entry exists but does not match its metadata."""
+
+
+def _probe_sha(path: Path, size: int) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for start in sorted({0, max(0, size // 2 - _PROBE // 2), max(0, size - _PROBE)}):
+            f.seek(start)
+            h.update(f.read(_PROBE))
+    return h.hexdigest()
+
+
+def _sha_bytes(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+class TokenCorpus:
+    """All documents of a corpus as one memory-mapped token array plus document offsets."""
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, meta: dict, paths: dict) -> None:
+        self.tokens = tokens  # (num_tokens,) uint16/uint32 memmap
+        self.offsets = offsets  # (num_docs + 1,) int64
+        self.meta = meta
+        self.paths = paths
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.offsets) - 1
+
+
+def _cache_paths(cache_dir: Path, key: str) -> dict:
+    folder = cache_dir / "tokens"
+    return {
+        "bin": folder / f"{key}.bin",
+        "offsets": folder / f"{key}.offsets.npy",
+        "meta": folder / f"{key}.json",
+        "lock": folder / f"{key}.lock",
+    }
+
+
+def _load_corpus(paths: dict) -> TokenCorpus:
+    try:
+        meta = json.loads(paths["meta"].read_text())
+        dtype = np.dtype(meta["dtype"])
+        num_tokens, num_docs = int(meta["num_tokens"]), int(meta["num_docs"])
+        if meta.get("format") != CACHE_FORMAT:
+            raise CorruptCacheError(f"format {meta.get('format')} != {CACHE_FORMAT}")
+        size = paths["bin"].stat().st_size
+        if size != num_tokens * dtype.itemsize:
+            raise CorruptCacheError(
+                f"token file has {size} bytes, expected {num_tokens * dtype.itemsize}"
+            )
+        raw_offsets = paths["offsets"].read_bytes()
+        if _sha_bytes(raw_offsets) != meta["offsets_sha256"]:
+            raise CorruptCacheError("offsets checksum mismatch")
+        offsets = np.load(paths["offsets"])
+        if offsets.shape != (num_docs + 1,) or offsets[0] != 0 or offsets[-1] != num_tokens:
+            raise CorruptCacheError("offsets do not match the token count")
+        if _probe_sha(paths["bin"], size) != meta["bin_probe_sha256"]:
+            raise CorruptCacheError("token file checksum mismatch")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptCacheError(f"{type(e).__name__}: {e}") from e
+    tokens = np.memmap(paths["bin"], dtype=dtype, mode="r", shape=(num_tokens,))
+    return TokenCorpus(tokens, offsets, meta, paths)
+
+
+def _build_corpus(
+    files: list[Path], tokenizer: Tokenizer, separator: str, paths: dict, inputs: list
+) -> None:
+    eos = tokenizer.eos_id
+    if eos < 0:
+        raise ValueError(
+            f"tokenizer {tokenizer.path} has no EOS piece, which separates documents; "
+            "train it with an eos id or let ctxscale train one (data.tokenizer: null)"
+        )
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
+    offsets = [0]
+    tmp_bin = tmp_name(paths["bin"])
+    with open(tmp_bin, "wb") as f:
+        for path in files:
+            docs = read_documents(path, separator)
+            for start in range(0, len(docs), 1024):
+                for ids in tokenizer.encode_batch(docs[start : start + 1024]):
+                    arr = np.asarray(ids + [eos], dtype=dtype)
+                    arr.tofile(f)
+                    offsets.append(offsets[-1] + len(arr))
+        f.flush()
+        os.fsync(f.fileno())
+    num_tokens = offsets[-1]
+    offsets_arr = np.asarray(offsets, dtype=np.int64)
+    with open(tmp_name(paths["offsets"]), "wb") as f:
+        np.save(f, offsets_arr)
+    raw_offsets = tmp_name(paths["offsets"]).read_bytes()
+    meta = {
+        "format": CACHE_FORMAT,
+        "dtype": dtype.name,
+        "num_tokens": num_tokens,
+        "num_docs": len(offsets) - 1,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": eos,
+        "tokenizer": str(tokenizer.path),
+        "tokenizer_sha256": tokenizer.sha256,
+        "separator": separator,
+        "inputs": inputs,
+        "offsets_sha256": _sha_bytes(raw_offsets),
+        "bin_probe_sha256": _probe_sha(tmp_bin, num_tokens * dtype.itemsize),
+    }
+    os.replace(tmp_bin, paths["bin"])
+    os.replace(tmp_name(paths["offsets"]), paths["offsets"])
+    atomic_write_bytes(paths["meta"], json.dumps(meta, indent=1).encode())  # last: marks complete
+
+
+def load_or_build_tokens(
+    files: list[Path], tokenizer: Tokenizer, separator: str, cache_dir: Path
+) -> TokenCorpus:
+    """Tokenize `files` once; later calls with unchanged files and tokenizer reuse the cache."""
+    inputs = [file_identity(f) for f in files]
+    key = key_of(
+        {
+            "format": CACHE_FORMAT,
+            "inputs": inputs,
+            "tokenizer_sha256": tokenizer.sha256,
+            "separator": separator,
+        }
+    )
+    paths = _cache_paths(cache_dir, key)
+    paths["bin"].parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(paths["lock"]):
+        if paths["meta"].exists():
+            try:
+                return _load_corpus(paths)
+            except CorruptCacheError as e:
+                warnings.warn(
+                    f"token cache {paths['meta']} is invalid ({e}); rebuilding it", stacklevel=2
+                )
+                paths["meta"].unlink(missing_ok=True)
+        _build_corpus(files, tokenizer, separator, paths, inputs)
+        return _load_corpus(paths)
+
+
+# ------------------------------------------------------------------------------ packing
+
+
+class PackedStream:
+    """Documents `doc_ids` of a corpus concatenated (each with its EOS), cut into windows of
+    seq_len + 1 tokens that overlap by one token."""
+
+    def __init__(self, corpus: TokenCorpus, doc_ids: np.ndarray, seq_len: int) -> None:
+        self.tokens = corpus.tokens
+        self.seq_len = seq_len
+        self.starts = corpus.offsets[doc_ids]
+        self.lens = corpus.offsets[doc_ids + 1] - self.starts
+        self.cum = np.concatenate([[0], np.cumsum(self.lens)]).astype(np.int64)
+        self.num_tokens = int(self.cum[-1])
+        self.num_windows = max(0, (self.num_tokens - 1) // seq_len)
+
+    def window(self, w: int) -> np.ndarray:
+        """stream[w·L : w·L + L + 1] as int64, (seq_len + 1,)."""
+        assert 0 <= w < self.num_windows
+        pos, stop = w * self.seq_len, w * self.seq_len + self.seq_len + 1
+        i = int(np.searchsorted(self.cum, pos, side="right")) - 1
+        pieces = []
+        while pos < stop:
+            off = pos - int(self.cum[i])
+            take = min(stop - pos, int(self.lens[i]) - off)
+            begin = int(self.starts[i]) + off
+            pieces.append(self.tokens[begin : begin + take])
+            pos += take
+            i += 1
+        return np.concatenate(pieces).astype(np.int64)
+
+
+class TextSource(DataSource):
+    """Packed, epoch-shuffled windows of a tokenized text corpus (see module docstring)."""
+
+    kind = "text"
+
+    def __init__(self, cfg: DataConfig, *, cache_dir: str | None = None, **kwargs) -> None:
+        super().__init__(data_seed=cfg.seed, **kwargs)
+        self.cfg = cfg
+        self.seq_len = cfg.seq_len
+        files = check_text_files(cfg.text_files)
+        root = resolve_cache_dir(cache_dir, cfg.cache_dir)
+        self.tokenizer = load_or_train_tokenizer(cfg, files, root)
+        self.vocab_size = self.tokenizer.vocab_size
+        self.corpus = load_or_build_tokens(files, self.tokenizer, cfg.doc_separator, root)
+        val = val_doc_ids(self.corpus.num_docs, cfg.val_fraction)
+        train = np.setdiff1d(np.arange(self.corpus.num_docs), val)
+        self.streams = {
+            "train": PackedStream(self.corpus, train, cfg.seq_len),
+            "val": PackedStream(self.corpus, val, cfg.seq_len),
+        }
+        for name, stream in self.streams.items():
+            if stream.num_windows == 0 and (name == "train" or len(val)):
+                raise ValueError(
+                    f"the {name} split has {stream.num_tokens} tokens, fewer than one sequence of "
+                    f"data.seq_len+1={cfg.seq_len + 1}; lower seq_len, add text, or change "
+                    "data.val_fraction"
+                )
+        self._perms: dict[tuple[str, int], np.ndarray] = {}
+
+    def _perm(self, stream: str, epoch: int) -> np.ndarray:
+        key = (stream, epoch)
+        if key not in self._perms:
+            if len(self._perms) >= 4:
+                self._perms.pop(next(iter(self._perms)))
+            rng = np.random.default_rng(self._stream_seed(stream) + [epoch])
+            self._perms[key] = rng.permutation(self.streams[stream].num_windows)
+        return self._perms[key]
+
+    def _sample(self, stream: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+        packed = self.streams[stream]
+        if packed.num_windows == 0:
+            raise ValueError("no validation data: data.val_fraction is 0; set it > 0 to evaluate")
+        epoch, pos = divmod(int(index), packed.num_windows)
+        seq = packed.window(int(self._perm(stream, epoch)[pos]))
+        return seq[:-1], seq[1:]

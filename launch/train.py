@@ -1,0 +1,314 @@
+"""`ctxscale train` / `python -m ctxscale.launch.train`: config -> mesh -> model -> train loop.
+
+One optimizer step, end to end:
+1. every data-parallel rank draws `grad_accum` micro-batches (context-parallel ranks of the same
+   data-parallel rank draw the same ones);
+2. the global number of labelled tokens in the step is all-reduced first, so each rank's summed
+   loss can be divided by it: the loss is the exact token-weighted mean over all ranks, whatever
+   the layout;
+3. each micro-batch is sharded along the sequence for context parallelism (tokens, labels and
+   global positions by the same layout) and run forward/backward;
+4. gradients are reduced by FSDP / DDP over dp × cp, clipped, and AdamW steps; the scheduler
+   follows;
+5. rank 0 logs `metrics.jsonl` / TensorBoard / the progress bar; periodic evaluation and
+   checkpoints follow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ctxscale.dist.layout import shard_sequence
+from ctxscale.dist.mesh import ParallelDims, axis_group, axis_rank, axis_size
+from ctxscale.dist.parallelize import grad_reduce_size, parallel_context, parallelize
+from ctxscale.kernels.dispatch import chosen_paths, set_kernel_mode
+from ctxscale.launch.checkpoint import Checkpointer, latest_checkpoint
+from ctxscale.launch.config import ConfigError, JobConfig, dump, load_job_config
+from ctxscale.launch.data import build_data, token_accuracy
+from ctxscale.launch.env import detect_env, init_distributed, pick_device
+from ctxscale.launch.metrics import MetricsLogger, peak_memory_bytes
+from ctxscale.launch.optim import build_optimizer, build_scheduler
+from ctxscale.models import build_model
+
+logger = logging.getLogger("ctxscale.train")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _check_supported(cfg: JobConfig) -> None:
+    par = cfg.parallel
+    if par.pp > 1 or par.tp > 1 or par.dp_engine == "deepspeed":
+        raise ConfigError(
+            "parallel.tp > 1, parallel.pp > 1 and parallel.dp_engine=deepspeed are not in this "
+            "build yet (they arrive with the 4D-parallelism work); use dp and cp for now"
+        )
+
+
+class TrainState:
+    """Everything the loop needs, built once from the config."""
+
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.env = detect_env()
+        self.device = pick_device(cfg.train.device, self.env)
+        init_distributed(self.env, self.device.type)
+        self.rank = self.env.rank
+        self.dims = ParallelDims.from_config(cfg.parallel, self.env.world_size)
+        self.mesh = self.dims.build_mesh(self.device.type)
+        self.dp_rank, self.dp_size = axis_rank(self.mesh, "dp"), axis_size(self.mesh, "dp")
+        self.dp_cp_group = axis_group(self.mesh, "dp_cp")
+        set_kernel_mode(cfg.kernels.mode, attention=cfg.kernels.attention)
+        torch.manual_seed(cfg.train.seed)
+        out = Path(cfg.train.output_dir)
+        self.output_dir = out
+        self.data = build_data(cfg.data, batch_size=cfg.train.batch_size, dp_rank=self.dp_rank,
+                               dp_size=self.dp_size, seed=cfg.train.seed, split="train",
+                               cache_dir=str(out / "cache") if cfg.data.cache_dir is None else None)
+        self.val_data = build_data(cfg.data, batch_size=cfg.train.batch_size,
+                                   dp_rank=self.dp_rank, dp_size=self.dp_size,
+                                   seed=cfg.train.seed, split="val",
+                                   cache_dir=str(out / "cache") if cfg.data.cache_dir is None else None)
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = self.data.vocab_size
+        elif cfg.model.vocab_size < self.data.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
+                f"({self.data.vocab_size}); set model.vocab_size=0 to take it from the data"
+            )
+        self.parallel = parallel_context(self.dims, self.mesh, cfg.parallel)
+        model = build_model(cfg.model, self.parallel).to(self.device)
+        self.raw_model = model
+        self.model = parallelize(model, self.dims, self.mesh, cfg.parallel)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        ckpt_dir = cfg.checkpoint.folder or str(out / "checkpoints")
+        self.checkpointer = Checkpointer(ckpt_dir, keep_last=cfg.checkpoint.keep_last,
+                                         async_save=cfg.checkpoint.async_save)
+        self.step = 0
+        self.resumed_from = None
+        resume = cfg.checkpoint.resume
+        path = latest_checkpoint(ckpt_dir) if resume == "auto" else (
+            None if resume == "none" else Path(resume))
+        if path is not None:
+            meta = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler)
+            self.step = meta["step"]
+            self.data.load_state_dict(meta["data"])
+            self.resumed_from = str(path)
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.device.type == "cuda" and cfg.train.dtype == "bfloat16"
+            else contextlib.nullcontext()
+        )
+
+    # --------------------------------------------------------------- helpers
+    def shard(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's (input_ids, labels, position_ids) for context parallelism."""
+        ids = batch["input_ids"].to(self.device)
+        labels = batch["labels"].to(self.device)
+        b, s = ids.shape
+        pos = torch.arange(s, device=self.device).unsqueeze(0).expand(b, s)
+        if self.dims.cp > 1:
+            group, layout = self.parallel.cp_group, self.parallel.cp_layout
+            ids, labels, pos = (shard_sequence(t, group=group, layout=layout) for t in (ids, labels, pos))
+        return ids, labels, pos
+
+    def global_sum(self, value: torch.Tensor, group=None) -> torch.Tensor:
+        if dist.is_initialized():
+            dist.all_reduce(value, group=group)
+        return value
+
+    # --------------------------------------------------------------- one step
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        self.model.train()
+        batches = [self.data.next_batch() for _ in range(cfg.train.grad_accum)]
+        # exact token-weighted mean: count labelled tokens over every dp rank and micro-batch
+        # (cp ranks share their dp rank's batches, so count over the dp group only)
+        n_local = sum(int((b["labels"] != -100).sum()) for b in batches)
+        n_tokens = self.global_sum(torch.tensor(float(n_local)), axis_group(self.mesh, "dp"))
+        n_tokens = max(n_tokens.item(), 1.0)
+        scale = grad_reduce_size(self.dims) / n_tokens
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in batches:
+            ids, labels, pos = self.shard(batch)
+            with self.autocast:
+                loss = self.model(ids, labels=labels, position_ids=pos, loss_reduction="sum")
+            (loss * scale).backward()
+            loss_sum += loss.detach().float()
+        if cfg.optim.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                       cfg.optim.max_grad_norm, foreach=True)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.model.parameters() if p.grad is not None])
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        loss_total = self.global_sum(loss_sum, self.dp_cp_group)
+        return {"loss": loss_total.item() / n_tokens, "lr": lr, "grad_norm": float(grad_norm),
+                "tokens": sum(b["input_ids"].numel() for b in batches) * self.dp_size}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        totals = torch.zeros(4, dtype=torch.float64)  # loss_sum, tokens, correct, answered
+        for batch in self.val_data.eval_batches(self.cfg.train.eval_batches):
+            ids, labels, pos = self.shard(batch)
+            with self.autocast:
+                logits = self.model(ids, labels=labels, position_ids=pos,
+                                    labelled_logits=True).float()
+            mask = labels != -100
+            target = labels[mask]
+            totals[0] += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+            totals[1] += target.numel()
+            correct, total = token_accuracy(logits.unsqueeze(0), target.unsqueeze(0))
+            totals[2] += correct
+            totals[3] += total
+        totals = self.global_sum(totals, self.dp_cp_group)
+        out = {"eval_loss": (totals[0] / totals[1].clamp(min=1)).item()}
+        if totals[3] > 0:
+            out["eval_accuracy"] = (totals[2] / totals[3]).item()
+        return out
+
+    def save(self):
+        self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler,
+                               self.data.state_dict())
+
+
+def train(cfg: JobConfig) -> dict:
+    """Run the job described by `cfg`; returns the end-of-run summary (on every rank)."""
+    _check_supported(cfg)
+    st = TrainState(cfg)
+    tcfg = cfg.train
+    is_logger = st.rank == 0
+    metrics = MetricsLogger(st.output_dir, enabled=is_logger, tensorboard=tcfg.tensorboard,
+                            progress_total=tcfg.steps, progress=tcfg.progress, initial=st.step)
+    if is_logger:
+        st.output_dir.mkdir(parents=True, exist_ok=True)
+        (st.output_dir / "config.yaml").write_text(dump(cfg))
+        n_params = st.raw_model.num_params()
+        metrics.write(
+            f"ctxscale: {cfg.model.family} {n_params / 1e6:.2f}M params | world {st.env.world_size}"
+            f" ({st.env.launcher}) dp={st.dims.dp} cp={st.dims.cp} tp={st.dims.tp} pp={st.dims.pp}"
+            f" | {cfg.data.kind} seq_len={cfg.data.seq_len} | device {st.device}"
+            + (f" | resumed from {st.resumed_from}" if st.resumed_from else "")
+        )
+    first_eval = last_eval = None
+    losses = []
+    t_start = time.perf_counter()
+    tokens_seen = 0
+    try:
+        if tcfg.eval_every and st.step == 0:
+            first_eval = st.evaluate()
+            metrics.log({"step": 0, **first_eval})
+        while st.step < tcfg.steps:
+            t0 = time.perf_counter()
+            out = st.train_step()
+            st.step += 1
+            dt = time.perf_counter() - t0
+            tokens_seen += out["tokens"]
+            if not math.isfinite(out["loss"]) and tcfg.stop_on_nan:
+                raise NonFiniteLoss(f"loss became {out['loss']} at step {st.step}; lower optim.lr")
+            losses.append(out["loss"])
+            record = {"step": st.step, "loss": out["loss"], "lr": out["lr"],
+                      "grad_norm": out["grad_norm"], "tokens_per_s": out["tokens"] / dt,
+                      "step_time_s": dt, "memory_bytes": peak_memory_bytes(st.device)}
+            if tcfg.eval_every and st.step % tcfg.eval_every == 0 and st.step < tcfg.steps:
+                last_eval = st.evaluate()
+                record.update(last_eval)
+                first_eval = first_eval or last_eval
+            if st.step % tcfg.log_every == 0 or st.step == tcfg.steps:
+                metrics.log(record)
+            metrics.progress(1, loss=f"{out['loss']:.4f}")
+            if cfg.checkpoint.every and st.step % cfg.checkpoint.every == 0:
+                st.save()
+        last_eval = st.evaluate()
+        metrics.log({"step": st.step, **last_eval})
+        if cfg.checkpoint.at_end and not (cfg.checkpoint.every and st.step % cfg.checkpoint.every == 0):
+            st.save()
+        st.checkpointer.wait()
+    finally:
+        metrics.close()
+    elapsed = time.perf_counter() - t_start
+    summary = {
+        "steps": st.step, "final_loss": losses[-1] if losses else None,
+        "first_loss": losses[0] if losses else None,
+        "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else 0.0,
+        "elapsed_s": elapsed, "peak_memory_bytes": peak_memory_bytes(st.device),
+        "kernels": chosen_paths(), **{f"final_{k}": v for k, v in (last_eval or {}).items()},
+    }
+    if first_eval:
+        summary.update({f"initial_{k}": v for k, v in first_eval.items()})
+    if is_logger:
+        metrics.write(format_summary(summary, st.output_dir))
+    return summary
+
+
+def format_summary(s: dict, output_dir: Path) -> str:
+    lines = ["", "=== ctxscale run summary ==="]
+    lines.append(f"steps            {s['steps']}  ({s['elapsed_s']:.1f} s, {s['tokens_per_s']:.0f} tokens/s)")
+    if s.get("first_loss") is not None:
+        lines.append(f"train loss       {s['first_loss']:.4f} -> {s['final_loss']:.4f}")
+    if "initial_eval_loss" in s:
+        lines.append(f"eval loss        {s['initial_eval_loss']:.4f} -> {s['final_eval_loss']:.4f}")
+    if "final_eval_accuracy" in s:
+        lines.append(f"eval accuracy    {s.get('initial_eval_accuracy', float('nan')):.3f} -> "
+                     f"{s['final_eval_accuracy']:.3f}")
+    lines.append(f"peak memory      {s['peak_memory_bytes'] / 2**20:.0f} MiB")
+    lines.append(f"kernels          {s['kernels']}")
+    lines.append(f"outputs          {output_dir}/metrics.jsonl, tensorboard/, checkpoints/")
+    return "\n".join(lines)
+
+
+def build_arg_parser(prog: str = "ctxscale train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Train a model from a YAML config.")
+    p.add_argument("--config", "-c", required=False, default=None, help="YAML job config")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("CTXSCALE_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_job_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"ctxscale: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump(cfg), end="")
+        return 0
+    try:
+        train(cfg)
+    except (ConfigError, ValueError) as e:
+        print(f"ctxscale: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["train", "main"]
