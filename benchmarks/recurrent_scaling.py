@@ -164,8 +164,10 @@ def main() -> None:
         "mixer (d_model 16, d_inner 32, d_state 16, conv width 4) = in_proj, causal_conv1d, "
         "selective_scan (chunked path), out_proj.",
         "",
-        "Peak RSS is the process high-water mark (it only grows; sizes run in increasing order, "
-        "so each row bounds that size's peak). It includes glibc heap fragmentation from the "
+        "Peak RSS is the high-water mark of the whole process (it only grows and covers earlier "
+        "rows and workloads too: sizes run in increasing order, so it bounds each linear-attention "
+        "row; later workloads can only be read where they raise it). It includes glibc heap "
+        "fragmentation from the "
         "per-segment temporaries: with `MALLOC_MMAP_THRESHOLD_=131072` the selective scan's "
         "256K forward+backward peak drops from ~2.1 GB to ~0.5 GB above the baseline.",
         "",
