@@ -14,11 +14,15 @@ Math. Causal attention of chunk i needs the blocks (q_i, kv_j) for j <= i; their
 
 Schedule (causal, P even, P/2 + 1 steps). Step 0: every rank computes its diagonal block.
 Step t = 1..P/2: rank i >= t computes its own block (q_i, kv_{i−t}), fetching kv_{i−t}. A rank
-r < t has no earlier chunk left, so for t < P/2 it helps: it computes (q_{r+P−t}, kv_r) — a
+r < t has no earlier chunk left, so it helps: for t < P/2 it computes (q_{r+P−t}, kv_r) — a
 block at distance P−t > P/2 that the owner would otherwise reach only after step P/2 — fetching
-q_{r+P−t} and returning the partial (o, lse) in float32 to rank r+P−t, which merges it. Every
-off-diagonal block is computed exactly once, and a rank computes at most 1 + P/2 blocks against
-a mean of (P+1)/2, so max/mean work <= 1 + 1/P (plain causal ring attention: ~2P/(P+1)).
+q_{r+P−t} and returning the partial (o, lse) in float32 to rank r+P−t, which merges it. At the
+last step t = P/2 the P/2 blocks (i, i−P/2) are split by query rows: the owner i computes the
+first n//2 rows and the kv owner i−P/2 (idle there in the paper's schedule) the other rows.
+Every causal block is computed exactly once and every rank computes the same work: the
+diagonal plus P/2 − 1/2 off-diagonal blocks (max/mean work = 1 up to rounding n/2; the bound
+asked of the schedule is 1 + 1/P; plain causal ring attention: (2P−1)/P). Without the row
+split P = 2 would stay as unbalanced as the contiguous ring.
 Non-causal attention is balanced already: P steps, step t computes (q_r, kv_{(r−t) mod P}).
 
 Backward (same schedule, custom autograd): with the global o_i and lse_i saved by the forward
@@ -54,10 +58,21 @@ def lightseq_schedule(world_size: int, causal: bool):
     steps = [[(r, None) for r in range(P)]]
     for t in range(1, P // 2 + 1):
         steps.append([
-            (r - t if r >= t else None, r + P - t if (r < t and t < P // 2) else None)
+            (r - t if r >= t else None, r + P - t if r < t else None)
             for r in range(P)
         ])
     return steps
+
+
+def split_step(world_size: int, causal: bool):
+    """The step whose blocks are split by query rows (owner: first half, helper: second half),
+    or None. Causal: the last step, t = P/2 (owner i and helper i − P/2 share block (i, i−P/2))."""
+    return world_size // 2 if causal else None
+
+
+def row_halves(seq_local: int) -> tuple[slice, slice]:
+    """(owner rows, helper rows) of a split block."""
+    return slice(0, seq_local // 2), slice(seq_local // 2, seq_local)
 
 
 def _check_even(world_size: int) -> None:
@@ -115,20 +130,26 @@ def _forward(q, k, v, group, causal, scale, overlap):
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     steps = lightseq_schedule(world, causal)
     msgs = _Messages(group, overlap)
+    every, split = slice(None), split_step(world, causal)
+    own_half, help_half = row_halves(q.shape[1])
+
+    def rows(t):  # (own rows, help rows) at step t
+        return (own_half, help_half) if t == split else (every, every)
 
     def fetch(t):
         sends, recvs, bufs = [], [], {}
+        _, hr = rows(t)
         for s, (own_kv, help_q) in enumerate(steps[t]):
             if own_kv == rank and s != rank:
                 sends += [(k, s), (v, s)]
             if help_q == rank:
-                sends.append((q, s))
+                sends.append((q[:, hr].contiguous(), s))
         own_kv, help_q = steps[t][rank]
         if own_kv is not None and own_kv != rank:
             bufs["kv"] = (torch.empty_like(k), torch.empty_like(v))
             recvs += [(bufs["kv"][0], own_kv), (bufs["kv"][1], own_kv)]
         if help_q is not None:
-            bufs["q"] = torch.empty_like(q)
+            bufs["q"] = torch.empty_like(q[:, hr])
             recvs.append((bufs["q"], help_q))
         return msgs.post(sends, recvs, f"fwd{t}"), bufs
 
@@ -143,15 +164,21 @@ def _forward(q, k, v, group, causal, scale, overlap):
         if handle is not None:
             handle.wait()
         own_kv, help_q = steps[t][rank]
+        own_rows, help_rows = rows(t)
         ret_sends = []
         if own_kv is not None:
             kk, vv = bufs.get("kv", (k, v))
             diag = causal and own_kv == rank
+            q_own = q[:, own_rows]
             comm.trace("compute", f"fwd{t}")
-            o_t, lse_t = attention_forward(q, kk, vv, causal=diag, softmax_scale=scale)
-            comm.record_attention_work(blocks=1, flops=_flops(q, kk, diag))
+            o_t, lse_t = attention_forward(q_own, kk, vv, causal=diag, softmax_scale=scale)
+            comm.record_attention_work(blocks=1, flops=_flops(q_own, kk, diag))
             o_t = o_t.float()
-            o_acc, lse_acc = (o_t, lse_t) if o_acc is None else _merge(o_acc, lse_acc, o_t, lse_t)
+            if o_acc is None:  # step 0 (the diagonal, or kv_r when non-causal) covers all rows
+                o_acc, lse_acc = o_t, lse_t.float()
+            else:
+                o_acc[:, own_rows], lse_acc[:, :, own_rows] = _merge(
+                    o_acc[:, own_rows], lse_acc[:, :, own_rows], o_t, lse_t)
         if help_q is not None:
             comm.trace("compute", f"fwd{t}-help")
             o_h, lse_h = attention_forward(bufs["q"], k, v, causal=False, softmax_scale=scale)
@@ -160,23 +187,23 @@ def _forward(q, k, v, group, causal, scale, overlap):
         ret_bufs, recvs = [], []
         for s, (_, hq) in enumerate(steps[t]):
             if hq == rank:  # rank s helps us at this step: receive its partial (o, lse)
-                b, n, h, _ = q.shape
+                b, n, h, _ = q[:, help_rows].shape
                 o_b = q.new_empty((b, n, h, v.shape[-1]), dtype=torch.float32)
                 l_b = q.new_empty((b, h, n), dtype=torch.float32)
-                ret_bufs.append((o_b, l_b))
+                ret_bufs.append((o_b, l_b, help_rows))
                 recvs += [(o_b, s), (l_b, s)]
         h_ret = msgs.post(ret_sends, recvs, f"fwd{t}-ret")
         if ret_sends:
             sent.append((h_ret, ret_sends))
         for h_prev, prev in returned:  # results of the previous step: merge now
             h_prev.wait()
-            for o_b, l_b in prev:
-                o_acc, lse_acc = _merge(o_acc, lse_acc, o_b, l_b)
+            for o_b, l_b, hr in prev:
+                o_acc[:, hr], lse_acc[:, :, hr] = _merge(o_acc[:, hr], lse_acc[:, :, hr], o_b, l_b)
         returned = [(h_ret, ret_bufs)] if ret_bufs else []
     for h_prev, prev in returned:
         h_prev.wait()
-        for o_b, l_b in prev:
-            o_acc, lse_acc = _merge(o_acc, lse_acc, o_b, l_b)
+        for o_b, l_b, hr in prev:
+            o_acc[:, hr], lse_acc[:, :, hr] = _merge(o_acc[:, hr], lse_acc[:, :, hr], o_b, l_b)
     for h, _ in sent:
         h.wait()
     return o_acc, lse_acc
@@ -193,20 +220,29 @@ def _backward(do, q, k, v, o, lse, group, causal, scale, overlap):
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    every, split = slice(None), split_step(world, causal)
+    own_half, help_half = row_halves(q.shape[1])
+
+    def rows(t):
+        return (own_half, help_half) if t == split else (every, every)
+
+    def query_side(hr):  # what a helper needs of the queries' rows hr
+        return [q[:, hr], do[:, hr], lse[:, :, hr], delta[:, :, hr]]
 
     def fetch(t):
         sends, recvs, bufs = [], [], {}
+        _, hr = rows(t)
         for s, (own_kv, help_q) in enumerate(steps[t]):
             if own_kv == rank and s != rank:
                 sends += [(k, s), (v, s)]
             if help_q == rank:
-                sends += [(q, s), (do, s), (lse, s), (delta, s)]
+                sends += [(x.contiguous(), s) for x in query_side(hr)]
         own_kv, help_q = steps[t][rank]
         if own_kv is not None and own_kv != rank:
             bufs["kv"] = (torch.empty_like(k), torch.empty_like(v))
             recvs += [(b, own_kv) for b in bufs["kv"]]
         if help_q is not None:
-            bufs["q"] = tuple(torch.empty_like(x) for x in (q, do, lse, delta))
+            bufs["q"] = tuple(torch.empty_like(x) for x in query_side(hr))
             recvs += [(b, help_q) for b in bufs["q"]]
         return msgs.post(sends, recvs, f"bwd{t}"), bufs
 
@@ -219,15 +255,18 @@ def _backward(do, q, k, v, o, lse, group, causal, scale, overlap):
         if handle is not None:
             handle.wait()
         own_kv, help_q = steps[t][rank]
+        own_rows, help_rows = rows(t)
         ret_sends = []
         if own_kv is not None:
             kk, vv = bufs.get("kv", (k, v))
             diag = causal and own_kv == rank
+            q_o, do_o, lse_o, delta_o = query_side(own_rows)
             comm.trace("compute", f"bwd{t}")
-            dq_t, dk_t, dv_t = _block_backward(do, q, kk, vv, lse, delta, causal=diag, scale=scale)
-            comm.record_attention_work(blocks=1, flops=2.5 * _flops(q, kk, diag),
+            dq_t, dk_t, dv_t = _block_backward(do_o, q_o, kk, vv, lse_o, delta_o, causal=diag,
+                                               scale=scale)
+            comm.record_attention_work(blocks=1, flops=2.5 * _flops(q_o, kk, diag),
                                        kind="attention_backward")
-            dq += dq_t
+            dq[:, own_rows] += dq_t
             if own_kv == rank:
                 dk += dk_t
                 dv += dv_t
@@ -250,9 +289,9 @@ def _backward(do, q, k, v, o, lse, group, causal, scale, overlap):
                 recvs += [(bk, s), (bv, s)]
                 targets += [(dk, bk), (dv, bv)]
             if help_q_s == rank:
-                bq = torch.empty_like(dq)
+                bq = torch.empty_like(dq[:, help_rows])
                 recvs.append((bq, s))
-                targets.append((dq, bq))
+                targets.append((dq[:, help_rows], bq))
         h_ret = msgs.post(ret_sends, recvs, f"bwd{t}-ret")
         if ret_sends:
             sent.append((h_ret, ret_sends))

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from ctxscale.dist import comm
-from ctxscale.dist.lightseq import lightseq_attention, lightseq_schedule
+from ctxscale.dist.lightseq import lightseq_attention, lightseq_schedule, split_step
 
 from tests.dist.test_ulysses import F32_TOL, assert_oracle
 from tests.harness import run_distributed
@@ -49,18 +49,23 @@ def test_lightseq_bf16():
 @pytest.mark.parametrize("world", [2, 4, 6, 8])
 def test_schedule_covers_every_causal_block_once_in_half_the_steps(world):
     steps = lightseq_schedule(world, causal=True)
-    assert len(steps) == world // 2 + 1
-    blocks = []
-    for step in steps:
+    split = split_step(world, causal=True)
+    assert len(steps) == world // 2 + 1 and split == world // 2
+    blocks, work = [], [0.0] * world  # work in blocks: diagonal 1/2, split halves 1/2
+    for t, step in enumerate(steps):
         for r, (own_kv, help_q) in enumerate(step):
             if own_kv is not None:
-                blocks.append((r, own_kv))  # (query chunk, kv chunk)
+                blocks.append((r, own_kv, "first" if t == split else "all"))
+                work[r] += 0.5 if (t == split or own_kv == r) else 1.0
             if help_q is not None:
-                blocks.append((help_q, r))
-    assert sorted(blocks) == [(i, j) for i in range(world) for j in range(i + 1)]
-    per_rank = [sum((o is not None) + (h is not None) for o, h in (s[r] for s in steps))
-                for r in range(world)]
-    assert max(per_rank) == world // 2 + 1 and min(per_rank) == world // 2
+                blocks.append((help_q, r, "second" if t == split else "all"))
+                work[r] += 0.5 if t == split else 1.0
+    # (query chunk, kv chunk): every causal block once; the distance-P/2 ones as two halves
+    expected = [(i, j, "all") for i in range(world) for j in range(i + 1) if i - j != world // 2]
+    expected += [(i, i - world // 2, h) for i in range(world // 2, world)
+                 for h in ("first", "second")]
+    assert sorted(blocks) == sorted(expected)
+    assert work == [world / 2] * world  # perfectly balanced
 
 
 def test_schedule_odd_world_is_a_clear_error():
@@ -105,26 +110,32 @@ def _counted(rank, world, shape, causal, dtype):
 
 def _expected_bytes(rank, world, shape, causal, esize):
     """Closed form per rank. Q = |q_r|, K = |k_r| = |v_r| (elements), L = |lse_r| = b·h·n,
-    e = element size, 4 = float32 partials.
+    Q2, L2 = the same for the n − n//2 helper rows of a split block, e = element size, 4 =
+    float32 partials.
     Causal: rank r sends kv to r+t (t = 1..P/2, r+t < P): a = min(P/2, P−1−r) times, receives
-    c = min(P/2, r) kv; it helps (computes others' blocks) hp = max(0, P/2−1−r) times and is
-    helped hd = max(0, r−P/2) times. Forward: helper inputs q, results (o, lse) in float32.
-    Backward: helper inputs q, do (e) and lse, D (float32); results dq (helpers) and dk, dv
-    (owners → kv owner, float32).
+    c = min(P/2, r) kv. Full-block helping: r computes hp = max(0, P/2−1−r) blocks of others and
+    hd = max(0, r−P/2) of its blocks are computed by others; at the split step P/2 ranks
+    r < P/2 help (with Q2 rows) and ranks r >= P/2 are helped. Forward: helpers receive q and
+    return (o, lse) in float32. Backward: helpers receive q, do (e) and lse, D (float32), return
+    dq (float32); owners return dk, dv (float32) to the kv owner once per fetched kv (c).
     Non-causal: kv to and from each of the P−1 others; backward adds dk, dv back in float32."""
     b, n, h, hk, d = shape
     nl = n // world
     Q, K, L = b * nl * h * d, b * nl * hk * d, b * h * nl
+    Q2, L2 = b * (nl - nl // 2) * h * d, b * h * (nl - nl // 2)
     if not causal:
         fwd = (world - 1) * 2 * K * esize
         return (fwd, fwd), (fwd + (world - 1) * 2 * K * 4,) * 2
     half = world // 2
     a, c = min(half, world - 1 - rank), min(half, rank)
     hp, hd = max(0, half - 1 - rank), max(0, rank - half)
-    fwd_sent = a * 2 * K * esize + hd * Q * esize + hp * (Q + L) * 4
-    fwd_recv = c * 2 * K * esize + hp * Q * esize + hd * (Q + L) * 4
-    bwd_sent = a * 2 * K * esize + hd * (2 * Q * esize + 2 * L * 4) + hp * Q * 4 + c * 2 * K * 4
-    bwd_recv = c * 2 * K * esize + hp * (2 * Q * esize + 2 * L * 4) + hd * Q * 4 + a * 2 * K * 4
+    hp2, hd2 = int(rank < half), int(rank >= half)  # split-step help given / received
+    fwd_sent = a * 2 * K * esize + (hd * Q + hd2 * Q2) * esize + (hp * (Q + L) + hp2 * (Q2 + L2)) * 4
+    fwd_recv = c * 2 * K * esize + (hp * Q + hp2 * Q2) * esize + (hd * (Q + L) + hd2 * (Q2 + L2)) * 4
+    bwd_sent = (a * 2 * K * esize + hd * (2 * Q * esize + 2 * L * 4)
+                + hd2 * (2 * Q2 * esize + 2 * L2 * 4) + (hp * Q + hp2 * Q2) * 4 + c * 2 * K * 4)
+    bwd_recv = (c * 2 * K * esize + hp * (2 * Q * esize + 2 * L * 4)
+                + hp2 * (2 * Q2 * esize + 2 * L2 * 4) + (hd * Q + hd2 * Q2) * 4 + a * 2 * K * 4)
     return (fwd_sent, fwd_recv), (bwd_sent, bwd_recv)
 
 
@@ -141,9 +152,13 @@ def test_bytes_closed_form_and_balanced_work(world):
         for kind, stats in (("attention", 0), ("attention_backward", 1)):
             blocks = [r[stats][kind]["blocks"] for r in results]
             flops = [r[stats][kind]["flops"] for r in results]
-            assert sum(blocks) == (world * (world + 1) // 2 if causal else world * world)
+            # causal: P(P+1)/2 blocks, the P/2 split ones computed in two halves
+            assert sum(blocks) == (world * (world + 1) // 2 + world // 2 if causal
+                                   else world * world)
             mean = sum(flops) / world
             assert max(flops) / mean <= 1 + 1 / world, (kind, flops)
+            if causal:  # the row split balances exactly, up to the diagonal's own mask
+                assert max(flops) / min(flops) <= 1 + 1 / (shape[1] // world), (kind, flops)
 
 
 # ---------------------------------------------------------------- overlap
