@@ -15,6 +15,15 @@ from ctxscale.kernels.sliding_window import (
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: intra-op threads only add synchronization cost (and contend on shared CI)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
