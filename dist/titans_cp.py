@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
 from ctxscale.dist import comm
 
 

@@ -36,8 +36,10 @@ class TitansConfig:
     memory_hidden: int | None = None
     memory_heads: int | None = None
     memory_head_dim: int | None = None
-    # Upper bound of the data-dependent inner learning rate θ_t = max_lr · σ(·).
-    max_lr: float = 0.1
+    # Upper bound of the data-dependent inner learning rate θ_t = max_lr · σ(·). The inner
+    # gradient descent is stable while θ·2‖h‖²/(1 − η) < 2 (h: a memory layer input), so keep
+    # it small; 0.1 already diverges at init with a 32-wide memory.
+    max_lr: float = 0.02
 
     def validate(self) -> None:
         for name in ("chunk_size", "segment_len", "window", "memory_depth"):

@@ -81,9 +81,9 @@ class NeuralMemory(nn.Module):
     def reset_memory_parameters(self) -> None:
         for p in self.init_memory:
             nn.init.normal_(p, std=p.shape[1] ** -0.5)
-        # start with little forgetting (α ≈ 0.02), strong momentum (η ≈ 0.88), θ = max_lr / 2
+        # start with little forgetting (α ≈ 0.0025), strong momentum (η ≈ 0.88), θ = max_lr / 2
         bias = self.w_gates.bias.view(3, self.heads)
-        bias[0].fill_(-4.0)
+        bias[0].fill_(-6.0)
         bias[1].fill_(2.0)
         bias[2].zero_()
 

@@ -7,6 +7,7 @@ terms of size O(1), a few ulps each: <= 1e-5 relative.
 
 import pytest
 import torch
+
 from ctxscale.kernels.sliding_window import (
     sliding_window_attention,
     sliding_window_attention_reference,

@@ -7,6 +7,7 @@ loop): <= 1e-12 relative.
 
 import pytest
 import torch
+
 from ctxscale.models import build_model
 from ctxscale.models.config import ModelConfig, TitansConfig
 from ctxscale.models.titans import Titans

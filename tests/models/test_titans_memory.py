@@ -14,6 +14,7 @@ a few chained matmuls and one MLP of O(1) values per chunk, ~1e-6: <= 1e-5 relat
 import pytest
 import torch
 import torch.nn.functional as F
+
 from ctxscale.models.titans_memory import MemoryState, neural_memory, neural_memory_reference
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
