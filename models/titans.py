@@ -53,7 +53,8 @@ class BlockState(NamedTuple):
 # ------------------------------------------------------------------ neural memory layer
 class NeuralMemory(nn.Module):
     """Projections and gates around the memory: x `(b, n, dim)` -> `(b, n, dim)`.
-    q, k are l2-normalized per head; α, η, θ are per token and head (sigmoids of a linear map)."""
+    q, k are l2-normalized per head; α, η, θ are per token and head (sigmoids of a linear map,
+    θ scaled by max_lr); the retrieved y is RMS-normalized per head before the output map."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -270,6 +271,12 @@ class Titans(nn.Module):
         cfg.validate()
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (> 0) before the model is built")
+        if cfg.activation_checkpointing != "none":
+            raise ValueError(
+                "model.activation_checkpointing is not supported for model.family=titans yet "
+                "(recomputing a block would repeat its context-parallel state exchange); set "
+                "it to none"
+            )
         self.cfg = cfg
         self.parallel = parallel or SINGLE
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)

@@ -106,10 +106,15 @@ def _misaligned(rank, world):
     window = Titans(_cfg("mag", window=12), _context(world, rank))
     with pytest.raises(ValueError, match="window"):
         window.hidden_states(ids)  # needs the previous 11 keys, ranks hold 9
+    zigzag = ParallelContext(cp_group=dist.group.WORLD, cp_size=world, cp_rank=rank,
+                             cp_layout="zigzag")
+    for variant in ("mac", "mag"):
+        with pytest.raises(ValueError, match="contiguous"):
+            Titans(_cfg(variant), zigzag).hidden_states(torch.zeros(1, 18, dtype=torch.long))
     return True
 
 
-def test_cp_misaligned_segments_raise():
+def test_cp_misaligned_segments_and_wrong_layout_raise():
     assert run_distributed(_misaligned, 2) == [True, True]
 
 

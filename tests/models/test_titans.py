@@ -99,3 +99,5 @@ def test_config_errors():
         _cfg("mac", chunk_size=4, segment_len=9).validate()
     with pytest.raises(ValueError, match="window"):
         _cfg("mag", window=0).validate()
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        Titans(ModelConfig(family="titans", vocab_size=11, activation_checkpointing="full"))
