@@ -36,9 +36,9 @@ class TitansConfig:
     memory_hidden: int | None = None
     memory_heads: int | None = None
     memory_head_dim: int | None = None
-    # Upper bound of the data-dependent inner learning rate θ_t = max_lr · σ(·). The inner
-    # gradient descent is stable while θ·2‖h‖²/(1 − η) < 2 (h: a memory layer input), so keep
-    # it small; 0.1 already diverges at init with a 32-wide memory.
+    # Upper bound of the data-dependent inner learning rate θ_t = max_lr · σ(·). Small steps
+    # keep the online learning well conditioned (the memory's x + LN(·) output keeps it
+    # bounded either way).
     max_lr: float = 0.02
 
     def validate(self) -> None:

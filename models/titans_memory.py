@@ -2,8 +2,13 @@
 
 Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (2024), Section 3.
 
-Per head, the memory is an MLP M(x) = W_L · silu(… silu(W_1 · x)) (no biases; as row vectors
-z_i = h_{i−1} W_i). For every token t with key k_t, value v_t, query q_t and data-dependent gates
+Per head, the memory is an MLP with a normalized residual output (as in the paper's code and
+titans-pytorch's ResidualNorm; it keeps the inner gradient steps bounded as the weights grow):
+
+    M(x) = x + LN(z_L),   z_i = h_{i−1} W_i,  h_0 = x,  h_i = silu(z_i)   (row vectors, no biases)
+
+with LN a layer norm without affine parameters (so keys and values share one width). For every
+token t with key k_t, value v_t, query q_t and data-dependent gates
 (forgetting α_t ∈ (0,1), momentum decay η_t ∈ (0,1), learning rate θ_t > 0), the weights move by
 gradient descent with momentum on the associative loss ℓ(M; k, v) = ‖M(k) − v‖²:
 
@@ -18,7 +23,7 @@ descent, the paper's parallel training, Section 3.2). Exact equivalences:
   `neural_memory_reference` runs it literally, one token at a time, with autograd for ∇ℓ.
 - chunk_size = C: `neural_memory` is the paper's parallel form. Within a chunk every ∇ℓ uses the
   chunk-start weights, so per token u_s^i = h_{i−1,s}ᵀ δ_{i,s} (input of layer i times its
-  back-propagated error), and the two linear recurrences unroll to, with cumulative log gates
+  back-propagated error δ_i = ∂ℓ/∂z_i), and the two linear recurrences unroll to, with cumulative log gates
   Lη_t = Σ_{r≤t} log η_r, Lb_t = Σ_{r≤t} log(1 − α_r), Dη[r,s] = exp(Lη_r − Lη_s)·[r ≥ s],
   Db[t,r] = exp(Lb_t − Lb_r)·[t ≥ r]  (all entries ≤ 1, no overflow):
 
@@ -32,10 +37,10 @@ descent, the paper's parallel training, Section 3.2). Exact equivalences:
   and `neural_memory_reference(chunk_size=C)` (token loop, gradients at the chunk start) equals
   it exactly.
 
-Layout: q, k `(batch, heads, seq, dim_k)`, v `(batch, heads, seq, dim_v)`, gates `(batch, heads,
+Layout: q, k, v `(batch, heads, seq, dim)`, gates `(batch, heads,
 seq)` given as log η, log(1 − α) (both ≤ 0) and θ. The state is `MemoryState(weights,
 momentum)`, each a tuple of per-layer tensors `(batch, heads, d_{i−1}, d_i)` in float32 (float64
-for float64 inputs). Outputs `(batch, heads, seq, dim_v)`.
+for float64 inputs). Outputs `(batch, heads, seq, dim)`.
 """
 
 from __future__ import annotations
@@ -64,13 +69,31 @@ def _silu_grad(z):
     return s * (1 + z * (1 - s))
 
 
+LN_EPS = 1e-5
+
+
+def _readout(z, x):
+    """The memory's output from the last pre-activation z_L and the input x: x + LN(z_L)."""
+    return x + F.layer_norm(z, (z.shape[-1],), eps=LN_EPS)
+
+
+def _readout_backward(z, err):
+    """∂/∂z_L of ⟨err, LN(z_L)⟩: (err − mean(err) − n̂ · mean(err ⊙ n̂)) / σ, n̂ = LN(z_L)."""
+    mu = z.mean(-1, keepdim=True)
+    sigma = (z.var(-1, unbiased=False, keepdim=True) + LN_EPS).sqrt()
+    n_hat = (z - mu) / sigma
+    return (err - err.mean(-1, keepdim=True)
+            - n_hat * (err * n_hat).mean(-1, keepdim=True)) / sigma
+
+
 def mlp_apply(weights, x):
-    """M(x) with per-(batch, head) weights: x `(b, h, n, d_0)` -> `(b, h, n, d_L)`."""
+    """M(x) with per-(batch, head) weights: x `(b, h, n, d)` -> `(b, h, n, d)`."""
+    h = x
     for i, w in enumerate(weights):
-        x = x @ w
+        h = h @ w
         if i < len(weights) - 1:
-            x = F.silu(x)
-    return x
+            h = F.silu(h)
+    return _readout(h, x)
 
 
 def retrieve(state: MemoryState, q):
@@ -88,7 +111,7 @@ def _associative_grads(weights, k, v):
         z = x @ w
         pre.append(z)
         x = F.silu(z) if i < len(weights) - 1 else z
-    delta = 2 * (x - v)
+    delta = _readout_backward(pre[-1], 2 * (_readout(pre[-1], k) - v))
     deltas = [None] * len(weights)
     for i in range(len(weights) - 1, -1, -1):
         deltas[i] = delta
@@ -106,7 +129,7 @@ def _decay_matrix(cum):
 
 
 def memory_chunk(state: MemoryState, q, k, v, log_eta, log_keep, theta):
-    """One chunk of the parallel form (module docstring). Returns (y `(b, h, C, d_v)`, state)."""
+    """One chunk of the parallel form (module docstring). Returns (y `(b, h, C, d)`, state)."""
     w0, s0 = state.weights, state.momentum
     cum_eta, cum_keep = log_eta.cumsum(-1), log_keep.cumsum(-1)
     d_eta, d_keep = _decay_matrix(cum_eta), _decay_matrix(cum_keep)
@@ -120,7 +143,7 @@ def memory_chunk(state: MemoryState, q, k, v, log_eta, log_keep, theta):
     for i in range(n_layers):
         z = (beta.unsqueeze(-1) * (x @ w0[i]) + g.unsqueeze(-1) * (x @ s0[i])
              - (a * (x @ inputs[i].transpose(-1, -2))) @ deltas[i])
-        x = F.silu(z) if i < n_layers - 1 else z
+        x = F.silu(z) if i < n_layers - 1 else _readout(z, q)
     last_a = a[..., -1, :].unsqueeze(-1)  # (b, h, C, 1)
     last_m = (d_eta[..., -1, :] * theta).unsqueeze(-1)
     new_w, new_s = [], []
@@ -136,9 +159,10 @@ def _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size):
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     b, h, n, _ = q.shape
-    if k.shape[:3] != (b, h, n) or v.shape[:3] != (b, h, n):
-        raise ValueError(f"q, k, v must share (batch, heads, seq); got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must have one shape (batch, heads, seq, dim) (the memory's "
+                         f"output is x + LN(·)); got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
     for name, gate in (("log_eta", log_eta), ("log_keep", log_keep), ("theta", theta)):
         if gate.shape != (b, h, n):
             raise ValueError(f"{name} has shape {tuple(gate.shape)}; expected {(b, h, n)}")
@@ -148,7 +172,7 @@ def _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size):
 
 
 def neural_memory(state: MemoryState, q, k, v, log_eta, log_keep, theta, *, chunk_size: int):
-    """Chunked (parallel) memory over a sequence; returns (y `(b, h, n, d_v)`, final state).
+    """Chunked (parallel) memory over a sequence; returns (y `(b, h, n, d)`, final state).
     A trailing partial chunk is allowed; splitting a sequence at multiples of `chunk_size` and
     carrying the state gives the same result as one call."""
     _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size)

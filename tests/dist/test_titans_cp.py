@@ -1,11 +1,14 @@
 """Context-parallel Titans (memory state passed rank to rank, window halo) against one process.
 
 Oracle pattern: every rank builds the same model and global tokens, runs the single-process
-float64 model on the full sequence, then a float32 copy on its contiguous shard under a
-`ParallelContext` over the pool, and compares its local hidden states and the parameter
-gradients (summed over the ranks, which is what data-parallel reduction over dp × cp does).
-Tolerance: float32 exact algorithm vs the float64 oracle, <= 1e-5 relative to each tensor's
-largest entry (see tests/kernels/test_linear_attention.py); float64 under cp <= 1e-10.
+model on the full sequence (float64, and in the tested precision), then a copy on its contiguous
+shard under a `ParallelContext` over the pool, and compares its local hidden states and the
+parameter gradients (summed over the ranks, which is what data-parallel reduction over dp × cp
+does). Tolerances, relative to each tensor's largest entry: against cp=1 in the same precision
+<= 1e-5 in float32 (the same operations, rank by rank: only the gradient sums over ranks are
+reassociated) and <= 1e-10 in float64; against the float64 oracle, max(1e-5, twice the
+single-process float32 model's own error) — the memory's online learning amplifies rounding, so
+float32 cp=1 itself sits near 1e-5 of float64 for some gradients.
 Training: 5 steps of `train()` at cp=2 give the cp=1 losses within 1e-5 (float32, the same
 batches, reductions in a different order).
 """
@@ -46,6 +49,12 @@ def _context(world, rank):
     return ParallelContext(cp_group=dist.group.WORLD, cp_size=world, cp_rank=rank)
 
 
+def _full_run(model, ids, w):
+    h = model.hidden_states(ids)
+    (h * w.to(h.dtype)).sum().backward()
+    return h.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
 def _cp_matches_single(rank, world, variant, dtype):
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -53,8 +62,11 @@ def _cp_matches_single(rank, world, variant, dtype):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 37, (2, N), generator=g)
     w = torch.randn(2, N, 48, generator=g, dtype=torch.float64)
-    h = ref.hidden_states(ids)
-    (h * w).sum().backward()
+    single = Titans(_cfg(variant))
+    single.load_state_dict(ref.state_dict())
+    single.to(dtype)
+    h_ref, grads_ref = _full_run(ref, ids, w)  # float64 oracle
+    h_one, grads_one = _full_run(single, ids, w)  # the same precision in one process (cp=1)
 
     model = Titans(_cfg(variant), _context(world, rank))
     model.load_state_dict(ref.state_dict())
@@ -65,17 +77,23 @@ def _cp_matches_single(rank, world, variant, dtype):
         h_local = model.hidden_states(ids[:, mine])
         (h_local * w[:, mine].to(dtype)).sum().backward()
         stats = comm.comm_stats()
-    errors = {"out": _rel(h_local, h[:, mine])}
-    ref_grads = dict(ref.named_parameters())
+    vs_one = {"out": _rel(h_local, h_one[:, mine])}
+    vs_ref = {"out": _rel(h_local, h_ref[:, mine])}
+    floor = _rel(h_one, h_ref)
     for name, p in model.named_parameters():
-        if ref_grads[name].grad is None:  # the output head is not on the hidden-state path
+        if grads_ref[name] is None:  # the output head is not on the hidden-state path
             assert p.grad is None, name
             continue
         grad = p.grad.double()
         dist.all_reduce(grad)
-        errors[name] = _rel(grad, ref_grads[name].grad)
-    bad = {k: e for k, e in errors.items() if not e <= TOL[dtype]}
-    assert not bad, f"{variant} {dtype} cp={world} rank {rank}: {bad}"
+        vs_one[name] = _rel(grad, grads_one[name])
+        vs_ref[name] = _rel(grad, grads_ref[name])
+        floor = max(floor, _rel(grads_one[name], grads_ref[name]))
+    bad = {k: e for k, e in vs_one.items() if not e <= TOL[dtype]}
+    assert not bad, f"{variant} {dtype} cp={world} rank {rank} vs cp=1: {bad}"
+    tol_ref = max(TOL[dtype], 2 * floor)
+    bad = {k: e for k, e in vs_ref.items() if not e <= tol_ref}
+    assert not bad, f"{variant} {dtype} cp={world} rank {rank} vs float64 (tol {tol_ref}): {bad}"
     return stats
 
 

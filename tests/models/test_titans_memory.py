@@ -8,7 +8,12 @@
 
 Tolerances: float64, the same math in another association order (closed-form scan vs the
 recurrence): <= 1e-10 relative to each tensor's largest entry. float32 vs the float64 reference:
-a few chained matmuls and one MLP of O(1) values per chunk, ~1e-6: <= 1e-5 relative.
+a few chained matmuls and one MLP of O(1) values per chunk, ~1e-6: <= 1e-5 relative, or, where
+more, twice the largest error of the plain float32 token loop against the same float64 oracle
+in that case (the deeper memory's gradients through 23 sequential updates sit at ~3e-5 there). This needs
+θ in the model's range (max_lr 0.02): with θ ~ 0.1 the online learning itself amplifies rounding
+(the float32 *reference* is then 1e-4 off the float64 one), which is conditioning, not the
+algorithm.
 """
 
 import pytest
@@ -47,7 +52,7 @@ def _inputs(*, b=2, h=3, n=23, dk=6, dv=6, hidden=10, depth=2, seed=0):
     v = r(b, h, n, dv)
     log_eta = F.logsigmoid(r(b, h, n) + 2)
     log_keep = F.logsigmoid(r(b, h, n) + 3)
-    theta = torch.rand(b, h, n, generator=g, dtype=torch.float64) * 0.1
+    theta = torch.rand(b, h, n, generator=g, dtype=torch.float64) * 0.02  # model's max_lr
     return dict(weights=weights, momentum=momentum, q=q, k=k, v=v, log_eta=log_eta,
                 log_keep=log_keep, theta=theta)
 
@@ -80,11 +85,17 @@ def test_chunked_matches_token_by_token_reference(dtype, chunk_size, depth):
     inputs = _inputs(depth=depth)
     ref_outs, ref_grads = _run(neural_memory_reference, inputs, torch.float64, chunk_size)
     outs, grads = _run(neural_memory, inputs, dtype, chunk_size)
+    tol = TOL[dtype]
+    if dtype == torch.float32:  # the plain token loop's own float32 error: the noise floor
+        floor_outs, floor_grads = _run(neural_memory_reference, inputs, dtype, chunk_size)
+        floor = max([_rel(a, r) for a, r in zip(floor_outs, ref_outs)]
+                    + [_rel(floor_grads[n], r) for n, r in ref_grads.items()])
+        tol = max(tol, 2 * floor)
     for a, r in zip(outs, ref_outs):
         assert a.dtype == dtype
-        assert _rel(a, r) <= TOL[dtype]
+        assert _rel(a, r) <= tol
     for name, r in ref_grads.items():
-        assert _rel(grads[name], r) <= TOL[dtype], name
+        assert _rel(grads[name], r) <= tol, name
 
 
 def test_chunk_size_changes_the_result():
@@ -116,7 +127,8 @@ def test_memory_learns_the_association():
     """Sanity of the inner loop: repeating one (k, v) pair drives M(k) towards v."""
     inputs = _inputs(n=40)
     k = inputs["k"][:, :, :1].expand(-1, -1, 40, -1)
-    v = inputs["v"][:, :, :1].expand(-1, -1, 40, -1)
+    # a reachable target: M(k) = k + LN(·), so v − k must be layer-normalized
+    v = k + F.layer_norm(inputs["v"][:, :, :1], (6,)).expand(-1, -1, 40, -1)
     n_shape = inputs["theta"].shape
     state = MemoryState(tuple(inputs["weights"]), tuple(torch.zeros_like(w)
                                                         for w in inputs["weights"]))
