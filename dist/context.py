@@ -48,5 +48,42 @@ class ParallelContext:
                                self.cp_layout, device=device)
         return pos.unsqueeze(0).expand(batch, -1)
 
+    # ------------------------------------------------ recurrent-state passing (Titans memory)
+    def recv_state(self, state: list[torch.Tensor]) -> list[torch.Tensor]:
+        """This rank's initial recurrent state: `state` on cp rank 0 (or without cp), else the
+        previous cp rank's final state (see dist/titans_cp.py). Pair with `send_state`."""
+        if not self.cp_enabled:
+            return list(state)
+        self._require_contiguous("state passing")
+        from ctxscale.dist.titans_cp import recv_state
+
+        return recv_state(state, group=self.cp_group)
+
+    def send_state(self, y: torch.Tensor, state: list[torch.Tensor]) -> torch.Tensor:
+        """Send this rank's final recurrent state to the next cp rank; returns `y` unchanged
+        (it carries the backward exchange, so use the returned tensor)."""
+        if not self.cp_enabled:
+            return y
+        from ctxscale.dist.titans_cp import send_state
+
+        return send_state(y, state, group=self.cp_group)
+
+    def with_halo(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """`x` `(batch, seq_local, ...)` with the previous cp rank's last `n` tokens prepended
+        (unchanged on cp rank 0 and without cp): the keys a sliding window needs."""
+        if not self.cp_enabled or n == 0:
+            return x
+        self._require_contiguous("the sliding-window halo exchange")
+        from ctxscale.dist.titans_cp import with_halo
+
+        return with_halo(x, n, group=self.cp_group)
+
+    def _require_contiguous(self, what: str) -> None:
+        if self.cp_layout != "contiguous":
+            raise ValueError(
+                f"{what} needs parallel.cp_layout=contiguous (got {self.cp_layout!r}): each "
+                "rank must hold one contiguous piece of the sequence"
+            )
+
 
 SINGLE = ParallelContext()

@@ -43,3 +43,9 @@ __all__ += [
     "selective_scan_chunked",
     "selective_scan_reference",
 ]
+from ctxscale.kernels.sliding_window import (  # noqa: E402
+    sliding_window_attention,
+    sliding_window_attention_reference,
+)
+
+__all__ += ["sliding_window_attention", "sliding_window_attention_reference"]

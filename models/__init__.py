@@ -11,6 +11,10 @@ def build_model(cfg: ModelConfig, parallel=None):
         from ctxscale.models.transformer import Transformer
 
         return Transformer(cfg, parallel)
+    if cfg.family == "titans":
+        from ctxscale.models.titans import Titans
+
+        return Titans(cfg, parallel)
     raise ValueError(f"model.family {cfg.family!r} is not a known model family")
 
 

@@ -8,12 +8,60 @@ from typing import Literal
 from ctxscale.kernels.rotary import RopeScaling
 
 MODEL_FAMILIES = ("transformer",)
+MODEL_FAMILIES += ("titans",)
+
+
+@dataclass
+class TitansConfig:
+    """Titans (Behrouz, Zhong, Mirrokni 2024): the `model.titans:` section, read when
+    `model.family: titans`. Attention heads and widths come from the main model fields."""
+
+    # mac: memory as context (segments; memory read + persistent tokens prepended; attention
+    # within the segment; then the memory learns from the attention output).
+    # mag: memory as gate (sliding-window attention ⊙ σ(memory)); mal: memory as layer
+    # (memory layer, then sliding-window attention).
+    variant: Literal["mac", "mag", "mal"] = "mac"
+    # Memory mini-batch: gradients within a chunk are taken at the chunk-start weights
+    # (1 = sequential token-by-token learning). Must divide segment_len (mac).
+    chunk_size: int = 16
+    # Segment length of memory-as-context (attention is within a segment).
+    segment_len: int = 32
+    # Learnable persistent-memory tokens (attention keys every query sees).
+    persistent_tokens: int = 4
+    # Sliding-window length of mag / mal attention (keys per query, itself included).
+    window: int = 32
+    # Memory MLP: number of layers (>= 2 for a deep memory), hidden width (None: 2 · head
+    # width), heads (None: num_heads) and per-head key/value width (None: the head dim).
+    memory_depth: int = 2
+    memory_hidden: int | None = None
+    memory_heads: int | None = None
+    memory_head_dim: int | None = None
+    # Upper bound of the data-dependent inner learning rate θ_t = max_lr · σ(·). Small steps
+    # keep the online learning well conditioned (the memory's x + LN(·) output keeps it
+    # bounded either way).
+    max_lr: float = 0.02
+
+    def validate(self) -> None:
+        for name in ("chunk_size", "segment_len", "window", "memory_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.titans.{name} must be >= 1, got {getattr(self, name)}")
+        if self.persistent_tokens < 0:
+            raise ValueError("model.titans.persistent_tokens must be >= 0")
+        if self.variant == "mac" and self.segment_len % self.chunk_size:
+            raise ValueError(
+                f"model.titans.chunk_size={self.chunk_size} must divide "
+                f"model.titans.segment_len={self.segment_len} (memory chunks may not straddle "
+                "segments); change one of them"
+            )
+        if self.max_lr <= 0:
+            raise ValueError("model.titans.max_lr must be > 0")
 
 
 @dataclass
 class ModelConfig:
-    # Which model to build. `transformer` is the Llama-family decoder.
-    family: Literal["transformer"] = "transformer"
+    # Which model to build. `transformer` is the Llama-family decoder; `titans` is Titans
+    # (neural long-term memory, variants in `model.titans`).
+    family: Literal["transformer", "titans"] = "transformer"
     # Vocabulary size; 0 means "take it from the data source" (tokenizer or synthetic task).
     vocab_size: int = 0
     # Width of the residual stream.
@@ -44,6 +92,8 @@ class ModelConfig:
     init_std: float = 0.02
     # Longest sequence the model is meant for (checked against data.seq_len).
     max_seq_len: int = 131072
+    # Titans settings (used when family is titans).
+    titans: TitansConfig = field(default_factory=TitansConfig)
 
     @property
     def kv_heads(self) -> int:
@@ -80,3 +130,5 @@ class ModelConfig:
         if self.per_head_dim % 2:
             raise ValueError(f"head dim {self.per_head_dim} must be even for RoPE")
         self.rope_scaling.validate()
+        if self.family == "titans":
+            self.titans.validate()

@@ -1,0 +1,371 @@
+"""Titans language model: attention plus a neural long-term memory that learns at test time.
+
+Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (2024), Section 4. The
+memory itself (an MLP trained online by gradient descent with momentum and forgetting) is in
+`models/titans_memory.py`; this file wires it into three block variants (`model.titans.variant`),
+each followed by a SwiGLU MLP, in a Llama-style decoder (RMSNorm, RoPE, tied or untied output):
+
+- mac, memory as context: the sequence is cut into segments of `segment_len`. For segment S:
+      h = M_{prev}(q(S))                     read the memory as it was before the segment
+      y = Attn([P | h | S])                   persistent tokens P, memory tokens h, the segment;
+                                              query i sees all of P and h_j, S_j for j ≤ i
+      M ← update(M, y);  o = y ⊙ σ(M(y))      the memory learns from the attention output
+- mag, memory as gate: o = SWA([P] ; x) ⊙ σ(M(x)), sliding-window attention (window
+  `window`, persistent tokens as always-visible keys) gated by the memory branch.
+- mal, memory as layer: x ← x + M(x), then x ← x + SWA([P] ; x).
+
+Every block has `forward(x, cos, sin, state=None) -> (x, state)`: the state (memory weights and
+momentum, and for mag / mal the last window − 1 keys/values) lets a sequence run in pieces with
+the same result as one pass (pieces must be multiples of `segment_len` for mac and of
+`chunk_size` for mag / mal, the last piece excepted). Context parallelism needs no other code
+here: the model's `ParallelContext` passes the memory state between ranks in order
+(`recv_state` / `send_state`) and supplies the previous rank's keys to the window
+(`with_halo`); see `dist/titans_cp.py` for the algorithm and its cost.
+
+Activations are `(batch, seq, dim)`; attention `(batch, seq, heads, head_dim)`; memory
+`(batch, memory_heads, seq, memory_head_dim)`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ctxscale.dist.context import SINGLE, ParallelContext
+from ctxscale.kernels.cross_entropy import chunked_cross_entropy
+from ctxscale.kernels.norm import RMSNorm
+from ctxscale.kernels.rotary import apply_rotary, rope_cos_sin, rope_inv_freq
+from ctxscale.kernels.sliding_window import sliding_window_attention
+from ctxscale.models.config import ModelConfig
+from ctxscale.models.titans_memory import MemoryState, neural_memory, retrieve
+from ctxscale.models.transformer import FeedForward
+
+
+class BlockState(NamedTuple):
+    memory: MemoryState
+    kv: tuple[torch.Tensor, torch.Tensor] | None = None  # last window−1 keys/values (mag, mal)
+
+
+# ------------------------------------------------------------------ neural memory layer
+class NeuralMemory(nn.Module):
+    """Projections and gates around the memory: x `(b, n, dim)` -> `(b, n, dim)`.
+    q, k are l2-normalized per head; α, η, θ are per token and head (sigmoids of a linear map,
+    θ scaled by max_lr); the retrieved y is RMS-normalized per head before the output map."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        t = cfg.titans
+        self.heads = t.memory_heads or cfg.num_heads
+        self.head_dim = t.memory_head_dim or cfg.per_head_dim
+        hidden = t.memory_hidden or 2 * self.head_dim
+        self.layer_dims = [self.head_dim] + [hidden] * (t.memory_depth - 1) + [self.head_dim]
+        self.chunk_size = t.chunk_size
+        self.max_lr = t.max_lr
+        width = self.heads * self.head_dim
+        self.wq = nn.Linear(cfg.dim, width, bias=False)
+        self.wk = nn.Linear(cfg.dim, width, bias=False)
+        self.wv = nn.Linear(cfg.dim, width, bias=False)
+        self.w_gates = nn.Linear(cfg.dim, 3 * self.heads, bias=True)
+        self.wo = nn.Linear(width, cfg.dim, bias=False)
+        # M_0: the memory's initial weights, learned by the outer loop (per head)
+        self.init_memory = nn.ParameterList(
+            nn.Parameter(torch.empty(self.heads, a, b))
+            for a, b in zip(self.layer_dims[:-1], self.layer_dims[1:])
+        )
+        self.reset_memory_parameters()
+
+    @torch.no_grad()
+    def reset_memory_parameters(self) -> None:
+        for p in self.init_memory:
+            nn.init.normal_(p, std=p.shape[1] ** -0.5)
+        # start with little forgetting (α ≈ 0.0025), strong momentum (η ≈ 0.88), θ = max_lr / 2
+        bias = self.w_gates.bias.view(3, self.heads)
+        bias[0].fill_(-6.0)
+        bias[1].fill_(2.0)
+        bias[2].zero_()
+
+    def initial_state(self, batch: int) -> MemoryState:
+        dtype = torch.float64 if self.init_memory[0].dtype == torch.float64 else torch.float32
+        w = tuple(p.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1) for p in self.init_memory)
+        return MemoryState(w, tuple(torch.zeros_like(x) for x in w))
+
+    def _split(self, t):
+        b, n, _ = t.shape
+        return t.view(b, n, self.heads, self.head_dim).transpose(1, 2)
+
+    def _merge(self, y, like):
+        b, h, n, d = y.shape
+        y = F.rms_norm(y, (d,), eps=1e-6)
+        return self.wo(y.transpose(1, 2).reshape(b, n, h * d).to(like.dtype))
+
+    def read(self, x, state: MemoryState):
+        """M(q(x)) with the memory held fixed: `(b, n, dim)`."""
+        q = F.normalize(self._split(self.wq(x)), dim=-1)
+        return self._merge(retrieve(state, q), x)
+
+    def forward(self, x, state: MemoryState | None = None):
+        """Learn from every token of x (chunked), reading y_t = M_t(q_t) after each update.
+        Returns ((b, n, dim), final MemoryState)."""
+        if state is None:
+            state = self.initial_state(x.shape[0])
+        q = F.normalize(self._split(self.wq(x)), dim=-1)
+        k = F.normalize(self._split(self.wk(x)), dim=-1)
+        v = self._split(self.wv(x))
+        gates = self.w_gates(x).to(state.weights[0].dtype).transpose(1, 2)
+        a_raw, e_raw, t_raw = gates.chunk(3, dim=1)  # (b, h, n) each
+        log_keep = F.logsigmoid(-a_raw)  # log(1 − α), α = σ(a)
+        log_eta = F.logsigmoid(e_raw)
+        theta = self.max_lr * torch.sigmoid(t_raw)
+        y, state = neural_memory(state, q, k, v, log_eta, log_keep, theta,
+                                 chunk_size=self.chunk_size)
+        return self._merge(y, x), state
+
+
+# ------------------------------------------------------------------ attention
+class _Projections(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hd = cfg.per_head_dim
+        self.head_dim = hd
+        self.wq = nn.Linear(cfg.dim, cfg.num_heads * hd, bias=cfg.attention_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * hd, bias=cfg.attention_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * hd, bias=cfg.attention_bias)
+        self.wo = nn.Linear(cfg.num_heads * hd, cfg.dim, bias=False)
+        n_p = cfg.titans.persistent_tokens
+        self.persistent = nn.Parameter(torch.empty(n_p, cfg.dim)) if n_p else None
+
+    def split(self, t):
+        b, s, _ = t.shape
+        return t.view(b, s, -1, self.head_dim)
+
+    def persistent_kv(self):
+        if self.persistent is None:
+            return None, None
+        p = self.persistent.unsqueeze(0)
+        return self.split(self.wk(p)), self.split(self.wv(p))
+
+
+class WindowAttention(_Projections):
+    """Sliding-window attention with persistent tokens as always-visible keys (mag, mal)."""
+
+    def __init__(self, cfg: ModelConfig, parallel: ParallelContext):
+        super().__init__(cfg)
+        self.window = cfg.titans.window
+        self.parallel = parallel
+
+    def forward(self, x, cos, sin, cache=None):
+        q = apply_rotary(self.split(self.wq(x)), cos, sin)
+        k = apply_rotary(self.split(self.wk(x)), cos, sin)
+        v = self.split(self.wv(x))
+        n_halo = self.window - 1
+        k, v = self.parallel.with_halo(k, n_halo), self.parallel.with_halo(v, n_halo)
+        if cache is not None and self.parallel.cp_rank == 0:
+            k, v = torch.cat([cache[0], k], 1), torch.cat([cache[1], v], 1)
+        pk, pv = self.persistent_kv()
+        o = sliding_window_attention(q, k, v, window=self.window, prefix_k=pk, prefix_v=pv)
+        keep = min(n_halo, k.shape[1])
+        new_cache = (k[:, k.shape[1] - keep :], v[:, v.shape[1] - keep :])
+        return self.wo(o.flatten(2)), new_cache
+
+
+class SegmentAttention(_Projections):
+    """Attention within one segment over [persistent | memory tokens | segment] (mac)."""
+
+    def forward(self, x, mem, cos, sin):
+        b, n, _ = x.shape
+        q = apply_rotary(self.split(self.wq(x)), cos, sin)
+        k = torch.cat([apply_rotary(self.split(self.wk(mem)), cos, sin),
+                       apply_rotary(self.split(self.wk(x)), cos, sin)], 1)
+        v = torch.cat([self.split(self.wv(mem)), self.split(self.wv(x))], 1)
+        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        allowed = torch.cat([causal, causal], 1)
+        pk, pv = self.persistent_kv()
+        if pk is not None:
+            k = torch.cat([pk.expand(b, -1, -1, -1), k], 1)
+            v = torch.cat([pv.expand(b, -1, -1, -1), v], 1)
+            allowed = torch.cat([allowed.new_ones(n, pk.shape[1]), allowed], 1)
+        heads = q.shape[2]
+        k = k.repeat_interleave(heads // k.shape[2], dim=2)
+        v = v.repeat_interleave(heads // v.shape[2], dim=2)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.head_dim**-0.5
+        scores = scores.float().masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)
+        o = torch.einsum("bhqk,bkhd->bqhd", scores, v)
+        return self.wo(o.flatten(2))
+
+
+# ------------------------------------------------------------------ blocks
+class TitansBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelContext):
+        super().__init__()
+        t = cfg.titans
+        self.variant = t.variant
+        self.segment_len = t.segment_len
+        self.chunk_size = t.chunk_size
+        self.parallel = parallel
+        self.memory_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.memory = NeuralMemory(cfg)
+        if self.variant == "mac":
+            self.attention = SegmentAttention(cfg)
+        else:
+            self.attention = WindowAttention(cfg, parallel)
+        if self.variant == "mal":
+            self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def _check_shard(self, n):
+        if not self.parallel.cp_enabled:
+            return
+        unit, name = ((self.segment_len, "model.titans.segment_len") if self.variant == "mac"
+                      else (self.chunk_size, "model.titans.chunk_size"))
+        if n % unit:
+            raise ValueError(
+                f"each context-parallel rank holds {n} tokens, not a multiple of {name}={unit}: "
+                "memory segments/chunks would straddle the shard boundary. Choose data.seq_len "
+                f"divisible by parallel.cp × {unit}"
+            )
+
+    def _memory_state(self, state, batch):
+        mem = state.memory if state is not None else self.memory.initial_state(batch)
+        return MemoryState.from_tensors(self.parallel.recv_state(mem.tensors()))
+
+    def forward(self, x, cos, sin, state: BlockState | None = None):
+        b, n, _ = x.shape
+        self._check_shard(n)
+        kv = state.kv if state is not None else None
+        if self.variant == "mac":
+            xn = self.memory_norm(x)
+            mem = self._memory_state(state, b)
+            outs = []
+            for s in range(0, n, self.segment_len):
+                e = s + self.segment_len
+                xs, cs, ss = xn[:, s:e], cos[:, s:e], sin[:, s:e]
+                y = self.attention(xs, self.memory.read(xs, mem), cs, ss)
+                m, mem = self.memory(y, mem)
+                outs.append(y * torch.sigmoid(m))
+            h = x + self.parallel.send_state(torch.cat(outs, 1), mem.tensors())
+        elif self.variant == "mag":
+            xn = self.memory_norm(x)
+            a, kv = self.attention(xn, cos, sin, kv)  # halo exchange first, then the memory chain
+            mem = self._memory_state(state, b)
+            m, mem = self.memory(xn, mem)
+            h = x + self.parallel.send_state(a * torch.sigmoid(m), mem.tensors())
+        else:  # mal
+            mem = self._memory_state(state, b)
+            m, mem = self.memory(self.memory_norm(x), mem)
+            h = x + self.parallel.send_state(m, mem.tensors())
+            a, kv = self.attention(self.attention_norm(h), cos, sin, kv)
+            h = h + a
+        h = h + self.feed_forward(self.ffn_norm(h))
+        return h, BlockState(mem, kv)
+
+
+# ------------------------------------------------------------------ model
+class Titans(nn.Module):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelContext | None = None):
+        super().__init__()
+        cfg.validate()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (> 0) before the model is built")
+        if cfg.activation_checkpointing != "none":
+            raise ValueError(
+                "model.activation_checkpointing is not supported for model.family=titans yet "
+                "(recomputing a block would repeat its context-parallel state exchange); set "
+                "it to none"
+            )
+        self.cfg = cfg
+        self.parallel = parallel or SINGLE
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict(
+            {str(i): TitansBlock(cfg, self.parallel) for i in range(cfg.num_layers)}
+        )
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        inv_freq, self.rope_attention_scaling = rope_inv_freq(
+            cfg.per_head_dim, cfg.rope_base, cfg.rope_scaling
+        )
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        """(Re)initialize every parameter and buffer; also after `to_empty()` from meta."""
+        cfg = self.cfg
+        if self.rope_inv_freq.is_meta or buffer_device is not None:
+            inv_freq, _ = rope_inv_freq(cfg.per_head_dim, cfg.rope_base, cfg.rope_scaling)
+            self.rope_inv_freq = inv_freq.to(buffer_device or self.rope_inv_freq.device)
+        residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = residual_std if name.endswith(("wo", "w2")) else cfg.init_std
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=cfg.init_std)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+        for module in self.modules():
+            if isinstance(module, NeuralMemory):
+                module.reset_memory_parameters()
+            elif isinstance(module, _Projections) and module.persistent is not None:
+                nn.init.normal_(module.persistent, std=1.0)
+
+    def rope(self, position_ids: torch.Tensor):
+        return rope_cos_sin(position_ids, self.rope_inv_freq, self.rope_attention_scaling)
+
+    def hidden_states(self, input_ids, position_ids=None, *, state=None, return_state=False):
+        """Final-norm hidden states `(batch, seq, dim)`. `state` (a list with one BlockState per
+        layer, from an earlier call with `return_state=True`) continues a sequence; then pass
+        the continuing `position_ids` too."""
+        h = self.tok_embeddings(input_ids) if self.tok_embeddings is not None else input_ids
+        b, s = h.shape[:2]
+        if position_ids is None:
+            position_ids = self.parallel.position_ids(b, s, device=h.device)
+        cos, sin = self.rope(position_ids)
+        new_state = []
+        for i, layer in enumerate(self.layers.values()):
+            h, st = layer(h, cos, sin, None if state is None else state[i])
+            new_state.append(st)
+        h = self.norm(h) if self.norm is not None else h
+        return (h, new_state) if return_state else h
+
+    def forward(self, input_ids, *, labels=None, position_ids=None, loss_reduction="mean",
+                labelled_logits=False):
+        """As `Transformer.forward`: logits, or the chunked cross-entropy with `labels`."""
+        h = self.hidden_states(input_ids, position_ids)
+        if self.output is None:
+            return h
+        if labels is None:
+            return self.output(h)
+        if labelled_logits:
+            return self.output(h[labels != -100])
+        return chunked_cross_entropy(
+            h.flatten(0, 1), self.output.weight, labels.flatten(), reduction=loss_reduction
+        )
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings and self.tok_embeddings is not None:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Estimate: 6·params, plus attention over the keys a query sees (segment or window,
+        persistent tokens), plus the memory's inner loop (3 MLP passes: the key pass and its
+        backward for ∇ℓ, the query pass; and the C×C chunk products), ×3 for training."""
+        cfg, t = self.cfg, self.cfg.titans
+        n_p = t.persistent_tokens
+        keys = (t.segment_len + n_p) if t.variant == "mac" else (min(t.window, seq_len) + n_p)
+        attn = 12 * cfg.num_layers * cfg.num_heads * cfg.per_head_dim * keys / 2
+        mem = next(iter(self.layers.values())).memory
+        mlp = sum(a * b for a, b in zip(mem.layer_dims[:-1], mem.layer_dims[1:]))
+        reads = 2 if t.variant == "mac" else 1
+        inner = mem.heads * (3 * 2 * mlp * (reads + 1) + 4 * t.chunk_size * sum(mem.layer_dims))
+        return 6 * self.num_params(exclude_embeddings=True) + attn + 3 * cfg.num_layers * inner

@@ -1,0 +1,219 @@
+"""Titans' neural long-term memory: an MLP whose weights learn at test time.
+
+Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (2024), Section 3.
+
+Per head, the memory is an MLP with a normalized residual output (as in the paper's code and
+titans-pytorch's ResidualNorm; it keeps the inner gradient steps bounded as the weights grow):
+
+    M(x) = x + LN(z_L),   z_i = h_{i−1} W_i,  h_0 = x,  h_i = silu(z_i)   (row vectors, no biases)
+
+with LN a layer norm without affine parameters (so keys and values share one width). For every
+token t with key k_t, value v_t, query q_t and data-dependent gates
+(forgetting α_t ∈ (0,1), momentum decay η_t ∈ (0,1), learning rate θ_t > 0), the weights move by
+gradient descent with momentum on the associative loss ℓ(M; k, v) = ‖M(k) − v‖²:
+
+    S_t = η_t S_{t−1} − θ_t ∇ℓ(M_{t'}; k_t, v_t)          (momentum: the "surprise")
+    M_t = (1 − α_t) M_{t−1} + S_t                           (forgetting gate)
+    y_t = M_t(q_t)                                          (retrieval, after the update)
+
+and M_{t'} is the memory at the start of t's chunk of `chunk_size` tokens (mini-batch gradient
+descent, the paper's parallel training, Section 3.2). Exact equivalences:
+
+- chunk_size = 1: t' = t − 1, so this is plain sequential (token-by-token) online learning;
+  `neural_memory_reference` runs it literally, one token at a time, with autograd for ∇ℓ.
+- chunk_size = C: `neural_memory` is the paper's parallel form. Within a chunk every ∇ℓ uses the
+  chunk-start weights, so per token u_s^i = h_{i−1,s}ᵀ δ_{i,s} (input of layer i times its
+  back-propagated error δ_i = ∂ℓ/∂z_i), and the two linear recurrences unroll to, with cumulative log gates
+  Lη_t = Σ_{r≤t} log η_r, Lb_t = Σ_{r≤t} log(1 − α_r), Dη[r,s] = exp(Lη_r − Lη_s)·[r ≥ s],
+  Db[t,r] = exp(Lb_t − Lb_r)·[t ≥ r]  (all entries ≤ 1, no overflow):
+
+      M_t = exp(Lb_t) M_0 + g_t S_0 − Σ_{s≤t} K[t,s] θ_s u_s,   K = Db·Dη,  g = Db·exp(Lη)
+      S_t = exp(Lη_t) S_0 − Σ_{s≤t} Dη[t,s] θ_s u_s
+
+  (the scan over the chunk in closed form: C×C matmuls). Retrieval never materializes the
+  per-token weights: for the input x_t of layer i,
+      x_t M_t^i = exp(Lb_t)·x_t W_0^i + g_t·x_t S_0^i − Σ_s K[t,s] θ_s (x_t·h_{i−1,s}) δ_{i,s},
+  an attention-like (C×C) product. The memory (weights and momentum) is carried across chunks,
+  and `neural_memory_reference(chunk_size=C)` (token loop, gradients at the chunk start) equals
+  it exactly.
+
+Layout: q, k, v `(batch, heads, seq, dim)`, gates `(batch, heads,
+seq)` given as log η, log(1 − α) (both ≤ 0) and θ. The state is `MemoryState(weights,
+momentum)`, each a tuple of per-layer tensors `(batch, heads, d_{i−1}, d_i)` in float32 (float64
+for float64 inputs). Outputs `(batch, heads, seq, dim)`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class MemoryState(NamedTuple):
+    weights: tuple[torch.Tensor, ...]
+    momentum: tuple[torch.Tensor, ...]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.weights, *self.momentum]
+
+    @classmethod
+    def from_tensors(cls, tensors) -> MemoryState:
+        n = len(tensors) // 2
+        return cls(tuple(tensors[:n]), tuple(tensors[n:]))
+
+
+def _silu_grad(z):
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+LN_EPS = 1e-5
+
+
+def _readout(z, x):
+    """The memory's output from the last pre-activation z_L and the input x: x + LN(z_L)."""
+    return x + F.layer_norm(z, (z.shape[-1],), eps=LN_EPS)
+
+
+def _readout_backward(z, err):
+    """∂/∂z_L of ⟨err, LN(z_L)⟩: (err − mean(err) − n̂ · mean(err ⊙ n̂)) / σ, n̂ = LN(z_L)."""
+    mu = z.mean(-1, keepdim=True)
+    sigma = (z.var(-1, unbiased=False, keepdim=True) + LN_EPS).sqrt()
+    n_hat = (z - mu) / sigma
+    return (err - err.mean(-1, keepdim=True)
+            - n_hat * (err * n_hat).mean(-1, keepdim=True)) / sigma
+
+
+def mlp_apply(weights, x):
+    """M(x) with per-(batch, head) weights: x `(b, h, n, d)` -> `(b, h, n, d)`."""
+    h = x
+    for i, w in enumerate(weights):
+        h = h @ w
+        if i < len(weights) - 1:
+            h = F.silu(h)
+    return _readout(h, x)
+
+
+def retrieve(state: MemoryState, q):
+    """y = M(q) with the memory held fixed (no update): MAC's read of the previous segment."""
+    return mlp_apply(state.weights, q.to(state.weights[0].dtype))
+
+
+def _associative_grads(weights, k, v):
+    """Per-token gradient factors of ‖M(k) − v‖² at `weights`: lists H (layer inputs h_{i−1}) and
+    Δ (output errors δ_i), each `(b, h, n, d)`, with ∇_{W_i} ℓ_s = h_{i−1,s}ᵀ δ_{i,s}."""
+    inputs, pre = [], []
+    x = k
+    for i, w in enumerate(weights):
+        inputs.append(x)
+        z = x @ w
+        pre.append(z)
+        x = F.silu(z) if i < len(weights) - 1 else z
+    delta = _readout_backward(pre[-1], 2 * (_readout(pre[-1], k) - v))
+    deltas = [None] * len(weights)
+    for i in range(len(weights) - 1, -1, -1):
+        deltas[i] = delta
+        if i > 0:
+            delta = (delta @ weights[i].transpose(-1, -2)) * _silu_grad(pre[i - 1])
+    return inputs, deltas
+
+
+def _decay_matrix(cum):
+    """D[t, s] = exp(cum_t − cum_s) for t ≥ s else 0; cum `(b, h, C)` -> `(b, h, C, C)`."""
+    n = cum.shape[-1]
+    mask = torch.ones(n, n, dtype=torch.bool, device=cum.device).tril()
+    diff = cum.unsqueeze(-1) - cum.unsqueeze(-2)
+    return torch.where(mask, diff, torch.full_like(diff, float("-inf"))).exp()
+
+
+def memory_chunk(state: MemoryState, q, k, v, log_eta, log_keep, theta):
+    """One chunk of the parallel form (module docstring). Returns (y `(b, h, C, d)`, state)."""
+    w0, s0 = state.weights, state.momentum
+    cum_eta, cum_keep = log_eta.cumsum(-1), log_keep.cumsum(-1)
+    d_eta, d_keep = _decay_matrix(cum_eta), _decay_matrix(cum_keep)
+    kmat = d_keep @ d_eta  # (b, h, C, C)
+    g = (d_keep @ cum_eta.exp().unsqueeze(-1)).squeeze(-1)  # (b, h, C)
+    beta = cum_keep.exp()
+    a = kmat * theta.unsqueeze(-2)  # A[t, s] = K[t, s] θ_s
+    inputs, deltas = _associative_grads(w0, k, v)
+    x = q
+    n_layers = len(w0)
+    for i in range(n_layers):
+        z = (beta.unsqueeze(-1) * (x @ w0[i]) + g.unsqueeze(-1) * (x @ s0[i])
+             - (a * (x @ inputs[i].transpose(-1, -2))) @ deltas[i])
+        x = F.silu(z) if i < n_layers - 1 else _readout(z, q)
+    last_a = a[..., -1, :].unsqueeze(-1)  # (b, h, C, 1)
+    last_m = (d_eta[..., -1, :] * theta).unsqueeze(-1)
+    new_w, new_s = [], []
+    for i in range(n_layers):
+        h_t = inputs[i].transpose(-1, -2)
+        new_w.append(beta[..., -1, None, None] * w0[i] + g[..., -1, None, None] * s0[i]
+                     - h_t @ (last_a * deltas[i]))
+        new_s.append(cum_eta[..., -1, None, None].exp() * s0[i] - h_t @ (last_m * deltas[i]))
+    return x, MemoryState(tuple(new_w), tuple(new_s))
+
+
+def _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size):
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    b, h, n, _ = q.shape
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must have one shape (batch, heads, seq, dim) (the memory's "
+                         f"output is x + LN(·)); got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    for name, gate in (("log_eta", log_eta), ("log_keep", log_keep), ("theta", theta)):
+        if gate.shape != (b, h, n):
+            raise ValueError(f"{name} has shape {tuple(gate.shape)}; expected {(b, h, n)}")
+    if state.weights[0].shape[:2] != (b, h):
+        raise ValueError(f"memory state is for (batch, heads)={tuple(state.weights[0].shape[:2])}"
+                         f", inputs are {(b, h)}")
+
+
+def neural_memory(state: MemoryState, q, k, v, log_eta, log_keep, theta, *, chunk_size: int):
+    """Chunked (parallel) memory over a sequence; returns (y `(b, h, n, d)`, final state).
+    A trailing partial chunk is allowed; splitting a sequence at multiples of `chunk_size` and
+    carrying the state gives the same result as one call."""
+    _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size)
+    cdt = state.weights[0].dtype
+    q, k, v, log_eta, log_keep, theta = (t.to(cdt) for t in (q, k, v, log_eta, log_keep, theta))
+    ys = []
+    for s in range(0, q.shape[2], chunk_size):
+        e = s + chunk_size
+        y, state = memory_chunk(state, q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
+                                log_eta[:, :, s:e], log_keep[:, :, s:e], theta[:, :, s:e])
+        ys.append(y)
+    y = torch.cat(ys, 2) if ys else q.new_zeros(*q.shape[:3], state.weights[-1].shape[-1])
+    return y, state
+
+
+def neural_memory_reference(state: MemoryState, q, k, v, log_eta, log_keep, theta, *,
+                            chunk_size: int = 1):
+    """Token-by-token oracle: per token, ∇ℓ by autograd at the weights of the chunk start, then
+    the momentum and forgetting recurrences, then y_t = M_t(q_t). chunk_size=1 is sequential."""
+    _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size)
+    cdt = state.weights[0].dtype
+    q, k, v, log_eta, log_keep, theta = (t.to(cdt) for t in (q, k, v, log_eta, log_keep, theta))
+    weights, momentum = list(state.weights), list(state.momentum)
+    anchor = weights
+    ys = []
+    for t in range(q.shape[2]):
+        if t % chunk_size == 0:
+            anchor = weights
+        with torch.enable_grad():
+            w_req = [w if w.requires_grad else w.detach().requires_grad_() for w in anchor]
+            err = mlp_apply(w_req, k[:, :, t : t + 1]) - v[:, :, t : t + 1]
+            grads = torch.autograd.grad(err.pow(2).sum(), w_req, create_graph=True)
+        eta = log_eta[:, :, t].exp()[..., None, None]
+        keep = log_keep[:, :, t].exp()[..., None, None]
+        th = theta[:, :, t][..., None, None]
+        momentum = [eta * s - th * gr for s, gr in zip(momentum, grads)]
+        weights = [keep * w + s for w, s in zip(weights, momentum)]
+        ys.append(mlp_apply(weights, q[:, :, t : t + 1]))
+    y = torch.cat(ys, 2) if ys else q.new_zeros(*q.shape[:3], weights[-1].shape[-1])
+    return y, MemoryState(tuple(weights), tuple(momentum))
+
+
+__all__ = ["MemoryState", "memory_chunk", "mlp_apply", "neural_memory",
+           "neural_memory_reference", "retrieve"]
