@@ -61,13 +61,16 @@ def carve_stage(model: nn.Module, stage: int, num_stages: int, layer_ids: list[i
             "model.tie_embeddings=false or parallel.pp=1"
         )
     keep = {str(i) for i in layer_ids}
+    # the ParallelContext (process groups) is shared, not copied
+    memo = {id(model.parallel): model.parallel}
     saved_layers = model.layers
     model.layers = nn.ModuleDict()  # do not deep-copy the blocks this stage drops
     try:
-        part = copy.deepcopy(model)
+        part = copy.deepcopy(model, memo)
     finally:
         model.layers = saved_layers
-    part.layers = nn.ModuleDict({k: copy.deepcopy(v) for k, v in saved_layers.items() if k in keep})
+    part.layers = nn.ModuleDict(
+        {k: copy.deepcopy(v, memo) for k, v in saved_layers.items() if k in keep})
     if stage != 0:
         part.tok_embeddings = None
     if stage != num_stages - 1:
