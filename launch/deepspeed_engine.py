@@ -33,6 +33,14 @@ class DeepSpeedEngine:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
+        if device.type == "cpu" and os.environ.get("CTXSCALE_DEEPSPEED_SHM") != "1":
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce on first use
+            # (minutes on a small machine, a file lock that a killed job leaves behind) and then
+            # bypasses the process groups; keep every collective on gloo instead.
+            import importlib
+
+            # (by module name: the attribute deepspeed.comm.torch is the torch package)
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         self.grad_accum = grad_accum
         config = {
             "train_micro_batch_size_per_gpu": micro_batch_size,
