@@ -125,12 +125,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                 needs_grad):
         n = hidden.shape[0]
         v_local = weight.shape[0]
-        w32 = weight.float()
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 inputs
+        w32 = weight.to(acc)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros_like(w32) if needs_grad else None
         for start in range(0, n, chunk_size):
-            h = hidden[start:start + chunk_size].float()
+            h = hidden[start:start + chunk_size].to(acc)
             y = labels[start:start + chunk_size]
             logits = h @ w32.t()                                   # (chunk, vocab/tp)
             valid = y != ignore_index

@@ -143,8 +143,9 @@ class Transformer(nn.Module):
 
     def hidden_states(self, input_ids, position_ids=None):
         """Final-norm hidden states `(batch, seq, dim)` (or the stage output in a pipeline)."""
+        # positions from the token shape: a sequence-parallel embedding returns a shard of it
+        b, s = input_ids.shape[:2]
         h = self.tok_embeddings(input_ids) if self.tok_embeddings is not None else input_ids
-        b, s = h.shape[:2]
         if position_ids is None:
             position_ids = self.parallel.position_ids(b, s, device=h.device)
         cos, sin = self.rope(position_ids)
