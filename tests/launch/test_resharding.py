@@ -9,7 +9,6 @@ test_parallel_equivalence). The step-5 checkpoint, exported to one safetensors f
 process group, equals the single-process model's weights within 1e-5.
 """
 
-from pathlib import Path
 
 import torch
 
