@@ -70,12 +70,12 @@ def _install_counters(counter: _Counter):
     import torch.distributed as dist
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    def wrap(name, arg_index):
+    def wrap(name, arg_index, kwarg):
         fn = getattr(dist, name)
 
         def counted(*args, **kwargs):
             if counter.active:
-                tensor = args[arg_index] if len(args) > arg_index else None
+                tensor = args[arg_index] if len(args) > arg_index else kwargs.get(kwarg)
                 if isinstance(tensor, list):
                     for t in tensor:
                         counter.add(t)
@@ -85,10 +85,15 @@ def _install_counters(counter: _Counter):
 
         setattr(dist, name, counted)
 
-    for name, idx in [("all_reduce", 0), ("broadcast", 0), ("all_gather_into_tensor", 1),
-                      ("reduce_scatter_tensor", 1), ("all_to_all_single", 1), ("send", 0),
-                      ("isend", 0), ("all_gather", 1), ("reduce_scatter", 1), ("reduce", 0)]:
-        wrap(name, idx)
+    for name, idx, kw in [
+        ("all_reduce", 0, "tensor"), ("broadcast", 0, "tensor"), ("reduce", 0, "tensor"),
+        ("all_gather_into_tensor", 1, "input_tensor"), ("all_gather_single", 1, "input_tensor"),
+        ("reduce_scatter_tensor", 1, "input"), ("reduce_scatter_single", 1, "input"),
+        ("all_to_all_single", 1, "input"), ("send", 0, "tensor"),  # isend: counted in batch_isend_irecv (P2POp checks identity)
+        ("all_gather", 1, "tensor"), ("reduce_scatter", 1, "input_list"),
+    ]:
+        if hasattr(dist, name):
+            wrap(name, idx, kw)
     batch = dist.batch_isend_irecv
 
     def counted_batch(ops):
