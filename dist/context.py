@@ -42,6 +42,22 @@ class ParallelContext:
             causal=causal, softmax_scale=softmax_scale, ulysses_degree=self.ulysses_degree,
         )
 
+    def cross_entropy(self, hidden, weight, labels, *, reduction="sum"):
+        """Summed (or mean) cross-entropy of `hidden (batch, seq, dim) @ weightᵀ` against
+        `labels (batch, seq)`, without materializing the logits. A tensor-parallel output weight
+        (a DTensor sharded on the vocabulary) takes the vocabulary-parallel path."""
+        from ctxscale.dist.tensor_parallel import is_vocab_sharded
+
+        if is_vocab_sharded(weight):
+            from ctxscale.dist.tensor_parallel import vocab_parallel_cross_entropy
+
+            return vocab_parallel_cross_entropy(hidden.flatten(0, 1), weight, labels.flatten(),
+                                                reduction=reduction)
+        from ctxscale.kernels.cross_entropy import chunked_cross_entropy
+
+        return chunked_cross_entropy(hidden.flatten(0, 1), weight, labels.flatten(),
+                                     reduction=reduction)
+
     def position_ids(self, batch: int, seq_local: int, device=None) -> torch.Tensor:
         """Global positions `(batch, seq_local)` of this rank's tokens."""
         pos = global_positions(seq_local * self.cp_size, self.cp_rank, self.cp_size,

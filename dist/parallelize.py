@@ -42,6 +42,28 @@ def grad_reduce_size(dims: ParallelDims) -> int:
     return dims.dp * dims.cp
 
 
+def _blocks(model: torch.nn.Module):
+    """The `layers` ModuleDict of a model or of a pipeline stage wrapper (`.model.layers`)."""
+    blocks = getattr(model, "layers", None)
+    if blocks is None and hasattr(model, "model"):
+        blocks = getattr(model.model, "layers", None)
+    return blocks
+
+
+def check_layout(dims: ParallelDims, par_cfg) -> None:
+    """Reject engine/layout combinations this build does not run, naming the alternative."""
+    if par_cfg.dp_engine == "deepspeed" and (dims.tp > 1 or dims.pp > 1):
+        raise ValueError(
+            "parallel.dp_engine=deepspeed runs ZeRO data parallelism (x cp) only; for tp or pp "
+            "use parallel.dp_engine=fsdp (FSDP2 composes with both)"
+        )
+    if par_cfg.dp_engine == "ddp" and (dims.tp > 1 or dims.pp > 1) and dims.dp * dims.cp > 1:
+        raise ValueError(
+            "parallel.dp_engine=ddp does not compose with tp/pp here (DDP cannot reduce DTensor "
+            "or pipeline-stage gradients); use parallel.dp_engine=fsdp"
+        )
+
+
 def apply_data_parallel(model: torch.nn.Module, dims: ParallelDims, mesh, engine: str):
     if grad_reduce_size(dims) == 1 or mesh is None:
         return model
@@ -49,7 +71,7 @@ def apply_data_parallel(model: torch.nn.Module, dims: ParallelDims, mesh, engine
         from torch.distributed.fsdp import fully_shard
 
         dp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
-        blocks = getattr(model, "layers", None)
+        blocks = _blocks(model)
         if blocks is not None:
             for block in blocks.values():
                 fully_shard(block, mesh=dp_mesh)
@@ -66,14 +88,51 @@ def apply_data_parallel(model: torch.nn.Module, dims: ParallelDims, mesh, engine
 
 
 def parallelize(model: torch.nn.Module, dims: ParallelDims, mesh, par_cfg) -> torch.nn.Module:
-    """Apply every parallelism to `model` in the documented order and return the wrapped model."""
+    """Apply every parallelism but the pipeline split to `model` in the documented order and
+    return the wrapped model (with pp > 1 use `parallelize_pipeline`)."""
+    check_layout(dims, par_cfg)
     if dims.tp > 1:
         from ctxscale.dist.tensor_parallel import apply_tensor_parallel
 
-        apply_tensor_parallel(model, mesh["tp"])
+        apply_tensor_parallel(model.model if hasattr(model, "model") else model, mesh["tp"])
     # context parallelism: carried by model.parallel (set at construction), nothing to wrap
     # activation checkpointing: per block, from the model config
+    if par_cfg.dp_engine == "deepspeed":
+        return model  # launch/deepspeed_engine.py wraps it with the optimizer
     return apply_data_parallel(model, dims, mesh, par_cfg.dp_engine)
+
+
+def parallelize_pipeline(model: torch.nn.Module, dims: ParallelDims, mesh, par_cfg, device):
+    """Split `model` into this rank's pipeline stages, apply tp / cp / FSDP to each stage
+    (same order as `parallelize`), and return the `PipelineRunner`."""
+    from ctxscale.dist.pipeline import PipelineRunner
+
+    check_layout(dims, par_cfg)
+    return PipelineRunner(
+        model, pp_mesh=mesh["pp"], schedule=par_cfg.pp_schedule,
+        microbatches=par_cfg.pp_microbatches, virtual_stages=par_cfg.pp_virtual_stages,
+        device=device, wrap=lambda stage: parallelize(stage, dims, mesh, par_cfg),
+    )
+
+
+def clip_grad_norm(parameters, max_norm: float, *, pp_group=None) -> torch.Tensor:
+    """Global gradient norm over every rank's parameters (DTensor shards of FSDP/TP included,
+    summed over pipeline stages), clipped to `max_norm` when it is > 0. Returns the norm."""
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params]
+    if grads:
+        norm = torch.nn.utils.get_total_norm(grads, foreach=False)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+    else:
+        norm = torch.zeros(())
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        sq = norm.detach().float() ** 2
+        dist.all_reduce(sq, group=pp_group)
+        norm = sq.sqrt()
+    if max_norm > 0 and params:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=False)
+    return norm
 
 
 def all_reduce_scalar(value: torch.Tensor, group) -> torch.Tensor:

@@ -74,7 +74,8 @@ class Checkpointer:
         self._pending = None  # (future, tmp, final) of an asynchronous save
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, model, optimizer, scheduler, data_state: dict) -> Path:
+    def save(self, step: int, model, optimizer, scheduler, data_state: dict, *,
+             engine=None) -> Path:
         self.wait()
         final = self.folder / f"step_{step:08d}"
         tmp = self.folder / f"step_{step:08d}.tmp"
@@ -83,16 +84,22 @@ class Checkpointer:
             if tmp.exists():
                 shutil.rmtree(tmp)  # left by a crashed save
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
         tmp.mkdir(parents=True, exist_ok=True)
         torch.save(
             {"scheduler": scheduler.state_dict(), "rng": _rng_state()},
             tmp / f"rank_{_rank()}.pt",
         )
         if _rank() == 0:
-            meta = {"step": step, "data": data_state, "world_size": _world()}
+            meta = {"step": step, "data": data_state, "world_size": _world(),
+                    "format": "deepspeed" if engine is not None else "dcp"}
             (tmp / "meta.json").write_text(json.dumps(meta))
+        if engine is not None:  # DeepSpeed ZeRO: its own partitioned format
+            _barrier()
+            engine.save_checkpoint(str(tmp))
+            self._finalize(tmp, final)
+            return final
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
         if self.async_save:
             future = dcp.async_save(state, checkpoint_id=str(tmp))
             self._pending = (future, tmp, final)
@@ -120,7 +127,7 @@ class Checkpointer:
         _barrier()
 
     # ------------------------------------------------------------------ load
-    def load(self, path: str | Path, model, optimizer, scheduler) -> dict:
+    def load(self, path: str | Path, model, optimizer, scheduler, *, engine=None) -> dict:
         """Restore model, optimizer, scheduler and RNG from `path`; returns meta (step, data)."""
         path = Path(path)
         meta_file = path / "meta.json"
@@ -133,11 +140,21 @@ class Checkpointer:
             meta = json.loads(meta_file.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{meta_file} is corrupt ({e}); delete that checkpoint folder") from e
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        fmt = meta.get("format", "dcp")
+        if (fmt == "deepspeed") != (engine is not None):
+            raise ValueError(
+                f"{path} was saved in the {fmt!r} format but this run uses "
+                f"{'deepspeed' if engine is not None else 'FSDP/DDP (dcp)'}; resume with the same "
+                "parallel.dp_engine family (DCP checkpoints reshard across fsdp/ddp/tp/pp/cp)"
+            )
+        if engine is not None:
+            engine.load_checkpoint(str(path))
+        else:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            dcp.load(state, checkpoint_id=str(path))
+            set_state_dict(model, optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
         rank_file = path / f"rank_{_rank()}.pt"
         same_layout = meta.get("world_size") == _world() and rank_file.is_file()
         extra = torch.load(rank_file if same_layout else path / "rank_0.pt", weights_only=True)

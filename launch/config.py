@@ -176,15 +176,49 @@ class JobConfig:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}"
             )
+        if par.tp > 1 and (self.data.seq_len // par.cp) % par.tp:
+            raise ValueError(
+                f"sequence parallelism splits each rank's {self.data.seq_len // par.cp} tokens "
+                f"(data.seq_len / parallel.cp) over parallel.tp={par.tp} ranks: make data.seq_len "
+                f"a multiple of cp x tp = {par.cp * par.tp}"
+            )
+        if par.pp > 1 and self.train.batch_size % par.pp_microbatches:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} must be divisible by "
+                f"parallel.pp_microbatches={par.pp_microbatches} (the pipeline splits each "
+                "batch into micro-batches)"
+            )
+        if par.pp_virtual_stages > 1 and par.pp_schedule != "interleaved_1f1b":
+            raise ValueError(
+                f"parallel.pp_virtual_stages={par.pp_virtual_stages} needs "
+                "parallel.pp_schedule=interleaved_1f1b"
+            )
+        if par.pp > 1 and par.pp_schedule == "interleaved_1f1b" and par.pp_microbatches % par.pp:
+            raise ValueError(
+                f"interleaved 1F1B needs parallel.pp_microbatches={par.pp_microbatches} to be a "
+                f"multiple of parallel.pp={par.pp}"
+            )
+        if par.dp_engine == "deepspeed" and (par.tp > 1 or par.pp > 1):
+            raise ValueError(
+                "parallel.dp_engine=deepspeed runs ZeRO data parallelism (x cp) only; for tp or "
+                "pp use parallel.dp_engine=fsdp"
+            )
+        if par.pp > 1 and model.tie_embeddings:
+            raise ValueError(
+                "model.tie_embeddings=true cannot be pipelined (embedding and head live on "
+                "different stages); set model.tie_embeddings=false or parallel.pp=1"
+            )
         if model.num_heads % par.tp or model.kv_heads % par.tp:
             raise ValueError(
                 f"model.num_heads={model.num_heads} and model.num_kv_heads={model.kv_heads} must "
-                f"both be divisible by parallel.tp={par.tp}"
+                f"both be divisible by parallel.tp={par.tp} (tensor parallelism splits heads); "
+                "change the head counts or parallel.tp"
             )
         if par.pp > 1 and model.num_layers < par.pp * par.pp_virtual_stages:
             raise ValueError(
                 f"model.num_layers={model.num_layers} is fewer than the "
-                f"{par.pp * par.pp_virtual_stages} pipeline stages (pp x pp_virtual_stages)"
+                f"{par.pp * par.pp_virtual_stages} pipeline stages (pp x pp_virtual_stages); use "
+                "fewer stages or more layers"
             )
 
     def world_size_needed(self, dp_shard: int | None = None) -> int:

@@ -30,7 +30,13 @@ import torch.distributed as dist
 
 from ctxscale.dist.layout import shard_sequence
 from ctxscale.dist.mesh import ParallelDims, axis_group, axis_rank, axis_size
-from ctxscale.dist.parallelize import grad_reduce_size, parallel_context, parallelize
+from ctxscale.dist.parallelize import (
+    clip_grad_norm,
+    grad_reduce_size,
+    parallel_context,
+    parallelize,
+    parallelize_pipeline,
+)
 from ctxscale.kernels.dispatch import chosen_paths, set_kernel_mode
 from ctxscale.launch.checkpoint import Checkpointer, latest_checkpoint
 from ctxscale.launch.config import ConfigError, JobConfig, dump, load_job_config
@@ -45,15 +51,6 @@ logger = logging.getLogger("ctxscale.train")
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-def _check_supported(cfg: JobConfig) -> None:
-    par = cfg.parallel
-    if par.pp > 1 or par.tp > 1 or par.dp_engine == "deepspeed":
-        raise ConfigError(
-            "parallel.tp > 1, parallel.pp > 1 and parallel.dp_engine=deepspeed are not in this "
-            "build yet (they arrive with the 4D-parallelism work); use dp and cp for now"
-        )
 
 
 class TrainState:
@@ -88,11 +85,29 @@ class TrainState:
                 f"({self.data.vocab_size}); set model.vocab_size=0 to take it from the data"
             )
         self.parallel = parallel_context(self.dims, self.mesh, cfg.parallel)
+        self.tp_rank = axis_rank(self.mesh, "tp")
+        self.pp_group = axis_group(self.mesh, "pp") if self.dims.pp > 1 else None
         model = build_model(cfg.model, self.parallel).to(self.device)
-        self.raw_model = model
-        self.model = parallelize(model, self.dims, self.mesh, cfg.parallel)
+        self.pipeline = self.engine = None
+        if self.dims.pp > 1:
+            self.pipeline = parallelize_pipeline(model, self.dims, self.mesh, cfg.parallel,
+                                                 self.device)
+            self.pipeline.check_batch(cfg.train.batch_size)
+            self.model = self.raw_model = self.pipeline.view
+        else:
+            self.raw_model = model
+            self.model = parallelize(model, self.dims, self.mesh, cfg.parallel)
+        # the rank that reports each (dp, cp) shard's loss: last pipeline stage, tp rank 0
+        self.is_loss_rank = self.tp_rank == 0 and (self.pipeline is None or self.pipeline.is_last)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        if cfg.parallel.dp_engine == "deepspeed":
+            from ctxscale.launch.deepspeed_engine import DeepSpeedEngine
+
+            self.engine = DeepSpeedEngine(self.model, self.optimizer, zero_stage=cfg.parallel.zero_stage,
+                                          micro_batch_size=cfg.train.batch_size,
+                                          grad_accum=cfg.train.grad_accum,
+                                          max_grad_norm=cfg.optim.max_grad_norm)
         ckpt_dir = cfg.checkpoint.folder or str(out / "checkpoints")
         self.checkpointer = Checkpointer(ckpt_dir, keep_last=cfg.checkpoint.keep_last,
                                          async_save=cfg.checkpoint.async_save)
@@ -102,7 +117,8 @@ class TrainState:
         path = latest_checkpoint(ckpt_dir) if resume == "auto" else (
             None if resume == "none" else Path(resume))
         if path is not None:
-            meta = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler)
+            meta = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler,
+                                          engine=self.engine)
             self.step = meta["step"]
             self.data.load_state_dict(meta["data"])
             self.resumed_from = str(path)
@@ -129,6 +145,28 @@ class TrainState:
             dist.all_reduce(value, group=group)
         return value
 
+    def reported_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over the whole job of what each (dp, cp) shard's loss rank holds (tp ranks
+        hold copies, non-last pipeline stages hold nothing)."""
+        if not self.is_loss_rank:
+            value = torch.zeros_like(value)
+        return self.global_sum(value)
+
+    def forward_backward(self, ids, labels, pos, scale: float) -> torch.Tensor:
+        """Summed token loss of one micro-batch on this rank (0 where no loss is computed);
+        gradients of `loss * scale` accumulate into the parameters."""
+        if self.pipeline is not None:
+            loss = self.pipeline.step(ids, labels, pos, scale=scale)
+            return torch.zeros((), device=self.device) if loss is None else loss
+        with self.autocast:
+            model = self.engine.module if self.engine is not None else self.model
+            loss = model(ids, labels=labels, position_ids=pos, loss_reduction="sum")
+        if self.engine is not None:
+            self.engine.backward(loss * scale)
+        else:
+            (loss * scale).backward()
+        return loss.detach().float()
+
     # --------------------------------------------------------------- one step
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -143,23 +181,17 @@ class TrainState:
         loss_sum = torch.zeros((), device=self.device)
         for batch in batches:
             ids, labels, pos = self.shard(batch)
-            with self.autocast:
-                loss = self.model(ids, labels=labels, position_ids=pos, loss_reduction="sum")
-            (loss * scale).backward()
-            loss_sum += loss.detach().float()
-        if cfg.optim.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                       cfg.optim.max_grad_norm, foreach=True)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm(
-                [p.grad for p in self.model.parameters() if p.grad is not None])
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+            loss_sum += self.forward_backward(ids, labels, pos, scale)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.engine is not None:
+            grad_norm = self.engine.step()  # clips (gradient_clipping) and zeroes gradients
+        else:
+            grad_norm = clip_grad_norm(self.model.parameters(), cfg.optim.max_grad_norm,
+                                       pp_group=self.pp_group)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        loss_total = self.global_sum(loss_sum, self.dp_cp_group)
+        loss_total = self.reported_sum(loss_sum)
         return {"loss": loss_total.item() / n_tokens, "lr": lr, "grad_norm": float(grad_norm),
                 "tokens": sum(b["input_ids"].numel() for b in batches) * self.dp_size}
 
@@ -169,17 +201,13 @@ class TrainState:
         totals = torch.zeros(4, dtype=torch.float64)  # loss_sum, tokens, correct, answered
         for batch in self.val_data.eval_batches(self.cfg.train.eval_batches):
             ids, labels, pos = self.shard(batch)
+            if self.pipeline is not None:
+                totals += self.pipeline.evaluate(ids, labels, pos, eval_stats)
+                continue
+            model = self.engine.module if self.engine is not None else self.model
             with self.autocast:
-                logits = self.model(ids, labels=labels, position_ids=pos,
-                                    labelled_logits=True).float()
-            mask = labels != -100
-            target = labels[mask]
-            totals[0] += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
-            totals[1] += target.numel()
-            correct, total = token_accuracy(logits.unsqueeze(0), target.unsqueeze(0))
-            totals[2] += correct
-            totals[3] += total
-        totals = self.global_sum(totals, self.dp_cp_group)
+                totals += eval_stats(model, ids, pos, labels)
+        totals = self.reported_sum(totals)
         out = {"eval_loss": (totals[0] / totals[1].clamp(min=1)).item()}
         if totals[3] > 0:
             out["eval_accuracy"] = (totals[2] / totals[3]).item()
@@ -187,12 +215,20 @@ class TrainState:
 
     def save(self):
         self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler,
-                               self.data.state_dict())
+                               self.data.state_dict(), engine=self.engine)
+
+
+def eval_stats(model, ids, pos, labels) -> torch.Tensor:
+    """(loss_sum, labelled tokens, correct, answered) of one evaluation batch, float64."""
+    logits = model(ids, labels=labels, position_ids=pos, labelled_logits=True).float()
+    target = labels[labels != -100]
+    loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+    correct, total = token_accuracy(logits.unsqueeze(0), target.unsqueeze(0))
+    return torch.tensor([loss, target.numel(), correct, total], dtype=torch.float64)
 
 
 def train(cfg: JobConfig) -> dict:
     """Run the job described by `cfg`; returns the end-of-run summary (on every rank)."""
-    _check_supported(cfg)
     st = TrainState(cfg)
     tcfg = cfg.train
     is_logger = st.rank == 0

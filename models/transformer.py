@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ctxscale.dist.context import SINGLE, ParallelContext
-from ctxscale.kernels.cross_entropy import chunked_cross_entropy
 from ctxscale.kernels.norm import RMSNorm
 from ctxscale.kernels.rotary import apply_rotary, rope_cos_sin, rope_inv_freq
 from ctxscale.models.config import ModelConfig
@@ -144,8 +143,9 @@ class Transformer(nn.Module):
 
     def hidden_states(self, input_ids, position_ids=None):
         """Final-norm hidden states `(batch, seq, dim)` (or the stage output in a pipeline)."""
+        # positions from the token shape: a sequence-parallel embedding returns a shard of it
+        b, s = input_ids.shape[:2]
         h = self.tok_embeddings(input_ids) if self.tok_embeddings is not None else input_ids
-        b, s = h.shape[:2]
         if position_ids is None:
             position_ids = self.parallel.position_ids(b, s, device=h.device)
         cos, sin = self.rope(position_ids)
@@ -166,9 +166,7 @@ class Transformer(nn.Module):
             return self.output(h)
         if labelled_logits:
             return self.output(h[labels != -100])
-        return chunked_cross_entropy(
-            h.flatten(0, 1), self.output.weight, labels.flatten(), reduction=loss_reduction
-        )
+        return self.parallel.cross_entropy(h, self.output.weight, labels, reduction=loss_reduction)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -1,0 +1,61 @@
+"""Every 4-process parallel layout trains exactly like one process.
+
+5 optimizer steps of a 4-layer float32 Transformer on the same global batch (4 sequences of 48
+tokens) and seed, under each layout of the 4D-parallelism issue; the logged losses must match the
+single-process run within 1e-5 (absolute, losses ~4): every layout computes the same math, only
+the order of float32 summations differs (all-reduces, reduce-scatters, per-shard partial sums),
+which moves a loss by ~1e-7 relative per step.
+
+All layouts run inside one `run_distributed` call (one pool, one process-group setup), one after
+the other, each writing its own `metrics.jsonl`.
+"""
+
+from pathlib import Path
+
+from ctxscale.launch.config import load_job_config
+from ctxscale.launch.train import train
+from tests.harness import run_distributed
+from tests.launch.test_train import SMALL, TINY, _losses
+
+GLOBAL_BATCH = 4
+BASE = SMALL + ["model.num_layers=4", "train.steps=5"]
+# name -> (overrides, data-parallel size); the per-rank batch is GLOBAL_BATCH / dp
+LAYOUTS = {
+    "dp4_fsdp": (["parallel.dp_engine=fsdp"], 4),
+    "dp4_zero2": (["parallel.dp_engine=deepspeed", "parallel.zero_stage=2"], 4),
+    "tp2_dp2": (["parallel.tp=2"], 2),
+    "tp2_cp2": (["parallel.tp=2", "parallel.cp=2"], 1),
+    "pp2_dp2_1f1b": (["parallel.pp=2", "parallel.pp_schedule=1f1b"], 2),
+    "pp2_tp2_gpipe": (["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=gpipe"], 1),
+    "pp2_cp2": (["parallel.pp=2", "parallel.cp=2", "parallel.cp_layout=zigzag"], 1),
+    "pp2_interleaved_v2": (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b",
+                            "parallel.pp_virtual_stages=2"], 2),
+}
+TOL = 1e-5
+
+
+def _run_layouts(rank, world_size, root, names):
+    for name in names:
+        extra, dp = LAYOUTS[name]
+        cfg = load_job_config(TINY, BASE + extra + [
+            f"train.batch_size={GLOBAL_BATCH // dp}", f"train.output_dir={root}/{name}"])
+        train(cfg)
+
+
+def test_layouts_match_single_process(tmp_path):
+    single = tmp_path / "single"
+    train(load_job_config(TINY, BASE + [f"train.batch_size={GLOBAL_BATCH}",
+                                        f"train.output_dir={single}"]))
+    ref = _losses(single)
+    assert sorted(ref) == [1, 2, 3, 4, 5]
+    # deepspeed last: it installs process-global state of its own
+    names = [n for n in LAYOUTS if n != "dp4_zero2"] + ["dp4_zero2"]
+    run_distributed(_run_layouts, 4, args=(str(tmp_path), names), timeout=600)
+    bad = []
+    for name in names:
+        got = _losses(Path(tmp_path) / name)
+        assert sorted(got) == [1, 2, 3, 4, 5], (name, got)
+        for step, loss in ref.items():
+            if abs(got[step] - loss) > TOL:
+                bad.append((name, step, loss, got[step]))
+    assert not bad, f"layouts that diverge from one process (name, step, ref, got): {bad}"
