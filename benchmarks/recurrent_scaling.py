@@ -25,6 +25,7 @@ import time
 
 import torch
 import torch.nn as nn
+
 from ctxscale.kernels import causal_conv1d, linear_attention, selective_scan
 
 

@@ -24,6 +24,7 @@ import importlib
 
 import torch
 import torch.nn.functional as F
+
 from ctxscale.kernels.dispatch import forced_path, log_choice, module_available
 
 PATHS = ("reference", "torch", "causal_conv1d")

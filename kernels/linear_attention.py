@@ -36,8 +36,9 @@ import importlib
 
 import torch
 import torch.nn.functional as F
-from ctxscale.kernels.dispatch import forced_path, log_choice, module_available, want_triton
 from torch.utils.checkpoint import checkpoint
+
+from ctxscale.kernels.dispatch import forced_path, log_choice, module_available, want_triton
 
 DEFAULT_CHUNK = 64
 DEFAULT_SEGMENT_CHUNKS = 16

@@ -5,6 +5,7 @@ the float64 oracle to a few ulps of a width-4 sum (1e-5 allowed)."""
 
 import pytest
 import torch
+
 from ctxscale.kernels import dispatch
 from ctxscale.kernels.conv1d import causal_conv1d, causal_conv1d_reference, causal_conv1d_torch
 

@@ -10,6 +10,7 @@ import importlib
 
 import pytest
 import torch
+
 from ctxscale.kernels import dispatch
 from ctxscale.kernels.linear_attention import (
     linear_attention,

@@ -10,6 +10,7 @@ import importlib
 
 import pytest
 import torch
+
 from ctxscale.kernels import dispatch
 from ctxscale.kernels.selective_scan import (
     selective_scan,

@@ -48,14 +48,11 @@ def _cp_run(rank, world_size, cases, root):
 
 
 def _load_model_weights(ckpt_dir):
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     target = f"{ckpt_dir}/full.pt"
     dcp_to_torch_save(ckpt_dir, target)
-    state = torch.load(target, weights_only=True)
-    del dcp
-    return state["model"]
+    return torch.load(target, weights_only=True)["model"]
 
 
 @pytest.mark.timeout(1200)
@@ -74,4 +71,4 @@ def test_cp4_training_matches_single_process(tmp_path):
         weights = _load_model_weights(_final_weights(out))
         for name, w in ref_weights.items():
             torch.testing.assert_close(weights[name], w, rtol=1e-5, atol=1e-5,
-                                       msg=lambda m, n=name: f"{method}/{layout} {n}: {m}")
+                                       msg=lambda m, tag=f"{method}/{layout} {name}": f"{tag}: {m}")

@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+
 from ctxscale.launch.data import (
     DataConfig,
     build_data,

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from ctxscale.launch.data import DataConfig, build_data, passkey_text_sample
 from ctxscale.launch.data import text as text_mod
 from ctxscale.launch.data.tokenizer import Tokenizer, train_tokenizer
