@@ -29,6 +29,7 @@ run: setup
 	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m ctxscale.launch.train --config $(CONFIG) $(RUN_ARGS) $(ARGS)
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(ARGS)
 
 lint: setup
