@@ -71,6 +71,9 @@ class Checkpointer:
         self.folder = Path(folder)
         self.keep_last = keep_last
         self.async_save = async_save and dist.is_initialized()
+        # The background writer runs collectives from its own thread: give it its own gloo
+        # group so they never interleave with the training loop's collectives.
+        self._async_group = dist.new_group(backend="gloo") if self.async_save else None
         self._pending = None  # (future, tmp, final) of an asynchronous save
 
     # ------------------------------------------------------------------ save
@@ -101,7 +104,8 @@ class Checkpointer:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         if self.async_save:
-            future = dcp.async_save(state, checkpoint_id=str(tmp))
+            future = dcp.async_save(state, checkpoint_id=str(tmp),
+                                    process_group=self._async_group)
             self._pending = (future, tmp, final)
         else:
             dcp.save(state, checkpoint_id=str(tmp))
