@@ -80,9 +80,9 @@ class HedgehogFeatureMap(nn.Module):
         return torch.cat([torch.softmax(proj, -1), torch.softmax(-proj, -1)], dim=-1)
 
 
-def fixed_log_decay(heads: int, device=None) -> torch.Tensor:
-    """Per-head log decay −2^{−8(h+1)/H} (ALiBi slopes), shape `(heads,)`, float32."""
-    h = torch.arange(1, heads + 1, dtype=torch.float32, device=device)
+def fixed_log_decay(heads: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Per-head log decay −2^{−8(h+1)/H} (ALiBi slopes), shape `(heads,)`."""
+    h = torch.arange(1, heads + 1, dtype=dtype, device=device)
     return -torch.exp2(-8.0 * h / heads)
 
 
@@ -138,10 +138,11 @@ class LinearAttention(nn.Module):
 
     # -------------------------------------------------------------- pieces
     def _log_decay(self, x):
+        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         if self.kind == "decay" or (self.kind == "lawcat" and not self.la.gate):
-            return fixed_log_decay(self.num_heads, device=x.device)
+            return fixed_log_decay(self.num_heads, device=x.device, dtype=cdt)
         if self.kind == "lawcat":
-            return F.logsigmoid(self.wg(x).float()) / self.la.gate_normalizer  # (b, s, h)
+            return F.logsigmoid(self.wg(x).to(cdt)) / self.la.gate_normalizer  # (b, s, h)
         return None
 
     def _features(self, q, k):
@@ -170,8 +171,8 @@ class LinearAttention(nn.Module):
         else:
             o = attend(q, k, v, log_decay, q.shape[-1] ** -0.5)
             if self.normalize == "rms":
-                o32 = o.float()
-                o = (o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps)).to(o.dtype)
+                on = o.double() if o.dtype == torch.float64 else o.float()
+                o = (on * torch.rsqrt(on.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps)).to(o.dtype)
                 o = o * self.out_norm.view(self.num_heads, hd)
         return self.wo(o.flatten(2))
 
