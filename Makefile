@@ -11,6 +11,7 @@ EXTRAS ?= dev,hf,deepspeed,mpi
 NPROC ?= 2
 CONFIG ?= configs/tiny.yaml
 ARGS ?=
+RUN_ARGS ?= parallel.cp=2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ctxscale-installed
 
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: setup
-	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m ctxscale.launch.train --config $(CONFIG) $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) -m ctxscale.launch.train --config $(CONFIG) $(RUN_ARGS) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)

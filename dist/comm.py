@@ -180,12 +180,37 @@ def _global_rank(group, group_rank: int) -> int:
 
 
 # ---------------------------------------------------------------- collectives
-def all_to_all_single(output: torch.Tensor, input: torch.Tensor, *, group=None, kind="all_to_all"):
-    """All-to-all of equal splits along dim 0. Counts the bytes that leave / reach this rank."""
+def all_to_all_single(
+    output: torch.Tensor,
+    input: torch.Tensor,
+    *,
+    group=None,
+    kind="all_to_all",
+    output_split_sizes: list[int] | None = None,
+    input_split_sizes: list[int] | None = None,
+):
+    """All-to-all along dim 0: equal splits, or the given split sizes (rows of dim 0 sent to /
+    received from each rank, as in `torch.distributed.all_to_all_single`). Counts the bytes that
+    leave / reach this rank (its own split stays local and is not counted)."""
     world = dist.get_world_size(group)
-    own = _nbytes(input) // world
-    record(kind, sent=_nbytes(input) - own, received=_nbytes(output) - _nbytes(output) // world)
-    dist.all_to_all_single(output, input.contiguous(), group=group)
+    if output_split_sizes is None and input_split_sizes is None:
+        own_in, own_out = _nbytes(input) // world, _nbytes(output) // world
+    else:
+        rank = dist.get_rank(group)
+        row_in = _nbytes(input) // max(input.shape[0], 1)
+        row_out = _nbytes(output) // max(output.shape[0], 1)
+        own_in = row_in * (input_split_sizes[rank] if input_split_sizes else input.shape[0] // world)
+        own_out = row_out * (
+            output_split_sizes[rank] if output_split_sizes else output.shape[0] // world
+        )
+    record(kind, sent=_nbytes(input) - own_in, received=_nbytes(output) - own_out)
+    dist.all_to_all_single(
+        output,
+        input.contiguous(),
+        output_split_sizes=output_split_sizes,
+        input_split_sizes=input_split_sizes,
+        group=group,
+    )
     return output
 
 

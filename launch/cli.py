@@ -11,6 +11,7 @@ import sys
 
 COMMANDS = {
     "train": ("ctxscale.launch.train", "train a model from a YAML config"),
+    "sweep": ("ctxscale.launch.sweep", "context-length sweep: one run per length, table + plot"),
 }
 
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
-
 from ctxscale.dist import gather_sequence, global_positions, shard_sequence
 from ctxscale.dist.layout import check_divisible
+
 from tests.harness import run_distributed
 
 
