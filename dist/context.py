@@ -88,8 +88,10 @@ class ParallelContext:
             from ctxscale.kernels.conv1d import causal_conv1d
 
             return causal_conv1d(x, weight, bias, activation=activation)
+        # contiguous: the halo exchange receives into a zeros_like of the input's tail, and
+        # gloo refuses non-contiguous buffers (a transposed projection output is one)
         return self._recurrent_cp("the causal conv1d").cp_causal_conv1d(
-            x, weight, bias, activation=activation, group=self.cp_group
+            x.contiguous(), weight, bias, activation=activation, group=self.cp_group
         )
 
     def position_ids(self, batch: int, seq_local: int, device=None) -> torch.Tensor:
