@@ -11,7 +11,7 @@ EXTRAS ?= dev,hf,deepspeed,mpi
 NPROC ?= 2
 CONFIG ?= configs/tiny.yaml
 ARGS ?=
-RUN_ARGS ?= parallel.cp=2
+RUN_ARGS ?= parallel.cp=2 parallel.cp_layout=zigzag
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ctxscale-installed
 

@@ -30,6 +30,9 @@ repeat the whole intra-chunk work):
   last width−1 inputs (zeros on rank 0) and uses them as the conv's initial state; in the backward
   pass their gradient goes back to the previous rank.
 
+The exchanges are collective over `group`: every rank must make the same calls, forward and
+backward (inputs requiring grad on every rank or on none), or the others wait for it.
+
 All communication goes through `ctxscale.dist.comm` (byte accounting). Inputs are this rank's
 shard in the layouts of the kernels: q/k/v `(batch, seq_local, heads, dim)`; u/delta/z
 `(batch, dim, seq_local)`; B/C `(batch, [groups,] dstate, seq_local)`; conv x `(batch, dim,
@@ -45,8 +48,10 @@ from ctxscale.dist import comm
 from ctxscale.kernels.conv1d import causal_conv1d
 from ctxscale.kernels.linear_attention import linear_attention
 from ctxscale.kernels.selective_scan import selective_scan
+from torch.utils.checkpoint import checkpoint
 
 METHODS = ("ring", "allgather")
+CORRECTION_SEGMENT = 1024  # tokens per checkpointed piece of the selective-scan correction
 
 
 def _check_method(method: str) -> None:
@@ -165,6 +170,16 @@ def cp_linear_attention(q, k, v, *, log_decay=None, scale=None, group=None, meth
 
 
 # ---------------------------------------------------------------- selective scan
+def _scan_correction(cum_dt, A, x_in, Cg):
+    """Σ_i C_it exp(A_ci cum_dt_t) x_in_ci: cum_dt `(b, d, T)`, A `(d, n)`, x_in `(b, d, n)`,
+    Cg `(b, g, n, T)`. Returns `(b, d, T)`."""
+    b, d, T = cum_dt.shape
+    g = Cg.shape[1]
+    decay = torch.exp(cum_dt.unsqueeze(-1) * A[:, None, :])  # b d T n
+    weighted = (decay * x_in.unsqueeze(2)).view(b, g, d // g, T, -1)
+    return torch.einsum("bgctn,bgnt->bgct", weighted, Cg).reshape(b, d, T)
+
+
 def cp_selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
     group=None, method="allgather",
@@ -192,10 +207,20 @@ def cp_selective_scan(
         Cg = Cg.unsqueeze(1)
     elif Cg.dim() == 2:  # fixed C (dim, dstate)
         Cg = Cg.view(1, d, -1, 1).expand(b, d, Cg.shape[1], n_local)
-    g = Cg.shape[1]
-    decay = torch.exp(cum_dt.unsqueeze(-1) * Ac[:, None, :])  # b d L n
-    weighted = (decay * x_in.unsqueeze(2)).view(b, g, d // g, n_local, -1)
-    y = y_local + torch.einsum("bgcln,bgnl->bgcl", weighted, Cg).reshape(b, d, n_local)
+    # the (batch, dim, seq, dstate) decay factors exist one segment at a time (checkpointed
+    # when gradients are needed), so the correction's memory stays O(seq · dim)
+    needs_grad = torch.is_grad_enabled() and (x_in.requires_grad or Cg.requires_grad
+                                              or cum_dt.requires_grad or Ac.requires_grad)
+    pieces = []
+    segment = CORRECTION_SEGMENT
+    for cum_seg, C_seg in zip(cum_dt.split(segment, -1), Cg.split(segment, -1)):
+        if needs_grad:
+            pieces.append(
+                checkpoint(_scan_correction, cum_seg, Ac, x_in, C_seg, use_reentrant=False)
+            )
+        else:
+            pieces.append(_scan_correction(cum_seg, Ac, x_in, C_seg))
+    y = y_local + (torch.cat(pieces, -1) if pieces else torch.zeros_like(y_local))
     uc = u.to(cdt)
     if D is not None:
         y = y + uc * D.to(cdt)[:, None]

@@ -24,7 +24,6 @@ import importlib
 
 import torch
 import torch.nn.functional as F
-
 from ctxscale.kernels.dispatch import forced_path, log_choice, module_available, want_triton
 
 DEFAULT_BLOCK = 1024

@@ -21,6 +21,14 @@ import torch
 from ctxscale.kernels.dispatch import forced_path, log_choice, want_triton
 
 DEFAULT_CHUNK = 4096
+# Auto chunk: at most this many logits (128 MiB of float32) per chunk: big enough that the
+# matmuls (and the per-chunk grad_weight update) stay efficient, small next to full logits.
+CHUNK_LOGITS = 1 << 25
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk: CHUNK_LOGITS // vocab, clamped to [256, DEFAULT_CHUNK]."""
+    return min(DEFAULT_CHUNK, max(256, CHUNK_LOGITS // max(vocab_size, 1)))
 
 
 def cross_entropy_reference(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="sum"):
@@ -52,20 +60,26 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             y = labels[start : start + chunk_size]
             logits = (h @ weight.t()).float() if w32 is None else h.float() @ w32.t()
             if bias is not None:
-                logits = logits + bias.float()
+                logits += bias.float()
             valid = y != ignore_index
-            safe_y = torch.where(valid, y, 0)
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe_y.unsqueeze(1)).squeeze(1)
-            total = total + ((lse - picked) * valid).sum()
+            safe_y = torch.where(valid, y, 0).unsqueeze(1)
+            picked = logits.gather(1, safe_y).squeeze(1)
+            # In place on the chunk's logits (one buffer, few passes over it): exp(logits − max),
+            # its row sums give lse, and scaling rows by valid/sum turns it into softmax on
+            # labelled rows and 0 elsewhere.
+            row_max = logits.amax(dim=1, keepdim=True)
+            logits.sub_(row_max).exp_()
+            row_sum = logits.sum(dim=1, keepdim=True)
+            lse = (row_max + row_sum.log()).squeeze(1)
+            total = total + torch.where(valid, lse - picked, 0.0).sum()
             if needs_grad:
                 # d loss / d logits = softmax − onehot on labelled rows, 0 elsewhere.
-                probs = torch.exp(logits - lse.unsqueeze(1))
-                probs.scatter_add_(1, safe_y.unsqueeze(1), -torch.ones_like(picked).unsqueeze(1))
-                probs.mul_(valid.unsqueeze(1))
+                vf = valid.to(logits.dtype).unsqueeze(1)
+                probs = logits.mul_(vf / row_sum)
+                probs.scatter_add_(1, safe_y, -vf)
                 g = probs.to(hidden.dtype)
                 grad_hidden[start : start + chunk_size] = g @ weight
-                grad_weight += (probs.t() @ h.float())
+                grad_weight.addmm_(probs.t(), h.float())
                 if grad_bias is not None:
                     grad_bias += probs.sum(0)
             del logits
@@ -93,9 +107,10 @@ def chunked_cross_entropy(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "sum",
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of `hidden @ weight.T (+ bias)` against `labels` (see module docstring)."""
+    """Cross-entropy of `hidden @ weight.T (+ bias)` against `labels` (see module docstring).
+    `chunk_size` (tokens per chunk) defaults to CHUNK_LOGITS // vocab, within [256, 4096]."""
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
@@ -103,6 +118,8 @@ def chunked_cross_entropy(
             f"hidden must be (tokens, dim) and labels (tokens,); got {tuple(hidden.shape)} and "
             f"{tuple(labels.shape)}"
         )
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(weight.shape[0])
     forced = forced_path("cross_entropy")
     if bias is None and (forced == "triton" or (forced is None and want_triton(hidden.device))):
         from ctxscale.kernels import cross_entropy_triton

@@ -146,11 +146,13 @@ def _segment(q, k, v, g, state, chunk_size: int):
         chunk_decay = torch.exp(G_end.squeeze(-1))  # b h nc
         q_inter = q * torch.exp(G).unsqueeze(-1)
     before = []
-    for c in range(nc):
+    # unbind once: indexing inside the loop would cost a full-size gradient per chunk
+    decays = chunk_decay.unbind(2) if chunk_decay is not None else [None] * nc
+    for decay_c, kv_c in zip(decays, kv_local.unbind(2)):
         before.append(state)
-        if chunk_decay is not None:
-            state = state * chunk_decay[:, :, c, None, None]
-        state = state + kv_local[:, :, c]
+        if decay_c is not None:
+            state = state * decay_c[:, :, None, None]
+        state = state + kv_c
     states_before = torch.stack(before, dim=2)  # b h nc dk dv
     o = torch.matmul(scores, v) + torch.matmul(q_inter, states_before)
     o = o.reshape(b, h, nc * C, dv)[:, :, :T]
@@ -197,14 +199,12 @@ def linear_attention_chunked(
         )
         recompute = needs_grad and n > seg
     outs = []
-    for s0 in range(0, n, seg):
-        args = (
-            qh[:, :, s0 : s0 + seg],
-            kh[:, :, s0 : s0 + seg],
-            vh[:, :, s0 : s0 + seg],
-            g[:, :, s0 : s0 + seg] if g is not None else None,
-            state,
-        )
+    # split (not slicing in the loop): its backward is one concatenation, while each slice's
+    # backward would materialize a full-length gradient, quadratic in the number of segments
+    pieces = [x.split(seg, dim=2) for x in (qh, kh, vh)]
+    g_pieces = g.split(seg, dim=2) if g is not None else [None] * len(pieces[0])
+    for q_seg, k_seg, v_seg, g_seg in zip(*pieces, g_pieces):
+        args = (q_seg, k_seg, v_seg, g_seg, state)
         if recompute:
             o_seg, state = checkpoint(_segment, *args, chunk_size, use_reentrant=False)
         else:

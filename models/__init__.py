@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ctxscale.models.config import ModelConfig
+from ctxscale.models.hf import load_hf, save_hf
 
 
 def build_model(cfg: ModelConfig, parallel=None):
@@ -18,3 +19,4 @@ def build_model(cfg: ModelConfig, parallel=None):
 
 
 __all__ = ["ModelConfig", "build_model"]
+__all__ += ["load_hf", "save_hf"]

@@ -8,6 +8,9 @@ each tensor's largest entry (exact algorithms in float32 vs a float64 oracle; se
 tests/kernels/test_linear_attention.py).
 """
 
+from functools import partial
+
+import ctxscale.dist.recurrent as recurrent_module
 import pytest
 import torch
 import torch.distributed as dist
@@ -30,7 +33,7 @@ def _rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def _compare(case, dtype, fn_full, fn_cp, inputs, seq_dims, rank, world):
+def _compare(case, dtype, fn_full, fn_cp, inputs, seq_dims, rank, world, group=None):
     """Run fn_full on the global float64 inputs and fn_cp on this rank's shard in `dtype`;
     compare outputs and gradients. seq_dims[name] = sequence axis, or None for parameters."""
     sl = N // world
@@ -52,7 +55,7 @@ def _compare(case, dtype, fn_full, fn_cp, inputs, seq_dims, rank, world):
         grad = local[k].grad
         if seq_dims[k] is None:  # shared parameter: sum the ranks' contributions
             grad = grad.double()
-            dist.all_reduce(grad)
+            dist.all_reduce(grad, group=group)
         errors["d" + k] = _rel(grad, shard(full[k].grad, seq_dims[k]))
     bad = {k: e for k, e in errors.items() if not e <= TOL[dtype]}
     assert not bad, f"{case} {dtype} world={world}: {bad}"
@@ -87,21 +90,30 @@ def _ss_inputs(grouped, g):
 
 def _cases(rank, world):
     results = {}
+    # several checkpointed pieces of the selective-scan correction even at these short shards
+    previous, recurrent_module.CORRECTION_SEGMENT = recurrent_module.CORRECTION_SEGMENT, 4
+    try:
+        _run_cases(rank, world, results)
+    finally:
+        recurrent_module.CORRECTION_SEGMENT = previous
+    return results
+
+
+def _run_cases(rank, world, results):
     for dtype in (torch.float64, torch.float32):
         for method in ("ring", "allgather"):
             for decay in ("none", "token", "head"):
                 x, dims = _la_inputs(decay, torch.Generator().manual_seed(1))
                 results[("la", decay, method, str(dtype))] = _compare(
                     f"linear_attention[{decay},{method}]", dtype,
-                    lambda **a: linear_attention(**a),
-                    lambda **a: cp_linear_attention(**a, method=method), x, dims, rank, world)
+                    linear_attention, partial(cp_linear_attention, method=method),
+                    x, dims, rank, world)
             for grouped in (False, True):
                 x, dims = _ss_inputs(grouped, torch.Generator().manual_seed(2))
-                soft = grouped
                 results[("ss", grouped, method, str(dtype))] = _compare(
                     f"selective_scan[grouped={grouped},{method}]", dtype,
-                    lambda **a: selective_scan(**a, delta_softplus=soft),
-                    lambda **a: cp_selective_scan(**a, delta_softplus=soft, method=method),
+                    partial(selective_scan, delta_softplus=grouped),
+                    partial(cp_selective_scan, delta_softplus=grouped, method=method),
                     x, dims, rank, world)
         g = torch.Generator().manual_seed(3)
         x = dict(x=torch.randn(2, 5, N, generator=g, dtype=torch.float64),
@@ -111,13 +123,41 @@ def _cases(rank, world):
             "causal_conv1d", dtype, lambda **a: causal_conv1d(a["x"], a["weight"], a["bias"], activation="silu"),
             lambda **a: cp_causal_conv1d(a["x"], a["weight"], a["bias"], activation="silu"),
             x, dict(x=2, weight=None, bias=None), rank, world)
-    return results
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_cp_recurrent_matches_single_process(world):
     results = run_distributed(_cases, world, timeout=300)
     assert all(len(r) == 2 * (2 * 5 + 1) for r in results)
+
+
+def _subgroups(rank, world):
+    """Two independent CP groups {0, 1} and {2, 3}: group ranks, not global ranks, address peers."""
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    group = groups[rank // 2]
+    grank = dist.get_rank(group)
+    for method in ("ring", "allgather"):
+        x, dims = _la_inputs("token", torch.Generator().manual_seed(10 + rank // 2))
+        _compare(f"linear_attention[subgroup,{method}]", torch.float64, linear_attention,
+                 partial(cp_linear_attention, method=method, group=group), x, dims, grank, 2,
+                 group)
+        x, dims = _ss_inputs(True, torch.Generator().manual_seed(20 + rank // 2))
+        _compare(f"selective_scan[subgroup,{method}]", torch.float64,
+                 partial(selective_scan, delta_softplus=True),
+                 partial(cp_selective_scan, delta_softplus=True, method=method, group=group),
+                 x, dims, grank, 2, group)
+    g = torch.Generator().manual_seed(30 + rank // 2)
+    x = dict(x=torch.randn(2, 5, N, generator=g, dtype=torch.float64),
+             weight=torch.randn(5, 3, generator=g, dtype=torch.float64))
+    _compare("causal_conv1d[subgroup]", torch.float64,
+             lambda **a: causal_conv1d(a["x"], a["weight"]),
+             lambda **a: cp_causal_conv1d(a["x"], a["weight"], group=group),
+             x, dict(x=2, weight=None), grank, 2, group)
+    return True
+
+
+def test_cp_recurrent_on_subgroups():
+    assert all(run_distributed(_subgroups, 4))
 
 
 def _ring_traffic(rank, world):

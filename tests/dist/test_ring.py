@@ -274,3 +274,34 @@ def test_ring_overlap_from_trace():
                 # synchronous: this step's K/V have arrived before its block computes
                 assert (at[("post", f"ring_{phase}_kv{step}")] < at[("wait", f"ring_{phase}_kv{step}")]
                         < at[("compute", f"ring_{phase}{step}")])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_block_plan_is_exactly_the_global_causal_mask(layout):
+    """For every (rank, source) pair the one block ring attention computes covers exactly the
+    (query, key) pairs with key position <= query position, and nothing is computed for a
+    pair with no visible score (brute force over small P and local lengths)."""
+    from ctxscale.dist.layout import global_positions
+    from ctxscale.dist.ring import block_plan
+
+    for world in (1, 2, 3, 4, 5):
+        for n in (2, 4, 6):
+            seq_len = n * world
+            for rank in range(world):
+                pos_q = global_positions(seq_len, rank, world, layout)
+                for src in range(world):
+                    pos_k = global_positions(seq_len, src, world, layout)
+                    want = pos_k[None, :] <= pos_q[:, None]
+                    got = torch.zeros(n, n, dtype=torch.bool)
+                    plan = block_plan(layout, True, rank, src, n)
+                    if plan is not None:
+                        rows, krows, causal = plan
+                        ql, kl = len(range(n)[rows]), len(range(n)[krows])
+                        block = torch.ones(ql, kl, dtype=torch.bool)
+                        if causal:  # bottom-right aligned, as the kernel does it
+                            block = torch.ones(ql, kl).tril(kl - ql).bool()
+                        got[rows, krows] = block
+                        assert block.any(), (world, n, rank, src)  # no empty blocks computed
+                    assert torch.equal(got, want), (layout, world, n, rank, src)
+                    full = block_plan(layout, False, rank, src, n)
+                    assert full == (slice(0, n), slice(0, n), False)

@@ -6,6 +6,8 @@ algorithm in a different summation order; against the float64 oracle each output
 1e-5 (relative to the largest entry of each compared tensor).
 """
 
+import importlib
+
 import pytest
 import torch
 from ctxscale.kernels import dispatch
@@ -133,6 +135,33 @@ def test_dispatcher_paths(monkeypatch):
     monkeypatch.setenv("CTXSCALE_KERNELS_LINEAR_ATTENTION", "bogus")
     with pytest.raises(ValueError, match="not one of"):
         linear_attention(q, k, v)
+
+
+def test_dispatcher_uses_triton_module_when_it_supports_the_call(monkeypatch):
+    """The Triton module is called with the dispatcher's exact arguments when `supports` says
+    yes, and the chunked path runs when it says no (a stand-in module; the real kernel is tested
+    in its own file)."""
+    import types
+
+    la_module = importlib.import_module("ctxscale.kernels.linear_attention")
+
+    calls = []
+    fake = types.SimpleNamespace(
+        supports=lambda q, k, v, **kw: kw["log_decay"] is not None,
+        linear_attention=lambda q, k, v, **kw: calls.append(kw) or torch.zeros_like(v),
+    )
+    monkeypatch.setattr(la_module, "_triton_module", lambda: fake)
+    monkeypatch.setattr(la_module, "want_triton", lambda device: True)
+    monkeypatch.delenv("CTXSCALE_KERNELS_LINEAR_ATTENTION", raising=False)
+    q, k, v, ld, _ = _inputs(torch.float64, "token", n=5)
+    assert torch.equal(linear_attention(q, k, v, log_decay=ld), torch.zeros_like(v))
+    assert set(calls[0]) == {"log_decay", "scale", "initial_state", "return_final_state"}
+    assert dispatch.chosen_paths()["linear_attention"] == "triton"
+    ref = linear_attention_recurrent(q, k, v)
+    assert _rel(linear_attention(q, k, v), ref) <= 1e-10  # unsupported: falls back
+    assert dispatch.chosen_paths()["linear_attention"] == "chunked"
+    monkeypatch.setattr(la_module, "_triton_module", lambda: None)
+    assert _rel(linear_attention(q, k, v), ref) <= 1e-10  # module missing: falls back
 
 
 def test_shape_errors_are_actionable():

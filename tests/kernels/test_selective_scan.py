@@ -6,6 +6,8 @@ plus the carried state, so against the float64 oracle the error is a few ulps ti
 accumulation depth, ~1e-6 relative; we allow 1e-5 (relative to each tensor's largest entry).
 """
 
+import importlib
+
 import pytest
 import torch
 from ctxscale.kernels import dispatch
@@ -68,6 +70,17 @@ def test_chunked_matches_reference(dtype, form, L, chunk, segment):
     assert got[0].dtype == dtype and got[1].shape == (2, 6, 5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_masked_difference_form_matches_reference(dtype):
+    """cumsum_limit=0 forces the O(chunk^2) masked form used for very strong decays."""
+    inputs = _inputs("grouped", L=29)
+    ref = _run(selective_scan_reference, inputs, torch.float64)
+    got = _run(selective_scan_chunked, inputs, dtype, chunk_size=8, segment_chunks=2,
+               cumsum_limit=0.0)
+    for name, a, r in zip(NAMES, got, ref):
+        assert _rel(a, r) <= TOL[dtype], (name, _rel(a, r))
+
+
 def test_without_optional_terms():
     """No D, z, delta_bias, softplus: the bare scan and its gradients."""
     inputs = _inputs("plain", L=23)
@@ -128,3 +141,26 @@ def test_dispatcher_and_errors(monkeypatch):
                        x["C"])
     with pytest.raises(ValueError, match="initial_state"):
         selective_scan(*args, initial_state=torch.zeros(2, 6, 4))
+
+
+def test_dispatcher_uses_triton_module_when_it_supports_the_call(monkeypatch):
+    """Stand-in Triton module: called with the exact arguments when `supports` says yes."""
+    import types
+
+    ss_module = importlib.import_module("ctxscale.kernels.selective_scan")
+
+    calls = []
+    fake = types.SimpleNamespace(
+        supports=lambda *a, **kw: a[5] is not None,  # "supports" only calls with D
+        selective_scan=lambda *a, **kw: calls.append((a, kw)) or torch.zeros_like(a[0]),
+    )
+    monkeypatch.setattr(ss_module, "_import", lambda name: fake if "triton" in name else None)
+    monkeypatch.setattr(ss_module, "want_triton", lambda device: True)
+    monkeypatch.delenv("CTXSCALE_KERNELS_SELECTIVE_SCAN", raising=False)
+    x = _inputs("plain", L=7)
+    args = (x["u"], x["delta"], x["A"], x["B"], x["C"])
+    assert torch.equal(selective_scan(*args, x["D"]), torch.zeros_like(x["u"]))
+    assert len(calls[0][0]) == 10 and set(calls[0][1]) == {"initial_state"}
+    assert dispatch.chosen_paths()["selective_scan"] == "triton"
+    assert _rel(selective_scan(*args), selective_scan_reference(*args)) <= 1e-10
+    assert dispatch.chosen_paths()["selective_scan"] == "chunked"
