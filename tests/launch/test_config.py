@@ -40,7 +40,7 @@ def test_unknown_key_names_key_file_and_suggestion(tmp_path):
         ("parallel.cp_method=spiral", r"choose one of \['rsa', 'ring', 'lightseq', 'ulysses', 'usp'\]"),
         ("model.num_heads=0", r"model.num_heads must be positive"),
         ("model.num_kv_heads=3", r"multiple of\s+model.num_kv_heads=3"),
-        ("parallel.cp=3", r"data.seq_len=128 .* multiple of 3"),
+        ("parallel.cp=3", r"data.seq_len=64 .* multiple of 3"),
         ("nosuchsection.x=1", r"unknown config key 'nosuchsection'"),
         ("train.steps", r"must look like key.path=value"),
     ],

@@ -1,0 +1,506 @@
+"""Kernel benchmark: every op's paths side by side over sequence lengths, forward and
+forward+backward time, achieved throughput and peak memory, written as markdown.
+
+    python benchmarks/kernels.py                         # CPU: small default subset, minutes
+    python benchmarks/kernels.py --seq 1024 4096 16384 65536 --ops attention linear_attention
+    python benchmarks/kernels.py --device cuda           # GPU default: 1K .. 64K
+
+Paths compared (a path that cannot run here is listed once under "not run" with the reason):
+- attention: ours Triton FlashAttention-2 (CUDA), PyTorch SDPA (always; the baseline),
+  flash-attn `flash_attn_func` (when installed), the blockwise PyTorch FA-2 path, and the
+  full-score reference (while its seq² scores fit in memory).
+- linear_attention: ours Triton chunked kernel (CUDA), the PyTorch chunked (Lightning-2) path
+  (baseline), flash-linear-attention `chunk_simple_gla` (when installed), the token-by-token
+  recurrence (short sequences only).
+- selective_scan: ours Triton (CUDA), the PyTorch chunked path (baseline), mamba-ssm
+  `selective_scan_fn` (when installed), the token-by-token reference (short sequences only).
+- rms_norm, cross_entropy (fused linear + CE over tokens = batch · seq): ours Triton (CUDA) and
+  the PyTorch paths (baseline: the reference / torch chunked path).
+
+Throughput: attention counts 4·b·h·sq·sk·d forward FLOPs (halved for causal), backward 2.5x that;
+linear attention 2·C·(dk+dv) + 4·dk·dv FLOPs per token and head forward (chunk C = 64), backward
+2x; cross-entropy 2·N·V·D for the logits and 4·N·V·D more for the gradients. rms_norm and
+selective_scan are memory bound: we report GB/s of their compulsory traffic instead. Peak memory
+is `torch.cuda.max_memory_allocated` on CUDA, and on CPU the peak resident-set growth during the
+call sampled every millisecond, with glibc told to mmap (and unmap on free) every allocation of
+64 KiB or more (an approximation that misses peaks shorter than the sampling period). Times are medians of `--repeats` runs after a
+warm-up. Ratios ("x base") are baseline time / path time in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+OPS = ("attention", "linear_attention", "selective_scan", "rms_norm", "cross_entropy")
+
+
+# ---------------------------------------------------------------- measurement
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return f"{p.name} ({p.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{model}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads; "
+            f"1-min load average {load:.1f} at start (a load above the core count means other jobs "
+            "share the cores and times are inflated and noisy; compare ratios within a row group)")
+
+
+def _large_allocations_to_os() -> None:
+    """glibc: serve every allocation >= 64 KiB by mmap and return it on free, so the resident set
+    follows live tensors and its growth during a call approximates the call's peak memory."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (fixing it also stops dynamic raising)
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+class _RssPeak:
+    """Peak resident-set growth (bytes) while the context is open (CPU memory approximation)."""
+
+    def __enter__(self):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.base = self._proc.memory_info().rss
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def grown(self) -> int:
+        return self.peak - self.base
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure(fn, device, repeats: int):
+    """(median seconds, peak extra bytes) of fn(). On CPU the warm-up call is the memory probe."""
+    if device.type == "cuda":
+        fn()  # warm-up (and Triton autotuning / compilation)
+        _sync(device)
+    else:
+        with _RssPeak() as rss:
+            fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak = rss.grown
+    return statistics.median(times), peak
+
+
+def _fwd_bwd(fn, inputs):
+    """A closure running forward + backward of fn(*inputs) with a fixed random cotangent."""
+
+    def run():
+        for t in inputs:
+            t.grad = None
+        out = fn()
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.ones_like(out) if out.dim() else None)
+
+    return run
+
+
+def _optional(name: str):
+    try:
+        return importlib.import_module(name)
+    except Exception:  # noqa: BLE001 -- any import failure means "peer not available"
+        return None
+
+
+@dataclass
+class Row:
+    op: str
+    seq: int
+    path: str
+    fwd_s: float | None = None
+    fwd_bwd_s: float | None = None
+    rate: str = "-"
+    peak_bytes: int | None = None
+    note: str = ""
+
+
+@dataclass
+class Case:
+    """One path of one op at one length: forward and forward+backward closures."""
+
+    path: str
+    fwd: object
+    fwd_bwd: object | None
+    flops_fwd: float | None = None  # FLOPs of the forward pass (None: memory bound)
+    flops_fwd_bwd: float | None = None
+    bytes_fwd_bwd: float | None = None  # compulsory traffic, for memory-bound ops
+    baseline: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- ops
+def _triton_ok(device) -> str | None:
+    if device.type != "cuda":
+        return "Triton kernels need CUDA (the CPU interpreter is for tests, not speed)"
+    if _optional("triton") is None:
+        return "triton not installed"
+    return None
+
+
+def attention_cases(seq, args, device, dtype):
+    att = importlib.import_module("ctxscale.kernels.attention")
+
+    b, h, hk, d = args.batch, args.heads, args.kv_heads, args.head_dim
+    q = torch.randn(b, seq, h, d, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(b, seq, hk, d, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(b, seq, hk, d, device=device, dtype=dtype, requires_grad=True)
+    ins = (q, k, v)
+    fl = att.attention_flops(b, seq, seq, h, d, causal=True)
+    cases, skipped = [], []
+
+    def add(path, fn, baseline=False):
+        cases.append(Case(path, lambda: _nograd(fn), _fwd_bwd(fn, ins), fl, 3.5 * fl,
+                          baseline=baseline))
+
+    add("sdpa", lambda: att._sdpa(q, k, v, True, None), baseline=True)
+    why = _triton_ok(device)
+    if why is None:
+        fat = importlib.import_module("ctxscale.kernels.flash_attention_triton")
+        add("triton (ours)", lambda: fat.flash_attention(q, k, v, causal=True)[0])
+    else:
+        skipped.append(("triton (ours)", why))
+    fa = _optional("flash_attn") if device.type == "cuda" else None
+    if fa is not None and dtype in (torch.float16, torch.bfloat16):
+        add("flash-attn", lambda: fa.flash_attn_func(q, k, v, causal=True))
+    else:
+        skipped.append(("flash-attn", "not installed" if fa is None else "needs fp16/bf16 on CUDA"))
+    add("blockwise (PyTorch FA-2)", lambda: att.attention_blockwise(q, k, v, causal=True)[0])
+    score_bytes = 3 * b * h * seq * seq * 4
+    if score_bytes < args.reference_budget:
+        add("reference (full scores)", lambda: att.attention_reference(q, k, v, causal=True)[0])
+    else:
+        skipped.append(("reference (full scores)", f"seq² scores need {score_bytes / 2**30:.1f} GiB"))
+    return cases, skipped
+
+
+def linear_attention_cases(seq, args, device, dtype):
+    la = importlib.import_module("ctxscale.kernels.linear_attention")
+
+    b, h, dk, dv = args.batch, args.heads, args.head_dim, args.head_dim
+    q = torch.randn(b, seq, h, dk, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(b, seq, h, dk, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(b, seq, h, dv, device=device, dtype=dtype, requires_grad=True)
+    g = (-torch.rand(b, seq, h, device=device) * 0.1).requires_grad_()
+    ins = (q, k, v, g)
+    C = 64
+    fl = b * h * seq * (2.0 * C * (dk + dv) + 4.0 * dk * dv)
+    cases, skipped = [], []
+
+    def add(path, fn, baseline=False):
+        cases.append(Case(path, lambda: _nograd(fn), _fwd_bwd(fn, ins), fl, 3.0 * fl,
+                          baseline=baseline))
+
+    add("chunked (PyTorch Lightning-2)", lambda: la.linear_attention_chunked(q, k, v, log_decay=g),
+        baseline=True)
+    why = _triton_ok(device)
+    if why is None:
+        lat = importlib.import_module("ctxscale.kernels.linear_attention_triton")
+        add("triton (ours)", lambda: lat.linear_attention(q, k, v, log_decay=g))
+    else:
+        skipped.append(("triton (ours)", why))
+    fla = _optional("fla.ops.simple_gla") if device.type == "cuda" else None
+    if fla is not None:
+        add("fla chunk_simple_gla", lambda: fla.chunk_simple_gla(q, k, v, g, scale=dk ** -0.5)[0])
+    else:
+        skipped.append(("fla chunk_simple_gla", "flash-linear-attention not installed or no CUDA"))
+    if seq <= args.recurrent_max_seq:
+        add("recurrent (token by token)", lambda: la.linear_attention_recurrent(q, k, v, log_decay=g))
+    else:
+        skipped.append(("recurrent (token by token)", f"only up to seq {args.recurrent_max_seq}"))
+    return cases, skipped
+
+
+def selective_scan_cases(seq, args, device, dtype):
+    ss = importlib.import_module("ctxscale.kernels.selective_scan")
+
+    b, d, n = args.batch, args.ssm_dim, args.ssm_state
+    u = torch.randn(b, d, seq, device=device, dtype=dtype, requires_grad=True)
+    delta = (torch.rand(b, d, seq, device=device, dtype=dtype) - 0.5).requires_grad_()
+    A = (-torch.rand(d, n, device=device) * 4).requires_grad_()
+    B = torch.randn(b, n, seq, device=device, dtype=dtype, requires_grad=True)
+    C = torch.randn(b, n, seq, device=device, dtype=dtype, requires_grad=True)
+    D = torch.randn(d, device=device, requires_grad=True)
+    z = torch.randn(b, d, seq, device=device, dtype=dtype, requires_grad=True)
+    bias = torch.randn(d, device=device, requires_grad=True)
+    ins = (u, delta, A, B, C, D, z, bias)
+    args_ = (u, delta, A, B, C, D, z, bias, True)
+    el = torch.tensor([], dtype=dtype).element_size()
+    traffic = (4 * b * d * seq + 2 * b * n * seq) * el * 3.0  # read fwd, read again + write grads
+    cases, skipped = [], []
+
+    def add(path, fn, baseline=False):
+        cases.append(Case(path, lambda: _nograd(fn), _fwd_bwd(fn, ins), bytes_fwd_bwd=traffic,
+                          baseline=baseline))
+
+    add("chunked (PyTorch)", lambda: ss.selective_scan_chunked(*args_), baseline=True)
+    why = _triton_ok(device)
+    if why is None:
+        sst = importlib.import_module("ctxscale.kernels.selective_scan_triton")
+        add("triton (ours)", lambda: sst.selective_scan(*args_))
+    else:
+        skipped.append(("triton (ours)", why))
+    mamba = _optional("mamba_ssm.ops.selective_scan_interface") if device.type == "cuda" else None
+    if mamba is not None:
+        add("mamba-ssm", lambda: mamba.selective_scan_fn(*args_))
+    else:
+        skipped.append(("mamba-ssm", "not installed or no CUDA"))
+    if seq <= args.recurrent_max_seq:
+        add("reference (token by token)", lambda: ss.selective_scan_reference(*args_))
+    else:
+        skipped.append(("reference (token by token)", f"only up to seq {args.recurrent_max_seq}"))
+    return cases, skipped
+
+
+def rms_norm_cases(seq, args, device, dtype):
+    norm = importlib.import_module("ctxscale.kernels.norm")
+
+    x = torch.randn(args.batch, seq, args.hidden, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(args.hidden, device=device, requires_grad=True)
+    traffic = 5.0 * x.numel() * x.element_size()  # fwd: x in, y out; bwd: x, dy in, dx out
+    cases, skipped = [], []
+    cases.append(Case("reference (PyTorch)", lambda: _nograd(lambda: norm.rms_norm_reference(x, w)),
+                      _fwd_bwd(lambda: norm.rms_norm_reference(x, w), (x, w)),
+                      bytes_fwd_bwd=traffic, baseline=True))
+    why = _triton_ok(device)
+    if why is None:
+        rt = importlib.import_module("ctxscale.kernels.rms_norm_triton")
+        cases.append(Case("triton (ours)", lambda: _nograd(lambda: rt.rms_norm(x, w, 1e-6)),
+                          _fwd_bwd(lambda: rt.rms_norm(x, w, 1e-6), (x, w)), bytes_fwd_bwd=traffic))
+    else:
+        skipped.append(("triton (ours)", why))
+    return cases, skipped
+
+
+def cross_entropy_cases(seq, args, device, dtype):
+    ce = importlib.import_module("ctxscale.kernels.cross_entropy")
+
+    N, D, V = args.batch * seq, args.hidden, args.vocab
+    h = torch.randn(N, D, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(V, D, device=device, dtype=dtype) * D ** -0.5).requires_grad_()
+    y = torch.randint(0, V, (N,), device=device)
+    fl = 2.0 * N * V * D
+    cases, skipped = [], []
+
+    def add(path, fn, baseline=False):
+        cases.append(Case(path, lambda: _nograd(fn), _fwd_bwd(fn, (h, w)), fl, 3.0 * fl,
+                          baseline=baseline))
+
+    add("full logits (PyTorch)", lambda: ce.cross_entropy_reference(h, w, y), baseline=True)
+    add("chunked (PyTorch)", lambda: _torch_chunked_ce(ce, h, w, y))
+    why = _triton_ok(device)
+    if why is None:
+        cet = importlib.import_module("ctxscale.kernels.cross_entropy_triton")
+        add("triton (ours)", lambda: cet.chunked_cross_entropy(h, w, y))
+    else:
+        skipped.append(("triton (ours)", why))
+    return cases, skipped
+
+
+def _torch_chunked_ce(ce, h, w, y):
+    from ctxscale.kernels.dispatch import set_kernel_mode
+
+    set_kernel_mode("torch")
+    try:
+        return ce.chunked_cross_entropy(h, w, y)
+    finally:
+        set_kernel_mode(None)
+
+
+def _nograd(fn):
+    with torch.no_grad():
+        return fn()
+
+
+BUILDERS = {
+    "attention": attention_cases,
+    "linear_attention": linear_attention_cases,
+    "selective_scan": selective_scan_cases,
+    "rms_norm": rms_norm_cases,
+    "cross_entropy": cross_entropy_cases,
+}
+
+
+# ---------------------------------------------------------------- report
+def _fmt_s(s):
+    return "-" if s is None else (f"{s * 1e3:.2f} ms" if s < 1 else f"{s:.2f} s")
+
+
+def _fmt_rate(value, unit):
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if value >= scale or prefix == "M":
+            return f"{value / scale:.3g} {prefix}{unit}"
+
+
+def _fmt_b(b):
+    return "-" if b is None else f"{max(b, 0) / 2**20:.1f} MiB"
+
+
+def run(args) -> str:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    if device.type == "cpu":
+        _large_allocations_to_os()
+    lines = [
+        f"# Kernel benchmark ({device.type})",
+        "",
+        f"- machine: {_machine(device)}",
+        f"- torch {torch.__version__}, dtype {args.dtype}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- command: `python benchmarks/kernels.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"- shapes: batch {args.batch}; attention heads {args.heads} (kv {args.kv_heads}), head_dim "
+        f"{args.head_dim}, causal; linear attention heads {args.heads}, dk = dv = {args.head_dim}, "
+        f"per-token decay; selective scan dim {args.ssm_dim}, dstate {args.ssm_state}, with D, z, "
+        f"softplus; rms_norm hidden {args.hidden}; cross-entropy tokens = batch·seq, hidden "
+        f"{args.hidden}, vocab {args.vocab}",
+        f"- median of {args.repeats} runs after a warm-up; 'x base' = baseline time / path time "
+        "(forward+backward); throughput of the forward+backward pass; peak mem = extra memory "
+        "of one forward+backward",
+        "",
+    ]
+    for op in args.ops:
+        lines += [f"## {op}", "", "| seq | path | fwd | fwd+bwd | x base | throughput | peak mem |",
+                  "|---:|---|---:|---:|---:|---:|---:|"]
+        not_run: dict[str, str] = {}
+        for seq in args.seq:
+            torch.manual_seed(0)
+            try:
+                cases, skipped = BUILDERS[op](seq, args, device, dtype)
+            except torch.OutOfMemoryError:
+                lines.append(f"| {seq} | (inputs) | out of memory | | | | |")
+                continue
+            not_run.update(dict(skipped))
+            rows = []
+            for case in cases:
+                row = Row(op, seq, case.path)
+                try:
+                    row.fwd_s, _ = _measure(case.fwd, device, args.repeats)
+                    row.fwd_bwd_s, row.peak_bytes = _measure(case.fwd_bwd, device, args.repeats)
+                except (torch.OutOfMemoryError, RuntimeError) as e:
+                    row.note = f"failed: {str(e).splitlines()[0][:80]}"
+                if row.fwd_bwd_s:
+                    if case.flops_fwd_bwd:
+                        row.rate = _fmt_rate(case.flops_fwd_bwd / row.fwd_bwd_s, "FLOP/s")
+                    elif case.bytes_fwd_bwd:
+                        row.rate = _fmt_rate(case.bytes_fwd_bwd / row.fwd_bwd_s, "B/s")
+                rows.append((row, case.baseline))
+                print(f"{op:17s} seq {seq:6d} {case.path:32s} fwd {_fmt_s(row.fwd_s):>10s} "
+                      f"fwd+bwd {_fmt_s(row.fwd_bwd_s):>10s} {row.rate} {row.note}", flush=True)
+            base = next((r.fwd_bwd_s for r, is_base in rows if is_base), None)
+            for row, is_base in rows:
+                ratio = f"{base / row.fwd_bwd_s:.2f}" if base and row.fwd_bwd_s else "-"
+                path = f"{row.path} (baseline)" if is_base else row.path
+                lines.append(f"| {seq} | {path} | {_fmt_s(row.fwd_s)} | {_fmt_s(row.fwd_bwd_s)} | "
+                             f"{ratio} | {row.rate} | {_fmt_b(row.peak_bytes)} {row.note} |")
+            del cases
+        if not_run:
+            lines += ["", "Not run: " + "; ".join(f"{p} ({why})" for p, why in not_run.items())]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    p.add_argument("--seq", nargs="+", type=int, default=None,
+                   help="sequence lengths (default: 1K..64K on CUDA, 512, 1K, 2K on CPU)")
+    p.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=None, help="default 16 on CUDA, 4 on CPU")
+    p.add_argument("--kv-heads", type=int, default=None, help="default heads / 2 (GQA)")
+    p.add_argument("--head-dim", type=int, default=None, help="default 128 on CUDA, 64 on CPU")
+    p.add_argument("--ssm-dim", type=int, default=None, help="default 2048 on CUDA, 64 on CPU")
+    p.add_argument("--ssm-state", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=None, help="default 4096 on CUDA, 512 on CPU")
+    p.add_argument("--vocab", type=int, default=None, help="default 128256 on CUDA, 8000 on CPU")
+    p.add_argument("--repeats", type=int, default=None, help="default 10 on CUDA, 3 on CPU")
+    p.add_argument("--recurrent-max-seq", type=int, default=None,
+                   help="longest seq for the token-by-token references (default 2048 CUDA, 512 CPU)")
+    p.add_argument("--reference-budget", type=float, default=None,
+                   help="bytes the full-score reference may use (default 8 GiB CUDA, 1 GiB CPU)")
+    p.add_argument("--out", default=None, help="markdown file (default benchmarks/results/kernels_<device>.md)")
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    pick = lambda value, gpu, cpu: value if value is not None else (gpu if cuda else cpu)
+    args.seq = pick(args.seq, [1024, 2048, 4096, 8192, 16384, 32768, 65536],
+                    [512, 1024, 2048])
+    args.dtype = pick(args.dtype, "bfloat16", "float32")
+    args.heads = pick(args.heads, 16, 4)
+    args.kv_heads = args.kv_heads or max(1, args.heads // 2)
+    args.head_dim = pick(args.head_dim, 128, 64)
+    args.ssm_dim = pick(args.ssm_dim, 2048, 64)
+    args.hidden = pick(args.hidden, 4096, 512)
+    args.vocab = pick(args.vocab, 128256, 8000)
+    args.repeats = pick(args.repeats, 10, 3)
+    args.recurrent_max_seq = pick(args.recurrent_max_seq, 2048, 512)
+    args.reference_budget = pick(args.reference_budget, 8 * 2**30, 2**30)
+    text = run(args)
+    device_name = torch.device(args.device).type
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"kernels_{device_name}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""kernels/flash_attention_triton.py against the float64 full-score `attention_reference`.
+
+Runs under the Triton interpreter on CPU (see conftest.py) at small odd shapes, or on a GPU.
+Tolerances: the kernel is the exact algorithm in float32 (float32 inputs, IEEE dot products); its
+online-softmax rescaling and tile-order summation give O(eps_32 · log(tiles)) relative error, so
+outputs agree with float64 to ~1e-6; we assert 1e-5 for o/lse and 1e-4 relative (to the largest
+entry) for gradients, whose longer reduction chains (sums over seq of products) lose a little more.
+"""
+
+import pytest
+import torch
+
+from ctxscale.kernels.attention import attention, attention_reference
+from ctxscale.kernels.flash_attention_triton import (
+    flash_attention,
+    flash_attention_backward,
+    flash_attention_forward,
+    supports,
+)
+
+SHAPES = [  # (seq_q, seq_k, heads, kv_heads, head_dim)
+    (37, 37, 5, 5, 24),  # padded head dim, odd seq
+    (20, 45, 6, 2, 40),  # GQA, seq_q < seq_k (causal: bottom-right), padded 40 -> 64
+    (45, 20, 6, 3, 64),  # seq_q > seq_k: the first causal rows see no key (lse = -inf)
+]
+
+
+def _inputs(sq, sk, h, hk, d, device, seed=0, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, sq, h, d, generator=g, dtype=torch.float64)
+    k = torch.randn(batch, sk, hk, d, generator=g, dtype=torch.float64)
+    v = torch.randn(batch, sk, hk, d, generator=g, dtype=torch.float64)
+    return q.to(device), k.to(device), v.to(device)
+
+
+def _rel_close(a, b, tol):
+    err = (a.double() - b.double()).abs().max().item()
+    scale = max(b.double().abs().max().item(), 1e-30)
+    assert err <= tol * scale, f"max error {err:.3e} > {tol} x {scale:.3e}"
+
+
+def _loss(o, lse, w, wl):
+    fin = torch.isfinite(lse)
+    return (o.double() * w).sum() + (torch.where(fin, lse.double(), 0) * wl).sum()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_flash_attention_matches_reference(shape, causal, device):
+    q64, k64, v64 = (t.requires_grad_() for t in _inputs(*shape, device))
+    o_ref, lse_ref = attention_reference(q64, k64, v64, causal=causal)
+    q, k, v = (t.detach().float().requires_grad_() for t in (q64, k64, v64))
+    o, lse = flash_attention(q, k, v, causal=causal)
+    assert o.dtype == torch.float32 and lse.dtype == torch.float32
+    assert lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
+    fin = torch.isfinite(lse_ref)
+    torch.testing.assert_close(o.double(), o_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double()[fin], lse_ref[fin], rtol=1e-5, atol=1e-5)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(o_ref.shape, generator=g, dtype=torch.float64).to(device)
+    wl = torch.randn(lse_ref.shape, generator=g, dtype=torch.float64).to(device)
+    grads = torch.autograd.grad(_loss(o, lse, w, wl), (q, k, v))
+    grads_ref = torch.autograd.grad(_loss(o_ref, lse_ref, w, wl), (q64, k64, v64))
+    for a, b in zip(grads, grads_ref):
+        _rel_close(a, b, 1e-4)
+
+
+@pytest.mark.parametrize("head_dim", [128])
+def test_head_dim_128_and_custom_scale(head_dim, device):
+    q64, k64, v64 = (t.requires_grad_() for t in _inputs(33, 33, 2, 1, head_dim, device, batch=1))
+    o_ref, _ = attention_reference(q64, k64, v64, causal=True, softmax_scale=0.05)
+    q, k, v = (t.detach().float().requires_grad_() for t in (q64, k64, v64))
+    o, _ = flash_attention(q, k, v, causal=True, softmax_scale=0.05)
+    torch.testing.assert_close(o.double(), o_ref, rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(o_ref)
+    for a, b in zip(torch.autograd.grad((o.double() * w).sum(), (q, k, v)),
+                    torch.autograd.grad((o_ref * w).sum(), (q64, k64, v64))):
+        _rel_close(a, b, 1e-4)
+
+
+def test_float16_inputs(device):
+    """float16 q/k/v: o and gradients come back in float16. Against float64 on the same
+    (float16-rounded) inputs the error is set by casting p to float16 before the p·V product and by
+    rounding the outputs, a few float16 ulps (2^-11 ~ 5e-4): we assert 4e-3 relative."""
+    q16, k16, v16 = (t.half().requires_grad_() for t in _inputs(29, 29, 4, 2, 24, device, batch=1))
+    o, lse = flash_attention(q16, k16, v16, causal=True)
+    assert o.dtype == torch.float16 and lse.dtype == torch.float32
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q16, k16, v16))
+    o_ref, lse_ref = attention_reference(q64, k64, v64, causal=True)
+    _rel_close(o, o_ref, 4e-3)
+    _rel_close(lse, lse_ref, 4e-3)
+    w = torch.randn_like(o_ref)
+    grads = torch.autograd.grad(o, (q16, k16, v16), w.half())
+    for a, b in zip(grads, torch.autograd.grad((o_ref * w).sum(), (q64, k64, v64))):
+        assert a.dtype == torch.float16
+        _rel_close(a, b, 4e-3)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_merge_with_previous_block_equals_full(causal, device):
+    """Ring step identity: attention over keys [0, 29) merged with keys [29, 61) == all keys.
+    With a causal bottom-right mask the query block sits at the end of the key sequence, so the
+    first key half is fully visible (non-causal) and the second half carries the causal mask."""
+    q, k, v = (t.float() for t in _inputs(32, 61, 5, 5, 24, device))
+    o_full, lse_full = attention_reference(q.double(), k.double(), v.double(), causal=causal)
+    o1, lse1 = flash_attention_forward(q, k[:, :29], v[:, :29], causal=False)
+    o2, lse2 = flash_attention_forward(q, k[:, 29:], v[:, 29:], causal=causal, o_prev=o1, lse_prev=lse1)
+    assert o2.dtype == torch.float32
+    torch.testing.assert_close(o2.double(), o_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse2.double(), lse_full, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_with_empty_previous_rows(device):
+    """Rows whose previous lse is -inf (nothing seen yet) take the new block unchanged."""
+    q, k, v = (t.float() for t in _inputs(20, 20, 5, 5, 24, device))
+    o_prev = torch.zeros_like(q)
+    lse_prev = torch.full((2, 5, 20), float("-inf"), device=device)
+    o, lse = flash_attention_forward(q, k, v, causal=True, o_prev=o_prev, lse_prev=lse_prev)
+    o_ref, lse_ref = attention_reference(q.double(), k.double(), v.double(), causal=True)
+    torch.testing.assert_close(o.double(), o_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_global_lse_backward_sums_over_key_blocks(causal, device):
+    """Backward with the GLOBAL (o, lse) of two key blocks: dq sums, dk/dv concatenate."""
+    q64, k64, v64 = (t.requires_grad_() for t in _inputs(24, 50, 6, 2, 24, device))
+    o_ref, lse_ref = attention_reference(q64, k64, v64, causal=causal)
+    do = torch.randn_like(o_ref)
+    dq_ref, dk_ref, dv_ref = torch.autograd.grad((o_ref * do).sum(), (q64, k64, v64))
+    q, k, v, do32 = (t.detach().float() for t in (q64, k64, v64, do))
+    o, lse = o_ref.detach().float(), lse_ref.detach().float()
+    a = flash_attention_backward(do32, q, k[:, :23], v[:, :23], o, lse, causal=False)
+    b = flash_attention_backward(do32, q, k[:, 23:], v[:, 23:], o, lse, causal=causal)
+    assert all(t.dtype == torch.float32 for t in a + b)
+    _rel_close(a[0] + b[0], dq_ref, 1e-4)
+    _rel_close(torch.cat([a[1], b[1]], 1), dk_ref, 1e-4)
+    _rel_close(torch.cat([a[2], b[2]], 1), dv_ref, 1e-4)
+
+
+def test_dispatcher_runs_triton(monkeypatch, device):
+    from ctxscale.kernels.dispatch import chosen_paths
+
+    monkeypatch.setenv("CTXSCALE_KERNELS_ATTENTION", "triton")
+    q, k, v = (t.float() for t in _inputs(21, 21, 5, 5, 24, device, batch=1))
+    o, lse = attention(q, k, v, causal=True, return_lse=True)
+    assert chosen_paths()["attention"] == "triton"
+    o_ref, lse_ref = attention_reference(q.double(), k.double(), v.double(), causal=True)
+    torch.testing.assert_close(o.double(), o_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_supports_and_errors(device):
+    q, k, v = (t.float() for t in _inputs(8, 8, 4, 2, 24, device, batch=1))
+    assert supports(q, k, v)
+    assert not supports(q.double(), k.double(), v.double())  # float64: blockwise path instead
+    if device.type == "cpu":  # the interpreter mis-computes bfloat16 dot products
+        assert not supports(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert not supports(torch.zeros(1, 8, 4, 512, device=device), torch.zeros(1, 8, 2, 512, device=device),
+                        torch.zeros(1, 8, 2, 512, device=device))
+    with pytest.raises(ValueError, match="multiple of the number of key/value heads"):
+        flash_attention(q, k[:, :, :1].expand(1, 8, 3, 24), v[:, :, :1].expand(1, 8, 3, 24))
+    with pytest.raises(ValueError, match="both o_prev and lse_prev"):
+        flash_attention_forward(q, k, v, o_prev=torch.zeros_like(q))
