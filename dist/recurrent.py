@@ -236,7 +236,7 @@ class _Halo(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tail, group):
         world, rank = _world_rank(group)
-        halo = torch.zeros_like(tail)
+        halo = torch.zeros(tail.shape, dtype=tail.dtype, device=tail.device)  # contiguous
         sends = [(tail.contiguous(), rank + 1)] if rank < world - 1 else []
         recvs = [(halo, rank - 1)] if rank > 0 else []
         comm.exchange(sends, recvs, group=group, tag="conv_halo_fwd").wait()
@@ -246,7 +246,7 @@ class _Halo(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_halo):
         world, rank = _world_rank(ctx.group)
-        grad_tail = torch.zeros_like(grad_halo)
+        grad_tail = torch.zeros(grad_halo.shape, dtype=grad_halo.dtype, device=grad_halo.device)
         sends = [(grad_halo.contiguous(), rank - 1)] if rank > 0 else []
         recvs = [(grad_tail, rank + 1)] if rank < world - 1 else []
         comm.exchange(sends, recvs, group=ctx.group, tag="conv_halo_bwd").wait()

@@ -366,7 +366,8 @@ def _convert_state_dict(tensors: dict, cfg: ModelConfig, expected: dict, dtype) 
 
 def load_hf(path, *, dtype: torch.dtype = torch.float32, device="cpu", parallel=None,
             config_overrides: dict | None = None):
-    """Load a local HF Llama / Mistral / Qwen2 checkpoint directory into a ctxscale Transformer.
+    """Load a local HF Llama / Mistral / Qwen2 checkpoint directory into a ctxscale Transformer
+    (a Mamba directory, `model_type: mamba`, goes to `models/hf_mamba.load_mamba_hf`).
 
     `dtype`: parameter dtype; `config_overrides`: ModelConfig fields to change (for example
     `max_seq_len`, `activation_checkpointing`, or `rope_scaling` for context extension).
@@ -386,6 +387,10 @@ def load_hf(path, *, dtype: torch.dtype = torch.float32, device="cpu", parallel=
         hf = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_file} is not valid JSON: {e}") from e
+    if hf.get("model_type") == "mamba":
+        from ctxscale.models.hf_mamba import load_mamba_hf
+
+        return load_mamba_hf(path, dtype=dtype, parallel=parallel)
     cfg = config_from_hf(hf, **(config_overrides or {}))
     with torch.device("meta"):
         model = Transformer(cfg, parallel)

@@ -1,0 +1,103 @@
+"""Length scaling of recurrent LAYERS on CPU: forward+backward time per token, 4K -> 256K tokens.
+
+A linear-attention layer (LAWCAT: conv on q/k + gated, normalized linear attention; and plain)
+and a Mamba-1 mixer, batch 1, float32, on one process. Linear-time layers should keep the time
+per token flat: the table reports each length's time per token as a ratio to the 4K run of the
+same layer, measured in the same run (target: within 1.3x). Writes
+`benchmarks/results/recurrent_layers_cpu.md`.
+
+    python benchmarks/recurrent_layers_scaling.py [--lengths 4096,16384,65536,262144]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ctxscale.models.config import LinearAttentionConfig, MambaConfig, ModelConfig
+from ctxscale.models.linear_attention import LinearAttention
+from ctxscale.models.mamba import MambaMixer
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def layers(dim: int, heads: int):
+    base = dict(family="linear", vocab_size=8, dim=dim, num_layers=2, num_heads=heads)
+    yield "linear (lawcat)", LinearAttention(ModelConfig(
+        **base, linear_attention=LinearAttentionConfig(kind="lawcat")))
+    yield "linear (plain)", LinearAttention(ModelConfig(
+        **base, linear_attention=LinearAttentionConfig(kind="plain")))
+    yield "mamba", MambaMixer(ModelConfig(**{**base, "family": "mamba"},
+                                          mamba=MambaConfig(d_state=16, expand=2)))
+
+
+def time_fwd_bwd(layer, n: int, dim: int, repeats: int) -> float:
+    x = torch.randn(1, n, dim, requires_grad=True)
+    best = float("inf")
+    for _ in range(repeats + 1):  # first run warms up
+        t0 = time.perf_counter()
+        layer(x).square().mean().backward()
+        best = min(best, time.perf_counter() - t0)
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", default="4096,16384,65536,262144")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="benchmarks/results/recurrent_layers_cpu.md")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    lengths = [int(x) for x in a.lengths.split(",")]
+    rows = []
+    for name, layer in layers(a.dim, a.heads):
+        base = None
+        for n in lengths:
+            t = time_fwd_bwd(layer, n, a.dim, a.repeats)
+            per_tok = t / n * 1e6
+            base = base or per_tok
+            rows.append((name, n, t, per_tok, per_tok / base))
+            print(f"{name:16s} {n:>8d} tokens  {t:8.3f} s  {per_tok:7.2f} us/token  x{per_tok / base:.2f}",
+                  flush=True)
+    lines = [
+        "# Recurrent layers: forward+backward time per token vs sequence length (CPU)",
+        "",
+        f"Machine: {_cpu_name()}, {torch.get_num_threads()} thread(s) used "
+        f"(of {torch.get_num_interop_threads()} interop / shared host); torch {torch.__version__}.",
+        f"One layer, batch 1, dim {a.dim}, {a.heads} heads, float32; best of {a.repeats} after a "
+        "warm-up. Ratio = time per token / time per token at the first length (same run). "
+        "Target: ratio <= 1.3 (linear time). The host is shared with other jobs, so single "
+        "numbers are noisy.",
+        "",
+        "Command: `python benchmarks/recurrent_layers_scaling.py "
+        f"--lengths {a.lengths} --dim {a.dim} --heads {a.heads} --repeats {a.repeats}`",
+        "",
+        "| layer | tokens | fwd+bwd s | us / token | ratio to first |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.2f} | {r[4]:.2f} |" for r in rows]
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
