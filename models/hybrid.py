@@ -34,10 +34,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ctxscale.dist.context import SINGLE, ParallelContext
+from ctxscale.dist.context import ParallelContext
 from ctxscale.kernels.attention import attention as attention_kernel
 from ctxscale.kernels.norm import RMSNorm
-from ctxscale.kernels.rotary import rope_inv_freq
 from ctxscale.models.config import ModelConfig
 from ctxscale.models.linear_attention import LinearAttention, linear_attention_flops_per_token
 from ctxscale.models.mamba import MambaMixer
@@ -128,27 +127,11 @@ def layer_codes(cfg: ModelConfig) -> str:
 class HybridLM(Transformer):
     """Decoder LM over `HybridBlock`s; the `mamba`, `linear` and `hybrid` families."""
 
-    def __init__(self, cfg: ModelConfig, parallel: ParallelContext | None = None):
-        nn.Module.__init__(self)
-        cfg.validate()
-        if cfg.vocab_size <= 0:
-            raise ValueError("model.vocab_size must be set (> 0) before the model is built")
-        self.cfg = cfg
-        self.parallel = parallel or SINGLE
+    def build_layers(self, cfg: ModelConfig) -> nn.ModuleDict:
         self.codes = layer_codes(cfg)
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleDict(
+        return nn.ModuleDict(
             {str(i): HybridBlock(c, cfg, self.parallel) for i, c in enumerate(self.codes)}
         )
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        inv_freq, self.rope_attention_scaling = rope_inv_freq(
-            cfg.per_head_dim, cfg.rope_base, cfg.rope_scaling
-        )
-        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
-        self.init_weights()
 
     @property
     def uses_rope(self) -> bool:

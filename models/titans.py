@@ -28,21 +28,19 @@ Activations are `(batch, seq, dim)`; attention `(batch, seq, heads, head_dim)`; 
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ctxscale.dist.context import SINGLE, ParallelContext
-from ctxscale.kernels.cross_entropy import chunked_cross_entropy
+from ctxscale.dist.context import ParallelContext
 from ctxscale.kernels.norm import RMSNorm
-from ctxscale.kernels.rotary import apply_rotary, rope_cos_sin, rope_inv_freq
+from ctxscale.kernels.rotary import apply_rotary
 from ctxscale.kernels.sliding_window import sliding_window_attention
 from ctxscale.models.config import ModelConfig
 from ctxscale.models.titans_memory import MemoryState, neural_memory, retrieve
-from ctxscale.models.transformer import FeedForward
+from ctxscale.models.transformer import FeedForward, Transformer
 
 
 class BlockState(NamedTuple):
@@ -265,60 +263,30 @@ class TitansBlock(nn.Module):
 
 
 # ------------------------------------------------------------------ model
-class Titans(nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelContext | None = None):
-        super().__init__()
-        cfg.validate()
-        if cfg.vocab_size <= 0:
-            raise ValueError("model.vocab_size must be set (> 0) before the model is built")
+class Titans(Transformer):
+    """Titans language model: the Transformer's embedding, head, loss and initialization
+    around `TitansBlock`s (memory + attention variant per `model.titans.variant`)."""
+
+    def build_layers(self, cfg: ModelConfig) -> nn.ModuleDict:
         if cfg.activation_checkpointing != "none":
             raise ValueError(
                 "model.activation_checkpointing is not supported for model.family=titans yet "
                 "(recomputing a block would repeat its context-parallel state exchange); set "
                 "it to none"
             )
-        self.cfg = cfg
-        self.parallel = parallel or SINGLE
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleDict(
+        return nn.ModuleDict(
             {str(i): TitansBlock(cfg, self.parallel) for i in range(cfg.num_layers)}
         )
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        inv_freq, self.rope_attention_scaling = rope_inv_freq(
-            cfg.per_head_dim, cfg.rope_base, cfg.rope_scaling
-        )
-        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
-        self.init_weights()
 
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        """(Re)initialize every parameter and buffer; also after `to_empty()` from meta."""
-        cfg = self.cfg
-        if self.rope_inv_freq.is_meta or buffer_device is not None:
-            inv_freq, _ = rope_inv_freq(cfg.per_head_dim, cfg.rope_base, cfg.rope_scaling)
-            self.rope_inv_freq = inv_freq.to(buffer_device or self.rope_inv_freq.device)
-        residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                std = residual_std if name.endswith(("wo", "w2")) else cfg.init_std
-                nn.init.normal_(module.weight, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=cfg.init_std)
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
+        """The Transformer's initialization, then the memories and persistent tokens."""
+        super().init_weights(buffer_device)
         for module in self.modules():
             if isinstance(module, NeuralMemory):
                 module.reset_memory_parameters()
             elif isinstance(module, _Projections) and module.persistent is not None:
                 nn.init.normal_(module.persistent, std=1.0)
-
-    def rope(self, position_ids: torch.Tensor):
-        return rope_cos_sin(position_ids, self.rope_inv_freq, self.rope_attention_scaling)
 
     def hidden_states(self, input_ids, position_ids=None, *, state=None, return_state=False):
         """Final-norm hidden states `(batch, seq, dim)`. `state` (a list with one BlockState per
@@ -335,26 +303,6 @@ class Titans(nn.Module):
             new_state.append(st)
         h = self.norm(h) if self.norm is not None else h
         return (h, new_state) if return_state else h
-
-    def forward(self, input_ids, *, labels=None, position_ids=None, loss_reduction="mean",
-                labelled_logits=False):
-        """As `Transformer.forward`: logits, or the chunked cross-entropy with `labels`."""
-        h = self.hidden_states(input_ids, position_ids)
-        if self.output is None:
-            return h
-        if labels is None:
-            return self.output(h)
-        if labelled_logits:
-            return self.output(h[labels != -100])
-        return chunked_cross_entropy(
-            h.flatten(0, 1), self.output.weight, labels.flatten(), reduction=loss_reduction
-        )
-
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings and self.tok_embeddings is not None:
-            n -= self.tok_embeddings.weight.numel()
-        return n
 
     def flops_per_token(self, seq_len: int) -> float:
         """Estimate: 6·params, plus attention over the keys a query sees (segment or window,

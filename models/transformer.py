@@ -106,9 +106,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.parallel = parallel or SINGLE
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleDict(
-            {str(i): TransformerBlock(cfg, self.parallel) for i in range(cfg.num_layers)}
-        )
+        self.layers = self.build_layers(cfg)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -118,6 +116,12 @@ class Transformer(nn.Module):
         )
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
         self.init_weights()
+
+    def build_layers(self, cfg: ModelConfig) -> nn.ModuleDict:
+        """The residual blocks, keyed "0".."L-1"; other families override only this."""
+        return nn.ModuleDict(
+            {str(i): TransformerBlock(cfg, self.parallel) for i in range(cfg.num_layers)}
+        )
 
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
