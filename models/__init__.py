@@ -11,6 +11,10 @@ def build_model(cfg: ModelConfig, parallel=None):
         from ctxscale.models.transformer import Transformer
 
         return Transformer(cfg, parallel)
+    if cfg.family in ("mamba", "linear", "hybrid"):
+        from ctxscale.models.hybrid import HybridLM
+
+        return HybridLM(cfg, parallel)
     raise ValueError(f"model.family {cfg.family!r} is not a known model family")
 
 

@@ -2,18 +2,90 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from ctxscale.kernels.rotary import RopeScaling
 
 MODEL_FAMILIES = ("transformer",)
+RECURRENT_FAMILIES = ("mamba", "linear", "hybrid")
+LINEAR_ATTENTION_KINDS = ("plain", "decay", "hedgehog", "lawcat")
+HYBRID_LAYER_CODES = "AMLP"
+
+
+@dataclass
+class MambaConfig:
+    """The selective-SSM mixer (Mamba-1, Gu & Dao 2023); names follow Hugging Face MambaConfig."""
+
+    # SSM state size N per channel.
+    d_state: int = 16
+    # Width of the causal depthwise convolution in front of the scan.
+    d_conv: int = 4
+    # Inner width = expand · dim.
+    expand: int = 2
+    # Rank of the Δ projection (None: ceil(dim / 16)).
+    dt_rank: int | None = None
+    # Biases on in_proj / out_proj, and on the convolution.
+    bias: bool = False
+    conv_bias: bool = True
+    # Δ initialization: softplus(dt_proj.bias) is log-uniform in [dt_min, dt_max], at least dt_floor.
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_floor: float = 1e-4
+    # Append a SwiGLU MLP sub-block to every Mamba block (Jamba style); Mamba-1 has none.
+    mlp: bool = False
+
+    def rank(self, dim: int) -> int:
+        return self.dt_rank or math.ceil(dim / 16)
+
+    def validate(self) -> None:
+        for name in ("d_state", "d_conv", "expand"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.mamba.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class LinearAttentionConfig:
+    """Linear-attention layers (see models/linear_attention.py for the math of each kind)."""
+
+    # plain: φ(q)ᵀS with S = Σ φ(k)vᵀ (Katharopoulos et al. 2020); decay: a fixed per-head decay
+    # with output RMSNorm (TransNormerLLM / Lightning Attention); hedgehog: trainable softmax
+    # feature map (Zhang et al. 2024); lawcat: causal conv over tokens on q and k, then
+    # normalized gated linear attention (Liu et al. 2025).
+    kind: Literal["plain", "decay", "hedgehog", "lawcat"] = "plain"
+    # Feature map φ on q and k for plain / decay / lawcat (hedgehog always uses its own):
+    # elu1 = elu(x)+1, relu, identity, softmax (over the head dim).
+    feature_map: Literal["elu1", "relu", "identity", "softmax"] | None = None
+    # Output normalization: denominator (divide by φ(q)ᵀΣφ(k)), rms (per-head RMSNorm) or none.
+    # None picks the kind's default (decay: rms; the others: denominator).
+    normalize: Literal["denominator", "rms", "none"] | None = None
+    # Hedgehog: feature width per half ([softmax(xW), softmax(-xW)] has 2× this); None = head dim.
+    feature_dim: int | None = None
+    # LAWCAT: width of the causal depthwise conv on q and k.
+    conv_width: int = 4
+    # LAWCAT: data-dependent gate log σ(x W_g + b) / gate_normalizer per head and token
+    # (Gated Linear Attention); false uses a fixed per-head decay like `decay`.
+    gate: bool = True
+    gate_normalizer: float = 16.0
+    # Epsilon of the denominator normalization.
+    eps: float = 1e-6
+
+    def validate(self) -> None:
+        if self.conv_width <= 0:
+            raise ValueError(f"model.linear_attention.conv_width must be positive, got {self.conv_width}")
+        if self.feature_dim is not None and self.feature_dim <= 0:
+            raise ValueError("model.linear_attention.feature_dim must be positive or null")
+        if self.gate_normalizer <= 0:
+            raise ValueError("model.linear_attention.gate_normalizer must be positive")
 
 
 @dataclass
 class ModelConfig:
     # Which model to build. `transformer` is the Llama-family decoder.
-    family: Literal["transformer"] = "transformer"
+    # `mamba`: Mamba-1 blocks; `linear`: linear-attention blocks; `hybrid`: a stack built from
+    # `layer_pattern` (see models/hybrid.py).
+    family: Literal["transformer", "mamba", "linear", "hybrid"] = "transformer"
     # Vocabulary size; 0 means "take it from the data source" (tokenizer or synthetic task).
     vocab_size: int = 0
     # Width of the residual stream.
@@ -44,6 +116,14 @@ class ModelConfig:
     init_std: float = 0.02
     # Longest sequence the model is meant for (checked against data.seq_len).
     max_seq_len: int = 131072
+    # Mamba mixer settings (families mamba and hybrid).
+    mamba: MambaConfig = field(default_factory=MambaConfig)
+    # Linear-attention settings (families linear and hybrid).
+    linear_attention: LinearAttentionConfig = field(default_factory=LinearAttentionConfig)
+    # Hybrid layer pattern, repeated over num_layers: A = softmax attention + MLP, L = linear
+    # attention + MLP, M = Mamba (+ MLP if mamba.mlp), P = parallel block (attention heads and
+    # SSM side by side on the same input, Falcon-H1 style) + MLP. "LLLA" = 3 linear : 1 softmax.
+    layer_pattern: str = "LLLA"
 
     @property
     def kv_heads(self) -> int:
@@ -80,3 +160,11 @@ class ModelConfig:
         if self.per_head_dim % 2:
             raise ValueError(f"head dim {self.per_head_dim} must be even for RoPE")
         self.rope_scaling.validate()
+        self.mamba.validate()
+        self.linear_attention.validate()
+        bad = sorted(set(self.layer_pattern) - set(HYBRID_LAYER_CODES))
+        if not self.layer_pattern or bad:
+            raise ValueError(
+                f"model.layer_pattern={self.layer_pattern!r} must be a non-empty string of the "
+                f"letters {HYBRID_LAYER_CODES!r} (A attention, M Mamba, L linear, P parallel)"
+            )

@@ -1,0 +1,204 @@
+"""A decoder stack built from a layer pattern: Mamba, linear-attention, softmax and parallel blocks.
+
+`model.layer_pattern` is repeated over `num_layers`; each letter is one pre-norm residual block:
+
+    A  h += Wo·attn(norm(h))                  + MLP   (the Transformer's Attention and FeedForward)
+    L  h += linear_attention(norm(h))         + MLP   (models/linear_attention.py, kind from config)
+    M  h += mamba(norm(h))           [+ MLP if model.mamba.mlp]  (models/mamba.py)
+    P  h += attn(norm(h)) + mamba(norm(h))    + MLP   (Falcon-H1: attention heads and SSM channels
+                                                       side by side on the same input; their
+                                                       projected outputs are summed, which is one
+                                                       projection of the concatenation)
+
+"LLLA" is 3 linear : 1 softmax (Kimi-Linear style), "MMMA" Mamba with attention (Jamba style).
+Families: `mamba` = every layer M (Mamba-1 / Hugging Face MambaForCausalLM), `linear` = every
+layer L, `hybrid` = the pattern. Activations `(batch, seq, dim)`.
+
+The model is a `Transformer` (same `forward` with chunked cross-entropy, `labelled_logits`,
+`num_params`, `rope`) whose blocks differ. Blocks keep the Transformer's names
+(`attention_norm`, `attention`, `ffn_norm`, `feed_forward`) where they have attention, so a
+Transformer checkpoint loads into A and L blocks; Mamba blocks use `mixer_norm` and `mixer`.
+
+Parallelism comes only through the `ParallelContext`: softmax attention through
+`parallel.attention`, recurrent layers through `parallel.linear_attention` / `selective_scan` /
+`causal_conv1d` (state passing between contiguous sequence shards when cp > 1).
+
+Recurrent inference: `forward_step(input_ids, state) -> (logits, state)` runs any number of new
+tokens on one device, carrying every layer's state (recurrent states; a KV cache for softmax
+attention). One pass, pieces with the state carried, and token-by-token give the same logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from ctxscale.dist.context import SINGLE, ParallelContext
+from ctxscale.kernels.attention import attention as attention_kernel
+from ctxscale.kernels.norm import RMSNorm
+from ctxscale.kernels.rotary import rope_inv_freq
+from ctxscale.models.config import ModelConfig
+from ctxscale.models.linear_attention import LinearAttention, linear_attention_flops_per_token
+from ctxscale.models.mamba import MambaMixer
+from ctxscale.models.transformer import Attention, FeedForward, Transformer
+
+FAMILY_PATTERNS = {"mamba": "M", "linear": "L"}
+
+
+class CachedAttention(Attention):
+    """The Transformer's attention plus `step(x, state)` with a KV cache (single device)."""
+
+    def step(self, x, state, cos, sin):
+        q, k, v = self.qkv(x, cos, sin)
+        if state:
+            k, v = torch.cat([state["k"], k], 1), torch.cat([state["v"], v], 1)
+        # causal masks are bottom-right aligned: new query i sees every cached key
+        o = attention_kernel(q, k, v, causal=True)
+        return self.wo(o.flatten(2)), {"k": k, "v": v}
+
+
+class HybridBlock(nn.Module):
+    """One pre-norm residual block of kind `code` (A, L, M or P; see the module docstring)."""
+
+    def __init__(self, code: str, cfg: ModelConfig, parallel: ParallelContext):
+        super().__init__()
+        self.code = code
+        self.attention = self.mixer = None
+        if code in "ALP":
+            self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.attention = (LinearAttention(cfg, parallel) if code == "L"
+                              else CachedAttention(cfg, parallel))
+        else:
+            self.mixer_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if code in "MP":
+            self.mixer = MambaMixer(cfg, parallel)
+        self.feed_forward = None
+        if code != "M" or cfg.mamba.mlp:
+            self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.feed_forward = FeedForward(cfg)
+        self.checkpointing = cfg.activation_checkpointing
+
+    @property
+    def uses_rope(self) -> bool:
+        return self.code in "AP"
+
+    def _norm(self, x):
+        return self.attention_norm(x) if self.attention is not None else self.mixer_norm(x)
+
+    def _mlp(self, h):
+        return h if self.feed_forward is None else h + self.feed_forward(self.ffn_norm(h))
+
+    def _block(self, x, cos, sin):
+        n = self._norm(x)
+        y = 0
+        if self.attention is not None:
+            y = self.attention(n, cos, sin)
+        if self.mixer is not None:
+            y = y + self.mixer(n)
+        return self._mlp(x + y)
+
+    def forward(self, x, cos=None, sin=None):
+        # "selective" (keep the attention output) only pays off for softmax attention, whose
+        # kernel saves o and lse; recurrent kernels checkpoint their own chunks, so a whole
+        # block is recomputed for both "full" and "selective".
+        if self.checkpointing != "none" and self.training and torch.is_grad_enabled():
+            return checkpoint(self._block, x, cos, sin, use_reentrant=False)
+        return self._block(x, cos, sin)
+
+    def step(self, x, state, cos=None, sin=None):
+        """Single device: (x, state) -> (y, new_state); state None = the start of a sequence."""
+        state = state or {}
+        n = self._norm(x)
+        y, new = 0, {}
+        if self.attention is not None:
+            y, new["attention"] = self.attention.step(n, state.get("attention"), cos, sin)
+        if self.mixer is not None:
+            ym, new["mixer"] = self.mixer.step(n, state.get("mixer"))
+            y = y + ym
+        return self._mlp(x + y), new
+
+
+def layer_codes(cfg: ModelConfig) -> str:
+    """The block letter of every layer: the family's pattern repeated over num_layers."""
+    pattern = FAMILY_PATTERNS.get(cfg.family, cfg.layer_pattern)
+    return (pattern * cfg.num_layers)[: cfg.num_layers]
+
+
+class HybridLM(Transformer):
+    """Decoder LM over `HybridBlock`s; the `mamba`, `linear` and `hybrid` families."""
+
+    def __init__(self, cfg: ModelConfig, parallel: ParallelContext | None = None):
+        nn.Module.__init__(self)
+        cfg.validate()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (> 0) before the model is built")
+        self.cfg = cfg
+        self.parallel = parallel or SINGLE
+        self.codes = layer_codes(cfg)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict(
+            {str(i): HybridBlock(c, cfg, self.parallel) for i, c in enumerate(self.codes)}
+        )
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        inv_freq, self.rope_attention_scaling = rope_inv_freq(
+            cfg.per_head_dim, cfg.rope_base, cfg.rope_scaling
+        )
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        self.init_weights()
+
+    @property
+    def uses_rope(self) -> bool:
+        return any(c in "AP" for c in self.codes)
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        """The Transformer's initialization, then each recurrent mixer's own (A_log, Δ, ...)."""
+        super().init_weights(buffer_device)
+        for module in self.modules():
+            if hasattr(module, "reset_recurrent_parameters"):
+                module.reset_recurrent_parameters()
+
+    def _rope_for(self, position_ids, b, s, device):
+        if not self.uses_rope:
+            return None, None
+        if position_ids is None:
+            position_ids = self.parallel.position_ids(b, s, device=device)
+        return self.rope(position_ids)
+
+    def hidden_states(self, input_ids, position_ids=None):
+        """Final-norm hidden states `(batch, seq, dim)` (or the stage output in a pipeline)."""
+        h = self.tok_embeddings(input_ids) if self.tok_embeddings is not None else input_ids
+        cos, sin = self._rope_for(position_ids, h.shape[0], h.shape[1], h.device)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        return self.norm(h) if self.norm is not None else h
+
+    @torch.no_grad()
+    def forward_step(self, input_ids, state: dict | None = None):
+        """Single device inference: input_ids `(batch, new_tokens)` continuing from `state`
+        (None: a new sequence) -> (logits `(batch, new_tokens, vocab)`, new state)."""
+        state = state or {"pos": 0, "layers": {}}
+        h = self.tok_embeddings(input_ids)
+        b, s = input_ids.shape
+        pos = torch.arange(state["pos"], state["pos"] + s, device=h.device).expand(b, s)
+        cos, sin = self.rope(pos) if self.uses_rope else (None, None)
+        new_layers = {}
+        for name, layer in self.layers.items():
+            h, new_layers[name] = layer.step(h, state["layers"].get(name), cos, sin)
+        return self.output(self.norm(h)), {"pos": state["pos"] + s, "layers": new_layers}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """6·params + softmax attention (A, P layers, causal half) + linear-attention state work."""
+        cfg = self.cfg
+        n_attn = sum(c in "AP" for c in self.codes)
+        n_lin = self.codes.count("L")
+        attn = 12 * n_attn * cfg.num_heads * cfg.per_head_dim * seq_len / 2
+        lin = n_lin * linear_attention_flops_per_token(cfg)
+        return 6 * self.num_params(exclude_embeddings=True) + attn + lin
+
+
+__all__ = ["CachedAttention", "HybridBlock", "HybridLM", "layer_codes"]

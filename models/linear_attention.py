@@ -1,0 +1,218 @@
+"""Linear-attention layers: plain, decayed, Hedgehog and LAWCAT, on one recurrent kernel.
+
+Every kind is causal linear attention with a feature map φ and an optional decay γ_t per head
+(`ctxscale.kernels.linear_attention`, simple-GLA semantics; states `(batch, heads, F, dim_v)`):
+
+    S_t = γ_t S_{t−1} + φ(k_t) v_tᵀ,     o_t = φ(q_t)ᵀ S_t            then   out = W_o · norm(o)
+
+- `plain` (Katharopoulos et al., "Transformers are RNNs", 2020): φ = elu(x) + 1, γ = 1, and the
+  output divided by the denominator φ(q_t)ᵀ Σ_{s≤t} φ(k_s).
+- `decay` (TransNormerLLM / Lightning Attention, Qin et al. 2023-24): a fixed per-head decay
+  γ_h = exp(−2^{−8(h+1)/H}) (ALiBi slopes), identity φ with scale dim^−½, and a per-head RMSNorm on
+  the output instead of the denominator (NormAttention).
+- `hedgehog` (Zhang et al., "The Hedgehog & the Porcupine: Expressive Linear Attentions with
+  Softmax Mimicry", 2024): a trainable per-head feature map φ(x) = [softmax(xW + b), softmax(−xW − b)]
+  (separate maps for q and k; W initialized to the identity), denominator-normalized.
+- `lawcat` (Liu et al., "LAWCAT: Efficient Distillation from Quadratic to Linear Attention with
+  Convolution across Tokens", 2025): a causal depthwise conv over tokens on q and on k (width
+  `conv_width`, initialized to the identity), then normalized gated linear attention: φ = elu+1,
+  γ_t = σ(x_t W_g + b_g)^{1/τ} per head and token (Gated Linear Attention), denominator-normalized.
+
+The denominator is computed by the same kernel: v is extended with a column of ones, so the last
+output column is φ(q_t)ᵀ z_t with z_t = γ_t z_{t−1} + φ(k_t) (decayed exactly like S). This keeps
+one code path, and context parallelism (state passing) covers the denominator for free.
+
+The projections are named `wq`, `wk`, `wv`, `wo` like `models/transformer.py`'s `Attention`, so a
+Transformer's weights load into a linear layer (linearization); grouped-query k/v heads are
+repeated. Layout `(batch, seq, heads, head_dim)`.
+
+- `forward(x)`: the whole (possibly context-parallel) sequence via the model's
+  `ParallelContext` (conv halo exchange and state passing when cp > 1).
+- `step(x, state)`: single device, continuing from `state` = {"S": (batch, heads, F, dim_v(+1))
+  float32, "q_conv"/"k_conv": (batch, channels, conv_width − 1) for lawcat}; None = zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ctxscale.dist.context import SINGLE, ParallelContext
+from ctxscale.kernels.conv1d import causal_conv1d
+from ctxscale.kernels.linear_attention import linear_attention
+from ctxscale.models.config import ModelConfig
+
+DEFAULT_FEATURE_MAP = {"plain": "elu1", "decay": "identity", "lawcat": "elu1"}
+DEFAULT_NORMALIZE = {"plain": "denominator", "decay": "rms", "hedgehog": "denominator",
+                     "lawcat": "denominator"}
+
+
+def feature_map(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Fixed feature maps over the last (head) dim."""
+    if name == "elu1":
+        return F.elu(x) + 1
+    if name == "relu":
+        return F.relu(x)
+    if name == "softmax":
+        return torch.softmax(x, dim=-1)
+    return x
+
+
+class HedgehogFeatureMap(nn.Module):
+    """φ(x) = [softmax(xW + b), softmax(−(xW + b))] per head: x `(b, s, h, d)` -> `(b, s, h, 2f)`."""
+
+    def __init__(self, heads: int, head_dim: int, feature_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(heads, head_dim, feature_dim))
+        self.bias = nn.Parameter(torch.empty(heads, feature_dim))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        h, d, f = self.weight.shape
+        eye = torch.eye(d, f, device=self.weight.device)
+        self.weight.copy_(eye.expand(h, d, f))
+        self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        proj = torch.einsum("bshd,hdf->bshf", x, self.weight) + self.bias
+        return torch.cat([torch.softmax(proj, -1), torch.softmax(-proj, -1)], dim=-1)
+
+
+def fixed_log_decay(heads: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Per-head log decay −2^{−8(h+1)/H} (ALiBi slopes), shape `(heads,)`."""
+    h = torch.arange(1, heads + 1, dtype=dtype, device=device)
+    return -torch.exp2(-8.0 * h / heads)
+
+
+class LinearAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelContext | None = None):
+        super().__init__()
+        la = cfg.linear_attention
+        self.cfg, self.la = cfg, la
+        self.parallel = parallel or SINGLE
+        self.kind = la.kind
+        self.num_heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.per_head_dim
+        hd = self.head_dim
+        self.normalize = la.normalize or DEFAULT_NORMALIZE[la.kind]
+        self.feature = None if la.kind == "hedgehog" else (la.feature_map or DEFAULT_FEATURE_MAP[la.kind])
+        if self.normalize == "denominator" and self.feature == "identity":
+            raise ValueError(
+                "model.linear_attention.normalize=denominator needs a positive feature map, but "
+                "feature_map is identity; pick feature_map elu1/relu/softmax or normalize rms"
+            )
+        self.wq = nn.Linear(cfg.dim, cfg.num_heads * hd, bias=cfg.attention_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * hd, bias=cfg.attention_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * hd, bias=cfg.attention_bias)
+        self.wo = nn.Linear(cfg.num_heads * hd, cfg.dim, bias=False)
+        if la.kind == "hedgehog":
+            fd = la.feature_dim or hd
+            self.feature_map_q = HedgehogFeatureMap(cfg.num_heads, hd, fd)
+            self.feature_map_k = HedgehogFeatureMap(cfg.kv_heads, hd, fd)
+        if la.kind == "lawcat":
+            self.q_conv = nn.Parameter(torch.empty(cfg.num_heads * hd, la.conv_width))
+            self.k_conv = nn.Parameter(torch.empty(cfg.kv_heads * hd, la.conv_width))
+            if la.gate:
+                self.wg = nn.Linear(cfg.dim, cfg.num_heads, bias=True)
+        if self.normalize == "rms":
+            self.out_norm = nn.Parameter(torch.ones(cfg.num_heads * hd))
+        self.reset_recurrent_parameters()
+
+    @torch.no_grad()
+    def reset_recurrent_parameters(self) -> None:
+        for name in ("feature_map_q", "feature_map_k"):
+            if hasattr(self, name):
+                getattr(self, name).reset_parameters()
+        for name in ("q_conv", "k_conv"):
+            if hasattr(self, name):  # identity: only the current token's tap is 1
+                w = getattr(self, name)
+                w.zero_()
+                w[:, -1] = 1.0
+        if hasattr(self, "wg"):
+            # σ(b) ≈ 0.9998: start with γ close to 1 (long memory), as GLA does
+            nn.init.normal_(self.wg.weight, std=self.cfg.init_std)
+            self.wg.bias.fill_(8.0)
+        if hasattr(self, "out_norm"):
+            self.out_norm.fill_(1.0)
+
+    # -------------------------------------------------------------- pieces
+    def _log_decay(self, x):
+        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if self.kind == "decay" or (self.kind == "lawcat" and not self.la.gate):
+            return fixed_log_decay(self.num_heads, device=x.device, dtype=cdt)
+        if self.kind == "lawcat":
+            return F.logsigmoid(self.wg(x).to(cdt)) / self.la.gate_normalizer  # (b, s, h)
+        return None
+
+    def _features(self, q, k):
+        if self.kind == "hedgehog":
+            return self.feature_map_q(q), self.feature_map_k(k)
+        return feature_map(q, self.feature), feature_map(k, self.feature)
+
+    def _run(self, x, conv, attend):
+        """x `(batch, seq, dim)`; `conv(t, weight, key) -> t` convolves `(b, channels, s)` over
+        tokens; `attend(q, k, v, log_decay, scale) -> o`. Returns `(batch, seq, dim)`."""
+        b, s, _ = x.shape
+        hd, rep = self.head_dim, self.num_heads // self.kv_heads
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.kind == "lawcat":
+            q = conv(q.transpose(1, 2), self.q_conv, "q_conv").transpose(1, 2)
+            k = conv(k.transpose(1, 2), self.k_conv, "k_conv").transpose(1, 2)
+        q, k, v = q.view(b, s, -1, hd), k.view(b, s, -1, hd), v.view(b, s, -1, hd)
+        q, k = self._features(q, k)
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        log_decay = self._log_decay(x)
+        if self.normalize == "denominator":
+            v = torch.cat([v, v.new_ones(b, s, self.num_heads, 1)], dim=-1)
+            o = attend(q, k, v, log_decay, 1.0)
+            o = o[..., :hd] / (o[..., hd:] + self.la.eps)
+        else:
+            o = attend(q, k, v, log_decay, q.shape[-1] ** -0.5)
+            if self.normalize == "rms":
+                on = o.double() if o.dtype == torch.float64 else o.float()
+                o = (on * torch.rsqrt(on.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps)).to(o.dtype)
+                o = o * self.out_norm.view(self.num_heads, hd)
+        return self.wo(o.flatten(2))
+
+    # -------------------------------------------------------------- entry points
+    def forward(self, x: torch.Tensor, cos=None, sin=None) -> torch.Tensor:
+        """x `(batch, seq_local, dim)` -> `(batch, seq_local, dim)` over the whole sequence."""
+        par = self.parallel
+
+        def conv(t, weight, key):
+            return par.causal_conv1d(t, weight)
+
+        def attend(q, k, v, log_decay, scale):
+            return par.linear_attention(q, k, v, log_decay=log_decay, scale=scale)
+
+        return self._run(x, conv, attend)
+
+    def step(self, x: torch.Tensor, state: dict | None = None, cos=None, sin=None):
+        """Single device: x `(batch, seq, dim)` continuing from `state`; returns (y, new_state)."""
+        state = state or {}
+        new = {}
+
+        def conv(t, weight, key):
+            out, new[key] = causal_conv1d(t, weight, initial_state=state.get(key),
+                                          return_final_state=True)
+            return out
+
+        def attend(q, k, v, log_decay, scale):
+            o, new["S"] = linear_attention(q, k, v, log_decay=log_decay, scale=scale,
+                                           initial_state=state.get("S"), return_final_state=True)
+            return o
+
+        return self._run(x, conv, attend), new
+
+
+def linear_attention_flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs per token of the state update and readout (6 · 2 · heads · F · dim_v)."""
+    la = cfg.linear_attention
+    f = 2 * (la.feature_dim or cfg.per_head_dim) if la.kind == "hedgehog" else cfg.per_head_dim
+    return 6.0 * 2 * cfg.num_heads * f * (cfg.per_head_dim + 1)
+
+
+__all__ = ["HedgehogFeatureMap", "LinearAttention", "feature_map", "fixed_log_decay",
+           "linear_attention_flops_per_token"]

@@ -1,0 +1,164 @@
+"""Linear-attention layers (plain, decay, Hedgehog, LAWCAT): quadratic oracle, recurrent
+invariant (one pass = pieces with the state carried = token by token), feature maps, errors.
+
+Oracle: the layer written as masked quadratic attention in float64, o_t = Σ_{s≤t} w_ts v_s with
+w_ts = φ(q_t)·φ(k_s) · exp(G_t − G_s) (G the cumulative log decay), divided by Σ_s w_ts for the
+denominator kinds or scaled and RMS-normalized for `decay`. Everything runs in float64, so an
+exact algorithm agrees to ~1e-12; we allow 1e-10.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ctxscale.models.linear_attention import HedgehogFeatureMap, LinearAttention, feature_map
+from ctxscale.models.transformer import Attention
+from tests.models._recurrent_util import KINDS, perturb, small_config
+
+TOL64 = 1e-10
+
+
+def _conv(t, w):
+    """Causal depthwise conv over tokens, t `(b, s, c)`, w `(c, W)`; zeros before t = 0."""
+    width = w.shape[1]
+    pad = F.pad(t, (0, 0, width - 1, 0))
+    return sum(pad[:, j : j + t.shape[1]] * w[:, j] for j in range(width))
+
+
+def quadratic_oracle(layer: LinearAttention, x: torch.Tensor) -> torch.Tensor:
+    b, s, _ = x.shape
+    h, hd = layer.num_heads, layer.head_dim
+    q, k, v = layer.wq(x), layer.wk(x), layer.wv(x)
+    if layer.kind == "lawcat":
+        q, k = _conv(q, layer.q_conv), _conv(k, layer.k_conv)
+    q, k, v = q.view(b, s, -1, hd), k.view(b, s, -1, hd), v.view(b, s, -1, hd)
+    if layer.kind == "hedgehog":
+        def hh(t, m):
+            p = torch.einsum("bshd,hdf->bshf", t, m.weight) + m.bias
+            return torch.cat([p.softmax(-1), (-p).softmax(-1)], -1)
+        q, k = hh(q, layer.feature_map_q), hh(k, layer.feature_map_k)
+    else:
+        q, k = feature_map(q, layer.feature), feature_map(k, layer.feature)
+    rep = h // k.shape[2]
+    k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+    if layer.kind == "decay" or (layer.kind == "lawcat" and not layer.la.gate):
+        slopes = torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], dtype=x.dtype)
+        logg = -slopes.expand(b, s, h)
+    elif layer.kind == "lawcat":
+        logg = F.logsigmoid(layer.wg(x)) / layer.la.gate_normalizer
+    else:
+        logg = torch.zeros(b, s, h, dtype=x.dtype)
+    G = logg.cumsum(1).transpose(1, 2)  # b h s
+    mask = torch.ones(s, s, dtype=torch.bool).tril()
+    decay = torch.exp((G[..., :, None] - G[..., None, :]).masked_fill(~mask, -torch.inf))
+    w = torch.einsum("bthf,bshf->bhts", q, k) * decay
+    if layer.normalize == "denominator":
+        o = torch.einsum("bhts,bshd->bthd", w, v) / (w.sum(-1).transpose(1, 2)[..., None] + layer.la.eps)
+    else:
+        o = q.shape[-1] ** -0.5 * torch.einsum("bhts,bshd->bthd", w, v)
+        if layer.normalize == "rms":
+            o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + layer.cfg.norm_eps)
+            o = o * layer.out_norm.view(h, hd)
+    return layer.wo(o.flatten(2))
+
+
+def _layer(kind, **la):
+    cfg = small_config("linear", kind=kind)
+    for k, v in la.items():
+        setattr(cfg.linear_attention, k, v)
+    torch.manual_seed(0)
+    layer = LinearAttention(cfg).double()
+    perturb(layer)
+    return layer
+
+
+CASES = [("plain", {}), ("plain", {"feature_map": "relu", "normalize": "none"}),
+         ("decay", {}), ("decay", {"feature_map": "elu1", "normalize": "denominator"}),
+         ("hedgehog", {}), ("lawcat", {}), ("lawcat", {"gate": False, "feature_map": "softmax"})]
+
+
+@pytest.mark.parametrize("kind,opts", CASES)
+def test_layer_matches_quadratic_oracle(kind, opts):
+    layer = _layer(kind, **opts)
+    x = torch.randn(2, 37, 30, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), quadratic_oracle(layer, x), rtol=TOL64, atol=TOL64)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_pass_equals_pieces_equals_token_by_token(kind):
+    layer = _layer(kind)
+    x = torch.randn(2, 41, 30, dtype=torch.float64)
+    full = layer(x)
+    outs, state = [], None
+    for lo, hi in [(0, 1), (1, 18), (18, 19), (19, 41)]:  # pieces shorter than the conv too
+        y, state = layer.step(x[:, lo:hi], state)
+        outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=TOL64, atol=TOL64)
+    outs, state = [], None
+    for t in range(41):
+        y, state = layer.step(x[:, t : t + 1], state)
+        outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=TOL64, atol=TOL64)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_float32_gradients_match_float64(kind):
+    """float32 layer (chunked kernel) vs the float64 oracle: outputs and every parameter's
+    gradient agree to 1e-5 relative to their scale (float32 rounding over ~40-token sums)."""
+    layer64 = _layer(kind)
+    layer32 = _layer(kind).float()
+    x = torch.randn(2, 45, 30, dtype=torch.float64)
+    y64 = quadratic_oracle(layer64, x)
+    y32 = layer32(x.float())
+    torch.testing.assert_close(y32.double(), y64, rtol=1e-5, atol=1e-5 * y64.abs().max().item())
+    w = torch.randn_like(y64)
+    (y64 * w).sum().backward()
+    (y32 * w.float()).sum().backward()
+    for (name, p64), (_, p32) in zip(layer64.named_parameters(), layer32.named_parameters()):
+        scale = max(p64.grad.abs().max().item(), 1e-3)
+        torch.testing.assert_close(p32.grad.double(), p64.grad, rtol=1e-4, atol=1e-5 * scale,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_hedgehog_feature_map_is_softmax_pair_and_identity_at_init():
+    fm = HedgehogFeatureMap(heads=5, head_dim=6, feature_dim=6)
+    x = torch.randn(2, 3, 5, 6)
+    out = fm(x)
+    assert out.shape == (2, 3, 5, 12)
+    torch.testing.assert_close(out[..., :6], x.softmax(-1))
+    torch.testing.assert_close(out[..., 6:], (-x).softmax(-1))
+
+
+def test_lawcat_starts_as_gated_linear_attention_without_conv():
+    """Identity-initialized convs: LAWCAT at init = the same layer with the conv taps unused."""
+    cfg = small_config("linear", kind="lawcat")
+    torch.manual_seed(0)
+    layer = LinearAttention(cfg).double()
+    x = torch.randn(1, 11, 30, dtype=torch.float64)
+    with torch.no_grad():
+        before = layer(x)
+        layer.q_conv.zero_()
+        layer.q_conv[:, -1] = 1
+        layer.k_conv.zero_()
+        layer.k_conv[:, -1] = 1
+    torch.testing.assert_close(layer(x), before)
+    x2 = x.clone()
+    x2[:, 0] += 1.0
+    assert (layer(x2)[:, -1] - before[:, -1]).abs().max() > 0  # still mixes over tokens
+
+
+def test_transformer_attention_weights_load_into_linear_layers():
+    cfg = small_config("linear", kind="hedgehog")
+    attn = Attention(cfg, None)
+    layer = LinearAttention(cfg)
+    missing, unexpected = layer.load_state_dict(attn.state_dict(), strict=False)
+    assert not unexpected
+    assert all(m.startswith("feature_map_") for m in missing)
+    assert torch.equal(layer.wq.weight, attn.wq.weight)
+
+
+def test_denominator_needs_a_positive_feature_map():
+    cfg = small_config("linear", kind="plain")
+    cfg.linear_attention.feature_map = "identity"
+    with pytest.raises(ValueError, match="positive feature map"):
+        LinearAttention(cfg)
