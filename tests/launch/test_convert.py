@@ -145,3 +145,23 @@ def test_cli(tmp_path, capsys):
     assert "lawcat" in capsys.readouterr().out
     assert main(["convert", "convert.teacher=", "convert.init=teacher"]) == 2
     assert "convert.teacher is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["hedgehog", "lawcat"])
+def test_linearized_model_cp2_equals_cp1_random_weights(kind, tmp_path):
+    """Same check on a freshly linearized model with perturbed new parameters (no training)."""
+    from ctxscale.launch.convert import save_model
+    from ctxscale.models.config import ModelConfig
+    from ctxscale.models.linearize import linearize, new_parameter_names
+    from ctxscale.models.transformer import Transformer
+
+    torch.manual_seed(0)
+    teacher = Transformer(ModelConfig(vocab_size=300, dim=40, num_layers=2, num_heads=5,
+                                      num_kv_heads=1, head_dim=8))
+    student = linearize(teacher, kind=kind)
+    with torch.no_grad():
+        for n in new_parameter_names(student):
+            student.get_parameter(n).add_(0.2 * torch.randn_like(student.get_parameter(n)))
+    save_model(student, tmp_path / "m", rank=0)
+    for err, scale in run_distributed(_cp_logits, 2, args=(str(tmp_path / "m"),)):
+        assert err <= 1e-4 * max(scale, 1.0), (kind, err, scale)

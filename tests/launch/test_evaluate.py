@@ -88,15 +88,15 @@ def test_passkey_curve_oracle_copies_the_key():
                         out[b] = torch.where(lab < 0, 0, lab)
         return out
 
-    sets = [x for L in (60, 90) for x in passkey_text_eval_set(tok, filler, seq_len=L,
+    sets = [x for L in (260, 300) for x in passkey_text_eval_set(tok, filler, seq_len=L,
                                                                depths=[0.0, 0.5, 1.0],
                                                                samples_per_depth=2)]
-    curve = passkey_curve(Oracle(60, answers), tok, filler, lengths=[60, 90],
+    curve = passkey_curve(Oracle(60, answers), tok, filler, lengths=[260, 300],
                           depths=[0.0, 0.5, 1.0], samples=2)
-    assert set(curve) == {60, 90}
+    assert set(curve) == {260, 300}
     assert all(c["accuracy"] == 1.0 and set(c["by_depth"].values()) == {1.0} for c in curve.values())
-    zero = passkey_curve(Oracle(60), tok, filler, lengths=[60], depths=[0.5], samples=2)
-    assert zero[60]["accuracy"] == 0.0
+    zero = passkey_curve(Oracle(60), tok, filler, lengths=[260], depths=[0.5], samples=2)
+    assert zero[260]["accuracy"] == 0.0
 
 
 @pytest.mark.skipif(not TEXT.is_file(), reason=f"{TEXT} not found")
@@ -107,7 +107,7 @@ def test_evaluate_models_writes_table_and_plot(tmp_path):
     model = build_model(cfg_model)
     save_model(model, tmp_path / "m", rank=0)
     job = EvalJob(models=[str(tmp_path / "m")], labels=["lawcat"], batch_size=2, eval_batches=2,
-                  passkey_lengths=[64, 128], passkey_depths=[0.5], passkey_samples=2,
+                  passkey_lengths=[192, 384], passkey_depths=[0.5], passkey_samples=2,
                   mqar_samples=4, mqar_seq_len=32, output_dir=str(tmp_path / "out"))
     job.data.text_files = [str(TEXT)]
     job.data.tokenizer_vocab_size = 384
@@ -118,11 +118,11 @@ def test_evaluate_models_writes_table_and_plot(tmp_path):
     r = res["lawcat"]
     # an untrained model: perplexity close to uniform over the vocabulary
     assert 0.5 * 384 < r["perplexity"] < 2 * 384 and math.isfinite(r["perplexity"])
-    assert set(r["passkey"]) == {64, 128} and 0.0 <= r["mqar"] <= 1.0
+    assert set(r["passkey"]) == {192, 384} and 0.0 <= r["mqar"] <= 1.0
     out = tmp_path / "out"
     assert json.loads((out / "results.json").read_text())["lawcat"]["perplexity"] == pytest.approx(
         r["perplexity"])
     table = (out / "results.md").read_text()
-    assert table.startswith("| model | perplexity | MQAR | passkey@64 | passkey@128 |")
+    assert table.startswith("| model | perplexity | MQAR | passkey@192 | passkey@384 |")
     assert table == markdown_table(res) + "\n"
     assert (out / "passkey.png").stat().st_size > 1000
