@@ -173,6 +173,10 @@ class ConvertJob:
                              "convert.transfer.loss=mse (the CE needs whole rows of attention)")
         if self.data.seq_len % (self.parallel.cp * (2 if self.parallel.cp_layout == "zigzag" else 1)):
             raise ValueError(f"data.seq_len={self.data.seq_len} must split over parallel.cp")
+        if c.save_hf and (c.student.kind != "softmax" and "L" in c.student.layer_pattern):
+            raise ValueError("convert.save_hf: the Hugging Face Llama format has no place for "
+                             "linear-attention parameters (feature maps, conv, gates); set "
+                             "convert.save_hf=false and load <output>/model with load_model")
         if c.transfer.steps < 0 or c.finetune.steps < 0 or c.transfer.tile < 1:
             raise ValueError("convert.transfer.steps / finetune.steps must be >= 0, tile >= 1")
 
