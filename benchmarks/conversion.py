@@ -105,7 +105,8 @@ def main() -> None:
     lines = [f"# Conversion benchmark (L = {L})", "", f"Machine: {machine()}", "",
              f"Command: `python benchmarks/conversion.py --seq-len {L} --dim {a.dim} --layers "
              f"{a.layers} --batch {a.batch} --teacher-steps {a.teacher_steps} --transfer-steps "
-             f"{a.transfer_steps} --finetune-steps {a.finetune_steps}`", "",
+             f"{a.transfer_steps} --finetune-steps {a.finetune_steps} --passkey-fraction "
+             f"{a.passkey_fraction} --passkey-samples {a.passkey_samples}`", "",
              markdown_table(results), "", "| model | perplexity / teacher | tokens | wall s |",
              "|---|---|---|---|"]
     for n in names:
