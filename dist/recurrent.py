@@ -266,7 +266,7 @@ def cp_causal_conv1d(x, weight, bias=None, *, activation=None, group=None):
             f"each rank holds {x.shape[-1]} tokens but the conv width {width} needs at least "
             f"{width - 1} per rank; use fewer context-parallel ranks or a longer sequence"
         )
-    halo = _Halo.apply(x[..., x.shape[-1] - (width - 1) :], group)
+    halo = _Halo.apply(x[..., x.shape[-1] - (width - 1) :].contiguous(), group)
     return causal_conv1d(x, weight, bias, activation=activation, initial_state=halo)
 
 

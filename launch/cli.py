@@ -12,6 +12,8 @@ import sys
 COMMANDS = {
     "train": ("ctxscale.launch.train", "train a model from a YAML config"),
     "sweep": ("ctxscale.launch.sweep", "context-length sweep: one run per length, table + plot"),
+    "convert": ("ctxscale.launch.convert", "distill a softmax model into linear attention"),
+    "eval": ("ctxscale.launch.evaluate", "perplexity, passkey by length, MQAR: table + plot"),
 }
 
 

@@ -1,0 +1,128 @@
+"""Conversion benchmark: teacher -> Hedgehog / LAWCAT, against from-scratch linear baselines.
+
+1. pretrain a softmax teacher on tinyshakespeare mixed with passkey rows at length L;
+2. convert it (attention transfer + LoRA fine-tune) to Hedgehog and to LAWCAT at length L;
+3. train the same linear architectures from scratch on the same token budget as the conversion;
+4. evaluate all five: held-out perplexity, passkey accuracy at L, 2L, ..., 16L, MQAR.
+
+Writes benchmarks/results/conversion.{md,json} and conversion_passkey.png, stating the machine.
+
+    .venv/bin/python benchmarks/conversion.py --seq-len 192 --teacher-steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ctxscale.launch.convert import convert, load_convert_config
+from ctxscale.launch.evaluate import EvalJob, evaluate_models, markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seq-len", type=int, default=192)
+    p.add_argument("--dim", type=int, default=96)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--teacher-steps", type=int, default=600)
+    p.add_argument("--transfer-steps", type=int, default=100)
+    p.add_argument("--finetune-steps", type=int, default=200)
+    p.add_argument("--passkey-fraction", type=float, default=0.25)
+    p.add_argument("--passkey-samples", type=int, default=4)
+    p.add_argument("--max-factor", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--work", default="runs/bench_conversion")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    a = p.parse_args()
+    work, L = Path(a.work), a.seq_len
+    common = [
+        f"model.dim={a.dim}", f"model.num_layers={a.layers}", "model.num_heads=4",
+        "model.num_kv_heads=2", "data.kind=text", f"data.text_files=[{TEXT}]",
+        "data.tokenizer_vocab_size=512", f"data.seq_len={L}", f"data.cache_dir={work / 'cache'}",
+        f"run.batch_size={a.batch}", f"run.device={a.device}", "run.eval_batches=8",
+        f"convert.passkey_fraction={a.passkey_fraction}", "checkpoint.every=0",
+    ]
+    timings = {}
+
+    def run(name, *extra):
+        t0 = time.perf_counter()
+        s = convert(load_convert_config(None, common + [f"run.output_dir={work / name}", *extra]))
+        timings[name] = time.perf_counter() - t0
+        return s
+
+    teacher = run("teacher", "convert.init=scratch", "convert.student.kind=softmax",
+                  "convert.transfer.steps=0", "convert.finetune.method=full",
+                  f"convert.finetune.steps={a.teacher_steps}", "convert.finetune.optim.lr=3e-3",
+                  "convert.finetune.optim.warmup_steps=20", "convert.finetune.optim.weight_decay=0.1")
+    summaries = {"teacher": teacher}
+    budget_steps = a.transfer_steps + a.finetune_steps
+    for kind in ("hedgehog", "lawcat"):
+        summaries[kind] = run(
+            kind, f"convert.teacher={teacher['model_dir']}", f"convert.student.kind={kind}",
+            f"convert.transfer.steps={a.transfer_steps}", "convert.transfer.loss=both",
+            f"convert.finetune.steps={a.finetune_steps}", "convert.finetune.method=lora",
+            "convert.finetune.optim.lr=3e-3")
+        summaries[f"{kind}_scratch"] = run(
+            f"{kind}_scratch", "convert.init=scratch", f"convert.student.kind={kind}",
+            "convert.transfer.steps=0", "convert.finetune.method=full",
+            f"convert.finetune.steps={budget_steps}", "convert.finetune.optim.lr=3e-3")
+    names = list(summaries)
+    lengths = [L * f for f in (1, 2, 4, 8, 16, 32) if f <= a.max_factor]
+    job = EvalJob(models=[summaries[n]["model_dir"] for n in names], labels=names,
+                  batch_size=a.batch, eval_batches=8, passkey_lengths=lengths,
+                  passkey_samples=a.passkey_samples, mqar_samples=32,
+                  output_dir=str(work / "eval"))
+    job.data.kind, job.data.text_files, job.data.seq_len = "text", [str(TEXT)], L
+    job.data.tokenizer_vocab_size, job.data.cache_dir = 512, str(work / "cache")
+    results = evaluate_models(job)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ppl_t = results["teacher"]["perplexity"]
+    lines = [f"# Conversion benchmark (L = {L})", "", f"Machine: {machine()}", "",
+             f"Command: `python benchmarks/conversion.py --seq-len {L} --dim {a.dim} --layers "
+             f"{a.layers} --batch {a.batch} --teacher-steps {a.teacher_steps} --transfer-steps "
+             f"{a.transfer_steps} --finetune-steps {a.finetune_steps} --passkey-fraction "
+             f"{a.passkey_fraction} --passkey-samples {a.passkey_samples}`", "",
+             markdown_table(results), "", "| model | perplexity / teacher | tokens | wall s |",
+             "|---|---|---|---|"]
+    for n in names:
+        lines.append(f"| {n} | {results[n]['perplexity'] / ppl_t:.3f} | {summaries[n]['tokens']} | "
+                     f"{timings[n]:.0f} |")
+    (out / "conversion.md").write_text("\n".join(lines) + "\n")
+    (out / "conversion.json").write_text(json.dumps(
+        {"machine": machine(), "args": vars(a), "results": results,
+         "tokens": {n: summaries[n]["tokens"] for n in names}, "wall_s": timings}, indent=1,
+        default=str))
+    png = work / "eval" / "passkey.png"
+    if png.is_file():
+        (out / "conversion_passkey.png").write_bytes(png.read_bytes())
+    print("\n".join(lines))
+    assert math.isfinite(ppl_t)
+
+
+if __name__ == "__main__":
+    main()

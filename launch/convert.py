@@ -1,0 +1,553 @@
+"""`ctxscale convert --config F`: turn a pretrained softmax Transformer into linear attention.
+
+Two stages (LoLCATs recipe; Hedgehog / LAWCAT feature maps, see models/linearize.py):
+
+1. attention transfer: the teacher is frozen; the student is the teacher with every `L` layer of
+   `convert.student.layer_pattern` replaced by linear attention initialized from the teacher's
+   q/k/v/o; only the new parameters (feature maps, conv taps, gates) train, every layer against
+   the teacher's attention on the teacher's own layer input (Hedgehog CE on attention weights,
+   LoLCATs output MSE, or both). Per-layer losses go to metrics.jsonl / TensorBoard as
+   `transfer/layer<i>` (stage "transfer").
+2. fine-tune with the LM loss: LoRA (rank, alpha, target modules) or full fine-tuning; LoRA is
+   merged at the end so the written model has plain weights.
+
+The same loop trains a model from scratch (`convert.init: scratch`, `convert.transfer.steps: 0`,
+`convert.finetune.method: full`): that is how a teacher is pretrained and how the from-scratch
+baseline with the same token budget is trained. Training batches can mix natural-language passkey
+examples (`convert.passkey_fraction`) into the text: the text row itself is the filler.
+
+Parallelism: data and context parallel (`parallel.dp_*`, `parallel.cp`), gradients averaged over
+every rank by all-reduce; cp shards tokens, labels and positions in `parallel.cp_layout` and the
+model's `ParallelContext` does the rest (stage 1 with cp > 1 needs `loss: mse`, since the
+attention-weight CE needs the whole sequence). Checkpoints: `launch/checkpoint.py` folders under
+`<output>/checkpoints/{transfer,finetune}`, resumed automatically. The result is written to
+`<output>/model/` (`config.yaml` with the `model:` section + DCP weights), loadable by
+`load_model(path)`, and, with `convert.save_hf: true`, also by `save_hf` into `<output>/hf/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import yaml
+
+from ctxscale.dist.layout import shard_sequence
+from ctxscale.dist.mesh import ParallelDims, axis_rank, axis_size
+from ctxscale.dist.parallelize import parallel_context
+from ctxscale.launch.checkpoint import Checkpointer, latest_checkpoint
+from ctxscale.launch.config import (
+    CheckpointConfig,
+    ConfigError,
+    KernelConfig,
+    OptimConfig,
+    ParallelConfig,
+)
+from ctxscale.launch.config_loader import dump, load, to_dict
+from ctxscale.launch.data import DataConfig, build_data
+from ctxscale.launch.data.synthetic import passkey_text_sample
+from ctxscale.launch.env import detect_env, init_distributed, pick_device
+from ctxscale.launch.metrics import MetricsLogger
+from ctxscale.launch.optim import build_optimizer, build_scheduler
+from ctxscale.models import build_model
+from ctxscale.models.config import ModelConfig
+from ctxscale.models.linearize import (
+    attention_transfer_loss,
+    freeze_all_but,
+    linear_layers,
+    linearize,
+    new_parameter_names,
+    teacher_layer_inputs,
+)
+from ctxscale.models.lora import apply_lora, lora_parameter_names, merge_lora
+
+logger = logging.getLogger("ctxscale.convert")
+
+
+@dataclass
+class StudentConfig:
+    # Linear attention of the converted layers (models/linear_attention.py).
+    kind: Literal["hedgehog", "lawcat", "plain", "decay", "softmax"] = "hedgehog"
+    # Per-layer letters repeated over the layers: L = linear, A = keep softmax (e.g. "LLLA").
+    layer_pattern: str = "L"
+    # Hedgehog feature width per half (None: head_dim); LAWCAT conv width and gate.
+    feature_dim: int | None = None
+    conv_width: int = 4
+    gate: bool = True
+
+
+@dataclass
+class TransferConfig:
+    # Stage 1 optimizer steps (0 skips attention transfer).
+    steps: int = 100
+    # Hedgehog attention-weight cross-entropy ("ce"), LoLCATs output MSE ("mse") or their sum.
+    loss: Literal["ce", "mse", "both"] = "both"
+    # Query rows per tile of the CE (memory O(batch · heads · tile · seq)).
+    tile: int = 64
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-2, weight_decay=0.0,
+                                                                   warmup_steps=5))
+
+
+@dataclass
+class FinetuneConfig:
+    # Stage 2 optimizer steps with the LM loss (0 skips it).
+    steps: int = 100
+    # lora: adapters on `lora_targets` (merged at the end); full: every weight; the new
+    # linear-attention parameters train too when `train_new_params`.
+    method: Literal["lora", "full"] = "lora"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
+    train_new_params: bool = True
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0,
+                                                                   warmup_steps=5))
+
+
+@dataclass
+class ConvertSection:
+    # The teacher: a ctxscale run folder (config.yaml + checkpoints/), a `convert` output's
+    # model/ folder, or a Hugging Face directory (config.json + safetensors). Empty with
+    # init=scratch: build `model:` from random weights.
+    teacher: str = ""
+    # teacher: start from the teacher's weights; scratch: random init (baselines, pretraining).
+    init: Literal["teacher", "scratch"] = "teacher"
+    student: StudentConfig = field(default_factory=StudentConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # Fraction of training rows replaced by natural-language passkey examples (the row's own
+    # text is the filler; depth uniform in [0, 1]).
+    passkey_fraction: float = 0.0
+    # Also write <output>/hf with save_hf.
+    save_hf: bool = False
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/convert"
+    # Sequences per data-parallel rank per step.
+    batch_size: int = 8
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 1
+    eval_batches: int = 4
+    tensorboard: bool = True
+    progress: bool = False
+
+
+@dataclass
+class ConvertJob:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    convert: ConvertSection = field(default_factory=ConvertSection)
+    run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+
+    def validate(self) -> None:
+        self.data.validate()
+        self.parallel.validate()
+        self.checkpoint.validate()
+        c = self.convert
+        if c.init == "teacher" and not c.teacher:
+            raise ValueError("convert.teacher is empty; give a teacher folder or set convert.init=scratch")
+        if not 0.0 <= c.passkey_fraction <= 1.0:
+            raise ValueError(f"convert.passkey_fraction={c.passkey_fraction} must be in [0, 1]")
+        if c.passkey_fraction > 0 and self.data.kind != "text":
+            raise ValueError("convert.passkey_fraction > 0 needs data.kind=text (a tokenizer)")
+        if self.parallel.tp > 1 or self.parallel.pp > 1:
+            raise ValueError("convert runs data and context parallel only; set parallel.tp=1, pp=1")
+        if self.parallel.cp > 1 and c.transfer.steps and c.transfer.loss != "mse":
+            raise ValueError("attention transfer under parallel.cp > 1 needs "
+                             "convert.transfer.loss=mse (the CE needs whole rows of attention)")
+        if self.data.seq_len % (self.parallel.cp * (2 if self.parallel.cp_layout == "zigzag" else 1)):
+            raise ValueError(f"data.seq_len={self.data.seq_len} must split over parallel.cp")
+        if c.save_hf and (c.student.kind != "softmax" and "L" in c.student.layer_pattern):
+            raise ValueError("convert.save_hf: the Hugging Face Llama format has no place for "
+                             "linear-attention parameters (feature maps, conv, gates); set "
+                             "convert.save_hf=false and load <output>/model with load_model")
+        if c.transfer.steps < 0 or c.finetune.steps < 0 or c.transfer.tile < 1:
+            raise ValueError("convert.transfer.steps / finetune.steps must be >= 0, tile >= 1")
+
+
+def load_convert_config(path=None, overrides=None) -> ConvertJob:
+    return load(ConvertJob, path, overrides)
+
+
+# ------------------------------------------------------------------------------ model I/O
+
+
+def _load_dcp_model(model, folder: Path) -> None:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_model_state_dict(model, state["model"])
+
+
+def load_model(path, *, parallel=None, device="cpu"):
+    """A ctxscale model from `path`: a `convert` model/ folder, a `train` run folder (newest
+    checkpoint) or a Hugging Face directory."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        from ctxscale.models.hf import load_hf
+
+        return load_hf(path, device=device, parallel=parallel)
+    cfg_file = path / "config.yaml"
+    if not cfg_file.is_file():
+        raise ValueError(f"{path} holds neither config.yaml (ctxscale) nor config.json (Hugging "
+                         "Face); pass a run folder, a convert model/ folder or an HF directory")
+    tree = yaml.safe_load(cfg_file.read_text())
+    from ctxscale.launch.config_loader import _build
+
+    mcfg = _build(ModelConfig, tree["model"], "model", str(cfg_file))
+    model = build_model(mcfg, parallel).to(device)
+    weights = path if (path / ".metadata").is_file() else latest_checkpoint(path / "checkpoints")
+    if weights is None:
+        raise ValueError(f"{path} has no weights (no .metadata and no checkpoints/step_*)")
+    _load_dcp_model(model, weights)
+    return model
+
+
+def save_model(model, folder: Path, *, rank: int) -> None:
+    """config.yaml (the `model:` section) + DCP weights, loadable by `load_model`."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump({"model": to_dict(model.cfg)}, sort_keys=False))
+    if dist.is_initialized():
+        dist.barrier()
+    dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(folder))
+
+
+# ------------------------------------------------------------------------------ data
+
+
+class PasskeyMix:
+    """Wraps a text DataSource: each row becomes, with probability `fraction`, a passkey example
+    whose filler is the row's own tokens (labels: the whole next-token sequence). Deterministic in
+    (seed, global row index); the row counter is the wrapped source's sample counter."""
+
+    def __init__(self, source, *, fraction: float, seed: int):
+        self.source, self.fraction, self.seed = source, fraction, seed
+        self.tokenizer = getattr(source, "tokenizer", None)
+        self.vocab_size = source.vocab_size
+
+    def next_batch(self) -> dict:
+        first = self.source.global_samples + self.source.dp_rank * self.source.batch_size
+        batch = self.source.next_batch()
+        if self.fraction <= 0:
+            return batch
+        ids, labels = batch["input_ids"].clone(), batch["labels"].clone()
+        for j in range(ids.shape[0]):
+            rng = np.random.default_rng([self.seed, first + j])
+            if rng.random() >= self.fraction:
+                continue
+            row = passkey_text_sample(self.tokenizer, ids[j].tolist(), ids.shape[1],
+                                      float(rng.random()), rng)
+            ids[j] = row["input_ids"]
+            labels[j] = torch.cat([row["input_ids"][1:], torch.tensor(row["answer_ids"][-1:])])
+        return {"input_ids": ids, "labels": labels}
+
+    def state_dict(self):
+        return self.source.state_dict()
+
+    def load_state_dict(self, state):
+        self.source.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------ the job
+
+
+class Converter:
+    def __init__(self, cfg: ConvertJob):
+        self.cfg = cfg
+        self.env = detect_env()
+        self.device = pick_device(cfg.run.device, self.env)
+        init_distributed(self.env, self.device.type)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.dims = ParallelDims.from_config(cfg.parallel, world)
+        self.mesh = self.dims.build_mesh(self.device.type)
+        self.dp_rank, self.dp_size = axis_rank(self.mesh, "dp"), axis_size(self.mesh, "dp")
+        self.parallel = parallel_context(self.dims, self.mesh, cfg.parallel)
+        from ctxscale.kernels.dispatch import set_kernel_mode
+
+        set_kernel_mode(cfg.kernels.mode, attention=cfg.kernels.attention)
+        torch.manual_seed(cfg.run.seed)
+        self.out = Path(cfg.run.output_dir)
+        cache = str(self.out / "cache") if cfg.data.cache_dir is None else None
+        common = dict(batch_size=cfg.run.batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size,
+                      seed=cfg.run.seed, cache_dir=cache)
+        self.data = PasskeyMix(build_data(cfg.data, split="train", **common),
+                               fraction=cfg.convert.passkey_fraction, seed=cfg.run.seed)
+        self.val_data = build_data(cfg.data, split="val", **common)
+        self.teacher = self._teacher()
+        self.student = self._student()
+        self.metrics = MetricsLogger(self.out, enabled=self.rank == 0,
+                                     tensorboard=cfg.run.tensorboard)
+
+    def _teacher(self):
+        c = self.cfg.convert
+        if not c.teacher:
+            return None
+        teacher = load_model(c.teacher, parallel=self.parallel, device=self.device)
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
+
+    def _student(self):
+        c, s = self.cfg.convert, self.cfg.convert.student
+        la = dict(feature_dim=s.feature_dim, conv_width=s.conv_width, gate=s.gate)
+        if c.init == "teacher":
+            if s.kind == "softmax":
+                return load_model(c.teacher, parallel=self.parallel, device=self.device)
+            return linearize(self.teacher, kind=s.kind, layer_pattern=s.layer_pattern,
+                             parallel=self.parallel, **la)
+        mcfg = self.cfg.model if self.teacher is None else self.teacher.cfg
+        if mcfg.vocab_size == 0:
+            mcfg.vocab_size = self.data.vocab_size
+        if s.kind != "softmax":
+            from ctxscale.models.linearize import student_config
+
+            mcfg = student_config(mcfg, kind=s.kind, layer_pattern=s.layer_pattern, **la)
+        return build_model(mcfg, self.parallel).to(self.device)
+
+    # ---------------------------------------------------------------- helpers
+    def shard(self, batch):
+        ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+        b, s = ids.shape
+        pos = torch.arange(s, device=self.device).expand(b, s)
+        if self.dims.cp > 1:
+            g, lay = self.parallel.cp_group, self.parallel.cp_layout
+            ids, labels, pos = (shard_sequence(t, group=g, layout=lay) for t in (ids, labels, pos))
+        return ids, labels, pos
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if dist.is_initialized():
+            dist.all_reduce(t)
+        return t
+
+    def average_grads(self, params, scale: float) -> None:
+        """grads ← Σ_ranks grads · scale (scale = 1 / global normalizer)."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self.all_sum(flat) * scale
+        i = 0
+        for g in grads:
+            g.copy_(flat[i:i + g.numel()].view_as(g))
+            i += g.numel()
+
+    def _resume(self, folder: Path, model, optimizer, scheduler) -> int:
+        resume = self.cfg.checkpoint.resume
+        path = latest_checkpoint(folder) if resume == "auto" else (
+            None if resume == "none" else Path(resume))
+        if path is None or not (path.parent == folder):
+            return 0
+        meta = Checkpointer(folder).load(path, model, optimizer, scheduler)
+        self.data.load_state_dict(meta["data"])
+        return meta["step"]
+
+    # ---------------------------------------------------------------- stage 1
+    def transfer(self) -> list[dict]:
+        tc = self.cfg.convert.transfer
+        if tc.steps == 0 or self.teacher is None or self.cfg.convert.student.kind == "softmax":
+            return []
+        student = self.student
+        params = freeze_all_but(student, new_parameter_names(student))
+        layers = linear_layers(student)
+        opt = build_optimizer(student, tc.optim)
+        sched = build_scheduler(opt, tc.optim, tc.steps)
+        folder = self.out / "checkpoints" / "transfer"
+        ckpt = Checkpointer(folder, keep_last=self.cfg.checkpoint.keep_last)
+        step = self._resume(folder, student, opt, sched)
+        records = []
+        while step < tc.steps:
+            t0 = time.perf_counter()
+            batch = self.data.next_batch()
+            ids, _, pos = self.shard(batch)
+            cos, sin, inputs = teacher_layer_inputs(self.teacher, ids, pos)
+            reduction = "sum" if self.dims.cp > 1 else "mean"
+            per_layer, total = {}, 0.0
+            for name in layers:
+                out = attention_transfer_loss(self.teacher.layers[name], student.layers[name],
+                                              inputs[name], cos, sin, loss=tc.loss, tile=tc.tile,
+                                              reduction=reduction)
+                total = total + out["loss"]
+                per_layer[name] = out["loss"].detach()
+            total.backward()
+            if self.dims.cp > 1:  # sums over this shard; normalize by the global element count
+                count = float(ids.shape[0] * ids.shape[1] * self.dims.cp * self.dims.dp
+                              * student.cfg.dim)
+                scale, div = 1.0 / count, count
+            else:
+                scale, div = 1.0 / (self.dims.dp * self.dims.cp), float(self.dims.dp)
+            self.average_grads(params, scale)
+            vals = self.all_sum(torch.stack(list(per_layer.values())).float()) / div
+            gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            rec = {"step": step, "stage": "transfer", "loss": float(vals.sum()), "lr": lr,
+                   "grad_norm": float(gn), "tokens_per_s": ids.numel() * self.dims.dp / (time.perf_counter() - t0)}
+            rec.update({f"transfer/layer{n}": float(v) for n, v in zip(per_layer, vals)})
+            records.append(rec)
+            if step % self.cfg.run.log_every == 0 or step == tc.steps:
+                self.metrics.log(rec)
+            if self._save_now(step, tc.steps):
+                ckpt.save(step, student, opt, sched, self.data.state_dict())
+        return records
+
+    def _save_now(self, step, total):
+        ck = self.cfg.checkpoint
+        return (ck.every and step % ck.every == 0) or (ck.at_end and step == total)
+
+    # ---------------------------------------------------------------- stage 2
+    def finetune(self) -> list[dict]:
+        fc = self.cfg.convert.finetune
+        if fc.steps == 0:
+            return []
+        student = self.student
+        if fc.method == "lora":
+            for p in student.parameters():
+                p.requires_grad_(False)
+            apply_lora(student, rank=fc.lora_rank, alpha=fc.lora_alpha, targets=tuple(fc.lora_targets))
+            names = lora_parameter_names(student)
+            if fc.train_new_params:
+                names += new_parameter_names(student)
+            params = freeze_all_but(student, names)
+        else:
+            params = freeze_all_but(student, [n for n, _ in student.named_parameters()])
+        opt = build_optimizer(student, fc.optim)
+        sched = build_scheduler(opt, fc.optim, fc.steps)
+        folder = self.out / "checkpoints" / "finetune"
+        ckpt = Checkpointer(folder, keep_last=self.cfg.checkpoint.keep_last)
+        step = self._resume(folder, student, opt, sched)
+        records = []
+        student.train()
+        while step < fc.steps:
+            t0 = time.perf_counter()
+            batch = self.data.next_batch()
+            n_tok = self.all_sum(torch.tensor(float((batch["labels"] != -100).sum())))
+            n_tok = n_tok.item() / self.dims.cp  # cp ranks share their dp rank's batch
+            ids, labels, pos = self.shard(batch)
+            loss = student(ids, labels=labels, position_ids=pos, loss_reduction="sum")
+            loss.backward()
+            self.average_grads(params, 1.0 / n_tok)
+            gn = torch.nn.utils.clip_grad_norm_(params, fc.optim.max_grad_norm or float("inf"))
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            total = self.all_sum(loss.detach().float()).item() / n_tok
+            rec = {"step": step, "stage": "finetune", "loss": total, "lr": lr, "grad_norm": float(gn),
+                   "tokens_per_s": ids.numel() * self.dims.dp / (time.perf_counter() - t0)}
+            if not math.isfinite(total):
+                raise ValueError(f"fine-tune loss became {total} at step {step}; lower the lr")
+            records.append(rec)
+            if step % self.cfg.run.log_every == 0 or step == fc.steps:
+                self.metrics.log(rec)
+            if self._save_now(step, fc.steps):
+                ckpt.save(step, student, opt, sched, self.data.state_dict())
+        if fc.method == "lora":
+            merge_lora(student)
+        return records
+
+    # ---------------------------------------------------------------- eval
+    @torch.no_grad()
+    def eval_loss(self, model) -> float:
+        model.eval()
+        tot = torch.zeros(2, dtype=torch.float64)
+        for batch in self.val_data.eval_batches(self.cfg.run.eval_batches):
+            ids, labels, pos = self.shard(batch)
+            tot[0] += float(model(ids, labels=labels, position_ids=pos, loss_reduction="sum"))
+            tot[1] += float((labels != -100).sum())
+        tot = self.all_sum(tot)
+        return (tot[0] / tot[1]).item()
+
+
+def convert(cfg: ConvertJob) -> dict:
+    """Run both stages; returns {"transfer": records, "finetune": records, "eval_loss": ...,
+    "teacher_eval_loss": ..., "model_dir": ...} on every rank."""
+    job = Converter(cfg)
+    out = job.out
+    try:
+        if job.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(dump(cfg))
+        transfer = job.transfer()
+        finetune = job.finetune()
+        job.student.eval()
+        summary = {"transfer": transfer, "finetune": finetune,
+                   "eval_loss": job.eval_loss(job.student),
+                   "teacher_eval_loss": job.eval_loss(job.teacher) if job.teacher is not None else None,
+                   "tokens": (len(transfer) + len(finetune)) * cfg.run.batch_size * job.dp_size
+                   * cfg.data.seq_len}
+        job.metrics.log({"step": len(transfer) + len(finetune), "stage": "final",
+                         "eval_loss": summary["eval_loss"],
+                         "teacher_eval_loss": summary["teacher_eval_loss"]})
+        model_dir = out / "model"
+        save_model(job.student, model_dir, rank=job.rank)
+        if cfg.convert.save_hf and job.rank == 0:
+            from ctxscale.models.hf import save_hf
+
+            save_hf(job.student, out / "hf", overwrite=True)
+        summary["model_dir"] = str(model_dir)
+    finally:
+        job.metrics.close()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ctxscale convert",
+                                description="Distill a softmax Transformer into linear attention.")
+    p.add_argument("--config", "-c", default=None)
+    p.add_argument("--print-config", action="store_true")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("CTXSCALE_LOG_LEVEL", "WARNING"))
+    try:
+        cfg = load_convert_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"ctxscale: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump(cfg), end="")
+        return 0
+    try:
+        s = convert(cfg)
+    except ValueError as e:
+        print(f"ctxscale: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if not dist.is_initialized():
+        print(f"eval loss {s['eval_loss']:.4f} (teacher {s['teacher_eval_loss']}); model in {s['model_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["ConvertJob", "PasskeyMix", "convert", "load_convert_config", "load_model", "main",
+           "save_model"]

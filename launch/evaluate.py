@@ -1,0 +1,209 @@
+"""`ctxscale eval --config F`: compare models on held-out perplexity, passkey retrieval by context
+length and depth, and MQAR; write a markdown table, results.json and a plot.
+
+- perplexity: exp(mean token cross-entropy) over `eval_batches` fixed validation batches of the
+  text corpus (`data:`), the same batches for every model;
+- passkey (Mohtashami & Jaggi 2023, natural-language version `passkey_text_eval_set`): for each
+  length L in `passkey_lengths` and depth d in `passkey_depths`, `passkey_samples` prompts whose
+  filler is held-out text; a prompt counts only when every answer token is the argmax;
+- MQAR (Arora et al. 2023, "Zoology"): token accuracy at the query positions of `mqar_samples`
+  fresh samples (`mqar_seq_len`, `mqar_num_kv_pairs`, keys/values drawn from the model's
+  vocabulary); 0 samples skips it.
+
+Models are given by path (`launch.convert.load_model`: a convert model/ folder, a train run folder,
+or a Hugging Face directory), one label each. Single process (evaluation of small models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ctxscale.launch.config_loader import ConfigError, dump, load
+from ctxscale.launch.data import DataConfig, build_data, mqar_sample, passkey_accuracy
+from ctxscale.launch.data.synthetic import passkey_text_eval_set
+
+
+@dataclass
+class EvalJob:
+    # Model folders to evaluate, and their labels in the table (default: folder names).
+    models: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    # The text corpus (validation split) for perplexity and the passkey filler + tokenizer.
+    data: DataConfig = field(default_factory=lambda: DataConfig(kind="text"))
+    batch_size: int = 8
+    eval_batches: int = 8
+    passkey_lengths: list[int] = field(default_factory=list)
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    passkey_samples: int = 4
+    mqar_samples: int = 0
+    mqar_seq_len: int = 64
+    mqar_num_kv_pairs: int = 4
+    seed: int = 0
+    output_dir: str = "runs/eval"
+
+    def validate(self) -> None:
+        self.data.validate()
+        if not self.models:
+            raise ValueError("eval: `models` is empty; list at least one model folder")
+        if self.labels and len(self.labels) != len(self.models):
+            raise ValueError("eval: `labels` must have one entry per model (or be empty)")
+        if any(L < 2 for L in self.passkey_lengths):
+            raise ValueError("eval: passkey_lengths must be >= 2")
+
+
+@torch.no_grad()
+def perplexity(model, batches) -> float:
+    model.eval()
+    loss, count = 0.0, 0
+    for batch in batches:
+        labels = batch["labels"]
+        loss += float(model(batch["input_ids"], labels=labels, loss_reduction="sum"))
+        count += int((labels != -100).sum())
+    return math.exp(loss / max(count, 1))
+
+
+@torch.no_grad()
+def passkey_curve(model, tokenizer, filler, *, lengths, depths, samples, seed=0) -> dict:
+    """{L: {"accuracy": fraction of prompts right, "by_depth": {depth: fraction}}}."""
+    model.eval()
+    out = {}
+    for L in lengths:
+        sets = passkey_text_eval_set(tokenizer, filler, seq_len=L, depths=list(depths),
+                                     samples_per_depth=samples, seed=seed)
+        by_depth, right, total = {}, 0, 0
+        for s in sets:
+            acc = passkey_accuracy(model(s["input_ids"]), s["labels"])
+            by_depth[s["depth"]] = acc["correct"] / max(acc["total"], 1)
+            right += acc["correct"]
+            total += acc["total"]
+        out[int(L)] = {"accuracy": right / max(total, 1), "by_depth": by_depth}
+    return out
+
+
+@torch.no_grad()
+def mqar_eval(model, *, vocab_size: int, seq_len: int, num_kv_pairs: int, samples: int,
+              seed: int = 0) -> float:
+    model.eval()
+    rows = [mqar_sample(np.random.default_rng([seed, i]), seq_len=seq_len, vocab_size=vocab_size,
+                        num_kv_pairs=num_kv_pairs) for i in range(samples)]
+    ids = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64))
+    labels = torch.from_numpy(np.stack([r[1] for r in rows]).astype(np.int64))
+    pred = model(ids).argmax(-1)
+    mask = labels != -100
+    return float((pred[mask] == labels[mask]).float().mean())
+
+
+def markdown_table(results: dict) -> str:
+    """One row per model: perplexity, MQAR, passkey accuracy per length."""
+    lengths = sorted({L for r in results.values() for L in r.get("passkey", {})})
+    head = ["model", "perplexity"] + (["MQAR"] if any("mqar" in r for r in results.values()) else [])
+    head += [f"passkey@{L}" for L in lengths]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        cells = [name, f"{r['perplexity']:.2f}"]
+        if "MQAR" in head:
+            cells.append(f"{r['mqar']:.3f}" if "mqar" in r else "")
+        cells += [f"{r['passkey'][L]['accuracy']:.2f}" if L in r.get("passkey", {}) else ""
+                  for L in lengths]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_passkey(results: dict, path: Path, *, train_len: int | None = None) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    plotted = False
+    for name, r in results.items():
+        curve = r.get("passkey")
+        if curve:
+            xs = sorted(curve)
+            ax.plot(xs, [curve[x]["accuracy"] for x in xs], marker="o", label=name)
+            plotted = True
+    if not plotted:
+        plt.close(fig)
+        return None
+    if train_len:
+        ax.axvline(train_len, color="gray", ls="--", lw=1, label="distillation length")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("passkey accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def evaluate_models(cfg: EvalJob) -> dict:
+    """{label: {"perplexity", "passkey": {L: {...}}, "mqar"?}}; also writes the outputs."""
+    from ctxscale.launch.convert import load_model
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = str(out / "cache") if cfg.data.cache_dir is None else None
+    val = build_data(cfg.data, batch_size=cfg.batch_size, dp_rank=0, dp_size=1, seed=cfg.seed,
+                     split="val", cache_dir=cache)
+    batches = val.eval_batches(cfg.eval_batches)
+    filler = torch.cat([b["input_ids"].flatten() for b in batches]).tolist()
+    labels = cfg.labels or [Path(m).name for m in cfg.models]
+    results = {}
+    for label, path in zip(labels, cfg.models):
+        model = load_model(path)
+        r = {"perplexity": perplexity(model, batches)}
+        if cfg.passkey_lengths:
+            r["passkey"] = passkey_curve(model, val.tokenizer, filler, lengths=cfg.passkey_lengths,
+                                         depths=cfg.passkey_depths, samples=cfg.passkey_samples,
+                                         seed=cfg.seed)
+        if cfg.mqar_samples:
+            r["mqar"] = mqar_eval(model, vocab_size=model.cfg.vocab_size, seq_len=cfg.mqar_seq_len,
+                                  num_kv_pairs=cfg.mqar_num_kv_pairs, samples=cfg.mqar_samples,
+                                  seed=cfg.seed)
+        results[label] = r
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "results.md").write_text(markdown_table(results) + "\n")
+    plot_passkey(results, out / "passkey.png", train_len=cfg.data.seq_len)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ctxscale eval", description="Evaluate converted models.")
+    p.add_argument("--config", "-c", default=None)
+    p.add_argument("--print-config", action="store_true")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    try:
+        cfg = load(EvalJob, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"ctxscale: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump(cfg), end="")
+        return 0
+    try:
+        results = evaluate_models(cfg)
+    except ValueError as e:
+        print(f"ctxscale: error: {e}", file=sys.stderr)
+        return 2
+    print(markdown_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["EvalJob", "evaluate_models", "markdown_table", "mqar_eval", "passkey_curve",
+           "perplexity", "plot_passkey"]
