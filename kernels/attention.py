@@ -12,7 +12,10 @@ Paths:
 - `blockwise`: FlashAttention-2 in PyTorch (online softmax over key tiles, recomputation in the
   backward pass); memory O(seq * tile), never the full score matrix. Exposes
   `attention_forward` / `attention_backward` so context-parallel code can run one block at a time
-  and run the backward with a *global* lse (ring attention, LightSeq).
+  and run the backward with a *global* lse (ring attention, LightSeq). On CPU in float32 these
+  two call PyTorch's fused CPU flash-attention kernel and its backward, which honour the same
+  (o, lse) contract and are several times faster; `CTXSCALE_KERNELS_ATTENTION=blockwise` forces
+  the pure PyTorch tiles.
 - `sdpa`: `torch.nn.functional.scaled_dot_product_attention` when no lse is asked for.
 - `flash_attn`: flash-attn's `flash_attn_func` on CUDA when installed (optional accelerator).
 - `triton`: our Triton kernel (`kernels/flash_attention_triton.py`) on CUDA or in the interpreter.
@@ -103,11 +106,56 @@ def _visible(q0, ql, k0, kl, offset) -> str:
     return "partial"
 
 
+def _cpu_flash_ok(q, k, causal) -> bool:
+    """PyTorch's fused CPU flash-attention kernel returns (o, lse) and has a backward that takes a
+    given (o, lse): the same contract as the blockwise path, several times faster on CPU. Used for
+    float32 on CPU (float64 stays on the blockwise path so float64 oracles stay exact), when its
+    top-left causal alignment equals ours (seq_q == seq_k) and the blockwise path is not forced."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and (not causal or q.shape[1] == k.shape[1])
+        and forced_path("attention") != "blockwise"
+    )
+
+
+def _to_bhsd(x, heads):
+    """(b, s, h_kv, d) -> (b, heads, s, d), repeating kv heads for grouped-query attention."""
+    x = x.transpose(1, 2)
+    if x.shape[1] != heads:
+        x = x.repeat_interleave(heads // x.shape[1], dim=1)
+    return x.contiguous()
+
+
+def _cpu_flash_forward(q, k, v, causal, scale):
+    h = q.shape[2]
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        _to_bhsd(q, h), _to_bhsd(k, h), _to_bhsd(v, h), 0.0, causal, scale=scale
+    )
+    return o.transpose(1, 2), lse.float()
+
+
+def _cpu_flash_backward(do, q, k, v, o, lse, causal, scale):
+    h, hk = q.shape[2], k.shape[2]
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        _to_bhsd(do.to(q.dtype), h), _to_bhsd(q, h), _to_bhsd(k, h), _to_bhsd(v, h),
+        _to_bhsd(o.to(q.dtype), h), lse.float().contiguous(), 0.0, causal, scale=scale,
+    )
+    b, _, sk, d = dk.shape
+    if hk != h:  # sum the gradients of the repeated kv heads back onto their owner
+        dk = dk.view(b, hk, h // hk, sk, d).sum(2)
+        dv = dv.view(b, hk, h // hk, sk, dv.shape[-1]).sum(2)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
 @torch.no_grad()
 def attention_forward(q, k, v, *, causal=True, softmax_scale=None, block_size=DEFAULT_BLOCK):
     """Blockwise forward. Returns `(o, lse)`: o in the compute dtype (float32, or float64 for
     float64 inputs) so callers can merge partial results exactly, lse `(batch, heads, seq_q)`."""
     _check_shapes(q, k, v)
+    if _cpu_flash_ok(q, k, causal):
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        return _cpu_flash_forward(q, k, v, causal, scale)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     cdt = _compute_dtype(q.dtype)
     b, sq, h, d = q.shape
@@ -157,6 +205,9 @@ def attention_backward(
     heads that share a key/value head.
     """
     _check_shapes(q, k, v)
+    if dlse is None and _cpu_flash_ok(q, k, causal):
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        return _cpu_flash_backward(do, q, k, v, o, lse, causal, scale)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     cdt = _compute_dtype(q.dtype)
     b, sq, h, d = q.shape
