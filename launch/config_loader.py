@@ -178,3 +178,42 @@ def load(cls, path: str | Path | None = None, overrides: list[str] | None = None
 
 def dump(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def run_config_command(argv, *, prog: str, description: str, load_config, run) -> int:
+    """The body of every config-driven command (`ctxscale train|convert|eval`): parse
+    `--config F [--print-config] [key.path=value ...]`, load and validate the config, print it or
+    `run(cfg)`. User mistakes (ConfigError / ValueError) exit 2 with the message; the process
+    group, if `run` started one, is destroyed on the way out."""
+    import argparse
+    import logging
+    import os
+    import sys
+
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", "-c", default=None, help="YAML config")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("CTXSCALE_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"ctxscale: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump(cfg), end="")
+        return 0
+    import torch.distributed as dist
+
+    try:
+        run(cfg)
+    except ValueError as e:  # ConfigError included
+        print(f"ctxscale: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

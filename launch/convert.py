@@ -27,10 +27,8 @@ attention-weight CE needs the whole sequence). Checkpoints: `launch/checkpoint.p
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,12 +47,11 @@ from ctxscale.dist.parallelize import parallel_context
 from ctxscale.launch.checkpoint import Checkpointer, latest_checkpoint
 from ctxscale.launch.config import (
     CheckpointConfig,
-    ConfigError,
     KernelConfig,
     OptimConfig,
     ParallelConfig,
 )
-from ctxscale.launch.config_loader import dump, load, to_dict
+from ctxscale.launch.config_loader import dump, load, run_config_command, to_dict
 from ctxscale.launch.data import DataConfig, build_data
 from ctxscale.launch.data.synthetic import passkey_text_sample
 from ctxscale.launch.env import detect_env, init_distributed, pick_device
@@ -517,32 +514,15 @@ def convert(cfg: ConvertJob) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ctxscale convert",
-                                description="Distill a softmax Transformer into linear attention.")
-    p.add_argument("--config", "-c", default=None)
-    p.add_argument("--print-config", action="store_true")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("CTXSCALE_LOG_LEVEL", "WARNING"))
-    try:
-        cfg = load_convert_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"ctxscale: config error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(dump(cfg), end="")
-        return 0
-    try:
+    def run(cfg):
         s = convert(cfg)
-    except ValueError as e:
-        print(f"ctxscale: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if not dist.is_initialized():
-        print(f"eval loss {s['eval_loss']:.4f} (teacher {s['teacher_eval_loss']}); model in {s['model_dir']}")
-    return 0
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"eval loss {s['eval_loss']:.4f} (teacher {s['teacher_eval_loss']}); "
+                  f"model in {s['model_dir']}")
+
+    return run_config_command(argv, prog="ctxscale convert",
+                              description="Distill a softmax Transformer into linear attention.",
+                              load_config=load_convert_config, run=run)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ or a Hugging Face directory), one label each. Single process (evaluation of smal
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ctxscale.launch.config_loader import ConfigError, dump, load
+from ctxscale.launch.config_loader import load, run_config_command
 from ctxscale.launch.data import DataConfig, build_data, mqar_sample, passkey_accuracy
 from ctxscale.launch.data.synthetic import passkey_text_eval_set
 
@@ -179,26 +178,11 @@ def evaluate_models(cfg: EvalJob) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ctxscale eval", description="Evaluate converted models.")
-    p.add_argument("--config", "-c", default=None)
-    p.add_argument("--print-config", action="store_true")
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
-    try:
-        cfg = load(EvalJob, args.config, args.overrides)
-    except ConfigError as e:
-        print(f"ctxscale: config error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(dump(cfg), end="")
-        return 0
-    try:
-        results = evaluate_models(cfg)
-    except ValueError as e:
-        print(f"ctxscale: error: {e}", file=sys.stderr)
-        return 2
-    print(markdown_table(results))
-    return 0
+    return run_config_command(
+        argv, prog="ctxscale eval", description="Evaluate converted models.",
+        load_config=lambda path, overrides: load(EvalJob, path, overrides),
+        run=lambda cfg: print(markdown_table(evaluate_models(cfg))),
+    )
 
 
 if __name__ == "__main__":

@@ -16,11 +16,9 @@ One optimizer step, end to end:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -40,6 +38,7 @@ from ctxscale.dist.parallelize import (
 from ctxscale.kernels.dispatch import chosen_paths, set_kernel_mode
 from ctxscale.launch.checkpoint import Checkpointer, latest_checkpoint
 from ctxscale.launch.config import ConfigError, JobConfig, dump, load_job_config
+from ctxscale.launch.config_loader import run_config_command
 from ctxscale.launch.data import build_data, token_accuracy
 from ctxscale.launch.env import detect_env, init_distributed, pick_device
 from ctxscale.launch.metrics import MetricsLogger, peak_memory_bytes
@@ -311,36 +310,10 @@ def format_summary(s: dict, output_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def build_arg_parser(prog: str = "ctxscale train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Train a model from a YAML config.")
-    p.add_argument("--config", "-c", required=False, default=None, help="YAML job config")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_arg_parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("CTXSCALE_LOG_LEVEL", "WARNING"),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        cfg = load_job_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"ctxscale: config error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(dump(cfg), end="")
-        return 0
-    try:
-        train(cfg)
-    except (ConfigError, ValueError) as e:
-        print(f"ctxscale: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_config_command(argv, prog="ctxscale train",
+                              description="Train a model from a YAML config.",
+                              load_config=load_job_config, run=train)
 
 
 if __name__ == "__main__":
