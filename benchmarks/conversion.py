@@ -16,11 +16,11 @@ import argparse
 import json
 import math
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name  # benchmarks/ is sys.path[0] when run as a script
 
 from ctxscale.launch.convert import convert, load_convert_config
 from ctxscale.launch.evaluate import EvalJob, evaluate_models, markdown_table
@@ -30,14 +30,7 @@ TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import queue as queue_mod
 import socket
 import statistics
@@ -53,6 +52,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+from machine import cpu_name  # benchmarks/ is sys.path[0] when run as a script
 
 HEADS, HEAD_DIM, BATCH = 4, 64, 1
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -76,15 +76,6 @@ def _reset_peak() -> bool:
         return False
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _free_port() -> int:
@@ -346,7 +337,7 @@ def main():
         while not procs.join():
             pass
     header = (
-        f"# Context-parallel attention on CPU (gloo)\n\nMachine: {_cpu_model()}, "
+        f"# Context-parallel attention on CPU (gloo)\n\nMachine: {cpu_name()}, "
         f"{os.cpu_count()} cores, load average at start {os.getloadavg()[0]:.1f}; torch "
         f"{torch.__version__}; batch {BATCH}, {HEADS} heads, head_dim {HEAD_DIM}, float32, causal, "
         f"one thread per process; median of {args.repeats} runs; total run "

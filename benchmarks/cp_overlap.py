@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import statistics
 import time
@@ -35,18 +34,11 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from machine import cpu_name  # benchmarks/ is sys.path[0] when run as a script
 
 
 def _machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = cpu_name()
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     return f"{model}, {os.cpu_count()} logical cores{load}, torch {torch.__version__}"
 

@@ -33,7 +33,6 @@ import argparse
 import datetime
 import importlib
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -42,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from machine import cpu_name  # benchmarks/ is sys.path[0] when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -55,14 +55,7 @@ def _machine(device: torch.device) -> str:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return f"{p.name} ({p.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_name()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{model}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads; "
             f"1-min load average {load:.1f} at start (a load above the core count means other jobs "

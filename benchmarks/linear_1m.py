@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -25,17 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name  # benchmarks/ is sys.path[0] when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -73,7 +66,7 @@ def main() -> None:
     lines = [
         "# Linear-attention model at 1,048,576 tokens per sequence, context parallel on CPU",
         "",
-        f"Machine: {_cpu_name()}, {os.cpu_count()} cores shared with other jobs; {a.cp} gloo "
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores shared with other jobs; {a.cp} gloo "
         "processes, 1 thread each.",
         f"Model: linear family, kind {a.kind}, dim {a.dim}, 2 layers, 4 heads (2 kv), full "
         f"activation checkpointing, float32; MQAR data, batch 1, seq_len {a.seq_len} "

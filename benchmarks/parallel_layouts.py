@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import socket
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from machine import cpu_name  # benchmarks/ is sys.path[0] when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["model.dim=128", "model.num_layers=4", "model.num_heads=8", "model.num_kv_heads=4",
@@ -193,14 +193,7 @@ def run_layout(overrides, dp, steps, out_dir) -> list[dict]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return f"{cpu}, {os.cpu_count()} logical cores visible, torch {torch.__version__}, gloo"
 
 

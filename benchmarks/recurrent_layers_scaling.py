@@ -12,25 +12,15 @@ same layer, measured in the same run (target: within 1.3x). Writes
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name  # benchmarks/ is sys.path[0] when run as a script
 
 from ctxscale.models.config import LinearAttentionConfig, MambaConfig, ModelConfig
 from ctxscale.models.linear_attention import LinearAttention
 from ctxscale.models.mamba import MambaMixer
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def layers(dim: int, heads: int):
@@ -80,7 +70,7 @@ def main() -> None:
     lines = [
         "# Recurrent layers: forward+backward time per token vs sequence length (CPU)",
         "",
-        f"Machine: {_cpu_name()}, {torch.get_num_threads()} thread(s) used "
+        f"Machine: {cpu_name()}, {torch.get_num_threads()} thread(s) used "
         f"(of {torch.get_num_interop_threads()} interop / shared host); torch {torch.__version__}.",
         f"One layer, batch 1, dim {a.dim}, {a.heads} heads, float32; best of {a.repeats} after a "
         "warm-up. Ratio = time per token / time per token at the first length (same run). "

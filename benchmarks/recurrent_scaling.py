@@ -19,25 +19,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import time
 
 import torch
 import torch.nn as nn
+from machine import cpu_name  # benchmarks/ is sys.path[0] when run as a script
 
 from ctxscale.kernels import causal_conv1d, linear_attention, selective_scan
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 class MambaMixer(nn.Module):
@@ -136,7 +125,7 @@ def main() -> None:
             print(f"{name:18s} {seq_len:8d} cpu {seconds:9.3f} s wall {wall:9.3f} s "
                   f"{per_token:9.2f} us/token {per_token / base:5.2f}x peak {peak_mb:.0f} MB",
                   flush=True)
-    machine = (f"{cpu_model()}, {os.cpu_count()} logical cores visible, torch "
+    machine = (f"{cpu_name()}, {os.cpu_count()} logical cores visible, torch "
                f"{torch.__version__}, {args.threads} intra-op thread(s)")
     lines = [
         "# Recurrent kernels: time per token vs sequence length (CPU)",

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_name  # benchmarks/ is sys.path[0] when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "train_step_cpu.md"
 
@@ -102,15 +104,6 @@ def _run_worker(model: str, seq: int, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv=None) -> None:
@@ -158,7 +151,7 @@ def main(argv=None) -> None:
 
     cores = os.cpu_count()
     head = (
-        f"Machine: {_cpu_name()}, {cores} cores visible, {torch.get_num_threads()} torch threads "
+        f"Machine: {cpu_name()}, {cores} cores visible, {torch.get_num_threads()} torch threads "
         f"(shared with other jobs: timings are noisy, medians over {args.repeats} interleaved runs "
         f"x {args.steps} timed steps after a warm-up step of "
         f"{args.warmup_seq} tokens).\n"
