@@ -3,7 +3,8 @@
 A linear-attention layer (LAWCAT: conv on q/k + gated, normalized linear attention; and plain)
 and a Mamba-1 mixer, batch 1, float32, on one process. Linear-time layers should keep the time
 per token flat: the table reports each length's time per token as a ratio to the 4K run of the
-same layer, measured in the same run (target: within 1.3x). Writes
+same layer, measured in the same run (target: within 1.3x). The CPU allocator is tuned as in
+training (`ctxscale.launch.env.tune_cpu_allocator`; CTXSCALE_CPU_MALLOC=system to compare). Writes
 `benchmarks/results/recurrent_layers_cpu.md`.
 
     python benchmarks/recurrent_layers_scaling.py [--lengths 4096,16384,65536,262144]
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from machine import cpu_name  # benchmarks/ is sys.path[0] when run as a script
 
+from ctxscale.launch.env import tune_cpu_allocator
 from ctxscale.models.config import LinearAttentionConfig, MambaConfig, ModelConfig
 from ctxscale.models.linear_attention import LinearAttention
 from ctxscale.models.mamba import MambaMixer
@@ -55,6 +57,10 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/recurrent_layers_cpu.md")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    # as a training job on the CPU does (launch/env.py); CTXSCALE_CPU_MALLOC=system measures glibc's
+    # default mmap-per-large-tensor behaviour instead
+    allocator = "glibc reuse (tune_cpu_allocator)" if tune_cpu_allocator() else "glibc default"
+    print(f"allocator: {allocator}", flush=True)
     torch.manual_seed(0)
     lengths = [int(x) for x in a.lengths.split(",")]
     rows = []
@@ -71,7 +77,8 @@ def main() -> None:
         "# Recurrent layers: forward+backward time per token vs sequence length (CPU)",
         "",
         f"Machine: {cpu_name()}, {torch.get_num_threads()} thread(s) used "
-        f"(of {torch.get_num_interop_threads()} interop / shared host); torch {torch.__version__}.",
+        f"(of {torch.get_num_interop_threads()} interop / shared host); torch {torch.__version__}; "
+        f"CPU allocator: {allocator}.",
         f"One layer, batch 1, dim {a.dim}, {a.heads} heads, float32; best of {a.repeats} after a "
         "warm-up. Ratio = time per token / time per token at the first length (same run). "
         "Target: ratio <= 1.3 (linear time). The host is shared with other jobs, so single "
