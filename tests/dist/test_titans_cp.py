@@ -9,8 +9,8 @@ does). Tolerances, relative to each tensor's largest entry: against cp=1 in the 
 reassociated) and <= 1e-10 in float64; against the float64 oracle, max(1e-5, twice the
 single-process float32 model's own error) — the memory's online learning amplifies rounding, so
 float32 cp=1 itself sits near 1e-5 of float64 for some gradients.
-Training: 5 steps of `train()` at cp=2 give the cp=1 losses within 1e-5 (float32, the same
-batches, reductions in a different order).
+Training: 5 steps of `train()` at cp=2 and cp=4 give the cp=1 losses within 1e-5 (float32, the
+same batches, reductions in a different order).
 """
 
 import json
@@ -160,7 +160,9 @@ def _cp_train(rank, world, out_dir, variant):
 
 
 @pytest.mark.parametrize("variant", ["mac", "mag", "mal"])
-def test_training_cp2_matches_cp1(tmp_path, variant):
+def test_training_cp2_and_cp4_match_cp1(tmp_path, variant):
+    # seq_len 48: 24 tokens per rank at cp=2, 12 at cp=4 (one mac segment of 12, three memory
+    # chunks of 4, and more than window - 1 = 7 tokens for the mag / mal halo)
     single = tmp_path / "cp1"
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -170,8 +172,11 @@ def test_training_cp2_matches_cp1(tmp_path, variant):
                                        f"train.output_dir={single}"]))
     finally:
         torch.set_num_threads(torch_threads)
-    run_distributed(_cp_train, 2, args=(str(tmp_path / "cp2"), variant))
-    a, b = _losses(single), _losses(tmp_path / "cp2")
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
-    for s in a:
-        assert abs(a[s] - b[s]) <= 1e-5 * max(1.0, abs(a[s])), (s, a[s], b[s])
+    a = _losses(single)
+    assert sorted(a) == [1, 2, 3, 4, 5]
+    for world in (2, 4):
+        run_distributed(_cp_train, world, args=(str(tmp_path / f"cp{world}"), variant))
+        b = _losses(tmp_path / f"cp{world}")
+        assert sorted(b) == sorted(a), world
+        for s in a:
+            assert abs(a[s] - b[s]) <= 1e-5 * max(1.0, abs(a[s])), (world, s, a[s], b[s])

@@ -93,9 +93,9 @@ TRAIN_BASE = [o for o in SMALL if not o.startswith("model.num_layers")] + [
 TRAIN_CASES = [  # (config file, overrides, cp sizes)
     ("mamba_tiny.yaml", ["model.num_layers=2", "model.mamba.d_state=5"], (2, 4)),
     ("linear_tiny.yaml", ["model.linear_attention.kind=lawcat"], (2, 4)),
-    ("linear_tiny.yaml", ["model.linear_attention.kind=hedgehog"], (2,)),
-    ("linear_tiny.yaml", ["model.linear_attention.kind=decay"], (2,)),
-    ("linear_tiny.yaml", ["model.linear_attention.kind=plain"], (2,)),
+    ("linear_tiny.yaml", ["model.linear_attention.kind=hedgehog"], (2, 4)),
+    ("linear_tiny.yaml", ["model.linear_attention.kind=decay"], (2, 4)),
+    ("linear_tiny.yaml", ["model.linear_attention.kind=plain"], (2, 4)),
     ("hybrid_tiny.yaml", ["model.layer_pattern=LMPA", "model.mamba.d_state=5"], (2, 4)),
 ]
 
