@@ -124,9 +124,11 @@ def window_attention_weights(q, k, phi_q, phi_k, cum_decay, *, window: int, log_
     """Unnormalized weights `(b, h, stop − start, stop)` of the hybrid for queries
     start ≤ t < stop over keys s < stop: e_ts in the window, a_ts before it, 0 after t.
     q, k `(b, s, h, d)`; phi_q, phi_k `(b, s, h, F)`; cum_decay `(b, s, h)` or None. Quadratic in
-    the tile only (for the attention-transfer CE, models/linearize.py)."""
+    the tile only (for the attention-transfer CE, models/linearize.py); float32 (float64 for
+    float64 q)."""
     i0, i1 = start, stop
     d = q.shape[-1]
+    cdt = torch.promote_types(q.dtype, torch.float32)
     sc = d ** -0.5 if scale is None else scale
     t = torch.arange(i0, i1, device=q.device).view(-1, 1)
     sidx = torch.arange(i1, device=q.device).view(1, -1)
@@ -134,17 +136,17 @@ def window_attention_weights(q, k, phi_q, phi_k, cum_decay, *, window: int, log_
     older = sidx <= t - window
     out = 0
     if mode in ("both", "window_only"):
-        scores = torch.einsum("bthd,bshd->bhts", q[:, i0:i1].float(), k[:, :i1].float()) * sc
+        scores = torch.einsum("bthd,bshd->bhts", q[:, i0:i1].to(cdt), k[:, :i1].to(cdt)) * sc
         scores = scores.masked_fill(~in_win, float("-inf"))
         m = scores.amax(-1, keepdim=True)
         out = torch.exp(scores - m).masked_fill(~in_win, 0.0)
     if mode in ("both", "linear_only"):
-        a = torch.einsum("bthf,bshf->bhts", phi_q[:, i0:i1].float(), phi_k[:, :i1].float())
+        a = torch.einsum("bthf,bshf->bhts", phi_q[:, i0:i1].to(cdt), phi_k[:, :i1].to(cdt))
         if cum_decay is not None:
             g = cum_decay.transpose(1, 2)
             diff = g[:, :, i0:i1, None] - g[:, :, None, :i1]
             a = a * torch.exp(diff.masked_fill(~older, float("-inf")))
-        lam = torch.exp(log_mix.float()).view(1, -1, 1, 1)
+        lam = torch.exp(log_mix.to(cdt)).view(1, -1, 1, 1)
         out = out + lam * a.masked_fill(~older, 0.0)
     return out
 
