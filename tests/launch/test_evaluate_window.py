@@ -1,5 +1,5 @@
 """`eval` on a LoLCATs-windowed model: the ablation rows linear_only / window_only / no_attention
-appear in the table, results.json and the plot legend, each equal to the same model evaluated
+appear in the table, results.json and the plot (one curve per row), each equal to the same model evaluated
 with its layers' `hybrid_mode` set by hand (the same float32 computation: exact), and the model is
 left in mode "both"; models without a window get no extra rows."""
 
