@@ -4,7 +4,8 @@ Two stages (LoLCATs recipe; Hedgehog / LAWCAT feature maps, see models/linearize
 
 1. attention transfer: the teacher is frozen; the student is the teacher with every `L` layer of
    `convert.student.layer_pattern` replaced by linear attention initialized from the teacher's
-   q/k/v/o; only the new parameters (feature maps, conv taps, gates) train, every layer against
+   q/k/v/o; only the new parameters (feature maps, conv taps, gates, the LoLCATs window mix λ
+   with `convert.student.window` > 0) train, every layer against
    the teacher's attention on the teacher's own layer input (Hedgehog CE on attention weights,
    LoLCATs output MSE, or both). Per-layer losses go to metrics.jsonl / TensorBoard as
    `transfer/layer<i>` (stage "transfer").
@@ -82,6 +83,12 @@ class StudentConfig:
     feature_dim: int | None = None
     conv_width: int = 4
     gate: bool = True
+    # RoPE on q/k before the feature map (Hedgehog on a RoPE teacher); None: on for hedgehog,
+    # off for the other kinds.
+    rope: bool | None = None
+    # LoLCATs sliding window: the last `window` keys keep the teacher's softmax attention, older
+    # ones go through the linear attention, mixed by a trainable per-head λ (0 = off).
+    window: int = 0
 
 
 @dataclass
@@ -174,6 +181,8 @@ class ConvertJob:
             raise ValueError("convert.save_hf: the Hugging Face Llama format has no place for "
                              "linear-attention parameters (feature maps, conv, gates); set "
                              "convert.save_hf=false and load <output>/model with load_model")
+        if c.student.window < 0:
+            raise ValueError(f"convert.student.window={c.student.window} must be >= 0 (0 = off)")
         if c.transfer.steps < 0 or c.finetune.steps < 0 or c.transfer.tile < 1:
             raise ValueError("convert.transfer.steps / finetune.steps must be >= 0, tile >= 1")
 
@@ -308,7 +317,9 @@ class Converter:
 
     def _student(self):
         c, s = self.cfg.convert, self.cfg.convert.student
-        la = dict(feature_dim=s.feature_dim, conv_width=s.conv_width, gate=s.gate)
+        rope = s.kind == "hedgehog" if s.rope is None else s.rope
+        la = dict(feature_dim=s.feature_dim, conv_width=s.conv_width, gate=s.gate, rope=rope,
+                  window=s.window)
         if c.init == "teacher":
             if s.kind == "softmax":
                 return load_model(c.teacher, parallel=self.parallel, device=self.device)

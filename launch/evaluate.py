@@ -10,6 +10,11 @@ length and depth, and MQAR; write a markdown table, results.json and a plot.
   fresh samples (`mqar_seq_len`, `mqar_num_kv_pairs`, keys/values drawn from the model's
   vocabulary); 0 samples skips it.
 
+Models whose linear-attention layers have a LoLCATs window (`model.linear_attention.window` > 0)
+are also evaluated with parts of every such layer switched off (`LinearAttention.hybrid_mode`),
+as extra rows `<label>/linear_only`, `<label>/window_only` and `<label>/no_attention` (the layer's
+attention output is zero) in the table, results.json and the plot.
+
 Models are given by path (`launch.convert.load_model`: a convert model/ folder, a train run folder,
 or a Hugging Face directory), one label each. Single process (evaluation of small models).
 """
@@ -28,6 +33,32 @@ import torch
 from ctxscale.launch.config_loader import load, run_config_command
 from ctxscale.launch.data import DataConfig, build_data, mqar_sample, passkey_accuracy
 from ctxscale.launch.data.synthetic import passkey_text_eval_set
+
+# (row suffix, LinearAttention.hybrid_mode) of the ablations of windowed (LoLCATs) models
+ABLATIONS = (("linear_only", "linear_only"), ("window_only", "window_only"),
+             ("no_attention", "none"))
+
+
+def windowed_layers(model) -> list:
+    """The model's linear-attention modules with a LoLCATs window (window > 0)."""
+    return [m for m in model.modules() if getattr(m, "window", 0) and hasattr(m, "hybrid_mode")]
+
+
+def model_variants(model, label: str):
+    """Yield (row label, model) for the model as is, then, for a windowed model, each ablation
+    (the layers' hybrid_mode switched in place; restored to "both" afterwards)."""
+    yield label, model
+    layers = windowed_layers(model)
+    if not layers:
+        return
+    try:
+        for suffix, mode in ABLATIONS:
+            for layer in layers:
+                layer.hybrid_mode = mode
+            yield f"{label}/{suffix}", model
+    finally:
+        for layer in layers:
+            layer.hybrid_mode = "both"
 
 
 @dataclass
@@ -66,7 +97,8 @@ def perplexity(model, batches) -> float:
         labels = batch["labels"]
         loss += float(model(batch["input_ids"], labels=labels, loss_reduction="sum"))
         count += int((labels != -100).sum())
-    return math.exp(loss / max(count, 1))
+    mean = loss / max(count, 1)
+    return math.exp(mean) if mean < 700 else float("inf")  # an ablation may be that bad
 
 
 @torch.no_grad()
@@ -146,6 +178,19 @@ def plot_passkey(results: dict, path: Path, *, train_len: int | None = None) -> 
     return path
 
 
+def _evaluate_one(cfg: EvalJob, model, batches, tokenizer, filler) -> dict:
+    r = {"perplexity": perplexity(model, batches)}
+    if cfg.passkey_lengths:
+        r["passkey"] = passkey_curve(model, tokenizer, filler, lengths=cfg.passkey_lengths,
+                                     depths=cfg.passkey_depths, samples=cfg.passkey_samples,
+                                     seed=cfg.seed)
+    if cfg.mqar_samples:
+        r["mqar"] = mqar_eval(model, vocab_size=model.cfg.vocab_size, seq_len=cfg.mqar_seq_len,
+                              num_kv_pairs=cfg.mqar_num_kv_pairs, samples=cfg.mqar_samples,
+                              seed=cfg.seed)
+    return r
+
+
 def evaluate_models(cfg: EvalJob) -> dict:
     """{label: {"perplexity", "passkey": {L: {...}}, "mqar"?}}; also writes the outputs."""
     from ctxscale.launch.convert import load_model
@@ -160,17 +205,8 @@ def evaluate_models(cfg: EvalJob) -> dict:
     labels = cfg.labels or [Path(m).name for m in cfg.models]
     results = {}
     for label, path in zip(labels, cfg.models):
-        model = load_model(path)
-        r = {"perplexity": perplexity(model, batches)}
-        if cfg.passkey_lengths:
-            r["passkey"] = passkey_curve(model, val.tokenizer, filler, lengths=cfg.passkey_lengths,
-                                         depths=cfg.passkey_depths, samples=cfg.passkey_samples,
-                                         seed=cfg.seed)
-        if cfg.mqar_samples:
-            r["mqar"] = mqar_eval(model, vocab_size=model.cfg.vocab_size, seq_len=cfg.mqar_seq_len,
-                                  num_kv_pairs=cfg.mqar_num_kv_pairs, samples=cfg.mqar_samples,
-                                  seed=cfg.seed)
-        results[label] = r
+        for row, model in model_variants(load_model(path), label):
+            results[row] = _evaluate_one(cfg, model, batches, val.tokenizer, filler)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "results.md").write_text(markdown_table(results) + "\n")
     plot_passkey(results, out / "passkey.png", train_len=cfg.data.seq_len)
@@ -189,5 +225,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["EvalJob", "evaluate_models", "markdown_table", "mqar_eval", "passkey_curve",
+__all__ = ["ABLATIONS", "EvalJob", "evaluate_models", "model_variants", "windowed_layers", "markdown_table", "mqar_eval", "passkey_curve",
            "perplexity", "plot_passkey"]

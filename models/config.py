@@ -116,6 +116,13 @@ class LinearAttentionConfig:
     gate_normalizer: float = 16.0
     # Epsilon of the denominator normalization.
     eps: float = 1e-6
+    # Apply RoPE to q and k before the feature map (Hedgehog on a RoPE teacher: φ(R q)·φ(R k));
+    # needs the model's cos/sin. `ctxscale convert` turns it on for hedgehog students.
+    rope: bool = False
+    # LoLCATs sliding window: the last `window` keys of each query use softmax attention
+    # (RoPE'd q·k/√d), older ones the linear attention, one shared normalizer and a trainable
+    # per-head mix λ (models/window_attention.py). 0 = off; needs normalize=denominator.
+    window: int = 0
 
     def validate(self) -> None:
         if self.conv_width <= 0:
@@ -124,6 +131,8 @@ class LinearAttentionConfig:
             raise ValueError("model.linear_attention.feature_dim must be positive or null")
         if self.gate_normalizer <= 0:
             raise ValueError("model.linear_attention.gate_normalizer must be positive")
+        if self.window < 0:
+            raise ValueError(f"model.linear_attention.window must be >= 0 (0 = off), got {self.window}")
 
 
 @dataclass

@@ -80,7 +80,8 @@ class HybridBlock(nn.Module):
 
     @property
     def uses_rope(self) -> bool:
-        return self.code in "AP"
+        la = self.attention.la if self.code == "L" else None
+        return self.code in "AP" or (la is not None and (la.rope or la.window > 0))
 
     def _norm(self, x):
         return self.attention_norm(x) if self.attention is not None else self.mixer_norm(x)
@@ -135,7 +136,9 @@ class HybridLM(Transformer):
 
     @property
     def uses_rope(self) -> bool:
-        return any(c in "AP" for c in self.codes)
+        """cos/sin are needed by softmax layers and by linear layers with rope or a window."""
+        la = self.cfg.linear_attention
+        return any(c in "AP" for c in self.codes) or ("L" in self.codes and (la.rope or la.window > 0))
 
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None) -> None:

@@ -26,10 +26,23 @@ The projections are named `wq`, `wk`, `wv`, `wo` like `models/transformer.py`'s 
 Transformer's weights load into a linear layer (linearization); grouped-query k/v heads are
 repeated. Layout `(batch, seq, heads, head_dim)`.
 
+Options (`model.linear_attention`):
+- `rope`: apply RoPE (the model's cos/sin at the tokens' global positions) to q and k *before*
+  the feature map, φ(R_t q_t)·φ(R_s k_s), as Hedgehog does when linearizing a RoPE Transformer
+  (for lawcat: after the conv). Default off for from-scratch layers; `ctxscale convert` turns it
+  on for hedgehog students.
+- `window` > 0: LoLCATs sliding-window + linear attention (models/window_attention.py): the last
+  `window` keys get the teacher's softmax scores exp(q·k/√d − m) (RoPE'd, pre-conv q/k), older
+  keys the linear weights above times a trainable per-head λ = exp(`linear_mix`), one shared
+  denominator (needs normalize=denominator). `hybrid_mode` (runtime attribute: both,
+  linear_only, window_only, none) switches parts off for ablations.
+
 - `forward(x)`: the whole (possibly context-parallel) sequence via the model's
   `ParallelContext` (conv halo exchange and state passing when cp > 1).
 - `step(x, state)`: single device, continuing from `state` = {"S": (batch, heads, F, dim_v(+1))
-  float32, "q_conv"/"k_conv": (batch, channels, conv_width − 1) for lawcat}; None = zeros.
+  float32, "q_conv"/"k_conv": (batch, channels, conv_width − 1) for lawcat, "halo": the last
+  ≤ window packed (k, v, φ(k), log γ) tokens `(batch, ≤window, heads, P)` with a window}; None =
+  zeros.
 """
 
 from __future__ import annotations
@@ -41,7 +54,9 @@ import torch.nn.functional as F
 from ctxscale.dist.context import SINGLE, ParallelContext
 from ctxscale.kernels.conv1d import causal_conv1d
 from ctxscale.kernels.linear_attention import linear_attention
+from ctxscale.kernels.rotary import apply_rotary
 from ctxscale.models.config import ModelConfig
+from ctxscale.models.window_attention import HYBRID_MODES, window_linear_attention
 
 DEFAULT_FEATURE_MAP = {"plain": "elu1", "decay": "identity", "lawcat": "elu1"}
 DEFAULT_NORMALIZE = {"plain": "denominator", "decay": "rms", "hedgehog": "denominator",
@@ -102,6 +117,15 @@ class LinearAttention(nn.Module):
                 "model.linear_attention.normalize=denominator needs a positive feature map, but "
                 "feature_map is identity; pick feature_map elu1/relu/softmax or normalize rms"
             )
+        self.rope, self.window = la.rope, la.window
+        if self.window and self.normalize != "denominator":
+            raise ValueError(
+                f"model.linear_attention.window={la.window} shares one denominator between the "
+                f"window softmax and the linear part, but normalize is {self.normalize!r}; set "
+                "normalize=denominator (with a positive feature map) or window=0"
+            )
+        self._hybrid_mode = "both"
+        self.window_block = 64  # query rows per block of the window softmax
         self.wq = nn.Linear(cfg.dim, cfg.num_heads * hd, bias=cfg.attention_bias)
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * hd, bias=cfg.attention_bias)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * hd, bias=cfg.attention_bias)
@@ -117,7 +141,23 @@ class LinearAttention(nn.Module):
                 self.wg = nn.Linear(cfg.dim, cfg.num_heads, bias=True)
         if self.normalize == "rms":
             self.out_norm = nn.Parameter(torch.ones(cfg.num_heads * hd))
+        if self.window:
+            self.linear_mix = nn.Parameter(torch.zeros(cfg.num_heads))  # log λ per head
         self.reset_recurrent_parameters()
+
+    @property
+    def hybrid_mode(self) -> str:
+        """Which parts of a windowed layer run: both, linear_only, window_only or none."""
+        return self._hybrid_mode
+
+    @hybrid_mode.setter
+    def hybrid_mode(self, mode: str) -> None:
+        if mode not in HYBRID_MODES:
+            raise ValueError(f"hybrid_mode {mode!r} is not known; choose one of {HYBRID_MODES}")
+        if mode != "both" and not self.window:
+            raise ValueError("hybrid_mode ablations need a windowed layer "
+                             "(model.linear_attention.window > 0)")
+        self._hybrid_mode = mode
 
     @torch.no_grad()
     def reset_recurrent_parameters(self) -> None:
@@ -135,6 +175,8 @@ class LinearAttention(nn.Module):
             self.wg.bias.fill_(8.0)
         if hasattr(self, "out_norm"):
             self.out_norm.fill_(1.0)
+        if hasattr(self, "linear_mix"):
+            self.linear_mix.zero_()
 
     # -------------------------------------------------------------- pieces
     def _log_decay(self, x):
@@ -150,21 +192,43 @@ class LinearAttention(nn.Module):
             return self.feature_map_q(q), self.feature_map_k(k)
         return feature_map(q, self.feature), feature_map(k, self.feature)
 
-    def _run(self, x, conv, attend):
+    def _rotate(self, t, cos, sin, what):
+        if cos is None or sin is None:
+            raise ValueError(
+                f"this linear-attention layer applies RoPE to {what} (model.linear_attention."
+                "rope or window) but got no cos/sin; call it through HybridLM, or pass the "
+                "model's rope(position_ids)"
+            )
+        return apply_rotary(t, cos, sin)
+
+    def _run(self, x, cos, sin, conv, attend, halo):
         """x `(batch, seq, dim)`; `conv(t, weight, key) -> t` convolves `(b, channels, s)` over
-        tokens; `attend(q, k, v, log_decay, scale) -> o`. Returns `(batch, seq, dim)`."""
+        tokens; `attend(q, k, v, log_decay, scale) -> o`; `halo(t)` prepends the previous
+        ≤ window packed tokens (windowed layers). Returns `(batch, seq, dim)`."""
         b, s, _ = x.shape
         hd, rep = self.head_dim, self.num_heads // self.kv_heads
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.window:  # the softmax window sees the teacher's RoPE'd q/k (before any conv)
+            q_w = self._rotate(q.view(b, s, -1, hd), cos, sin, "the window's q/k")
+            k_w = self._rotate(k.view(b, s, -1, hd), cos, sin, "the window's q/k")
         if self.kind == "lawcat":
             q = conv(q.transpose(1, 2), self.q_conv, "q_conv").transpose(1, 2)
             k = conv(k.transpose(1, 2), self.k_conv, "k_conv").transpose(1, 2)
         q, k, v = q.view(b, s, -1, hd), k.view(b, s, -1, hd), v.view(b, s, -1, hd)
+        if self.rope:
+            q, k = self._rotate(q, cos, sin, "q/k"), self._rotate(k, cos, sin, "q/k")
         q, k = self._features(q, k)
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
         log_decay = self._log_decay(x)
-        if self.normalize == "denominator":
+        if self.window:
+            if rep > 1:
+                k_w = k_w.repeat_interleave(rep, dim=2)
+            o = window_linear_attention(
+                q_w, k_w, v, q, k, log_decay, window=self.window, log_mix=self.linear_mix,
+                halo=halo, linear=lambda pq, pk, pv, g: attend(pq, pk, pv, g, 1.0),
+                mode=self.hybrid_mode, eps=self.la.eps, block=self.window_block)
+        elif self.normalize == "denominator":
             v = torch.cat([v, v.new_ones(b, s, self.num_heads, 1)], dim=-1)
             o = attend(q, k, v, log_decay, 1.0)
             o = o[..., :hd] / (o[..., hd:] + self.la.eps)
@@ -187,7 +251,10 @@ class LinearAttention(nn.Module):
         def attend(q, k, v, log_decay, scale):
             return par.linear_attention(q, k, v, log_decay=log_decay, scale=scale)
 
-        return self._run(x, conv, attend)
+        def halo(t):
+            return par.with_halo(t, self.window)
+
+        return self._run(x, cos, sin, conv, attend, halo)
 
     def step(self, x: torch.Tensor, state: dict | None = None, cos=None, sin=None):
         """Single device: x `(batch, seq, dim)` continuing from `state`; returns (y, new_state)."""
@@ -204,14 +271,22 @@ class LinearAttention(nn.Module):
                                            initial_state=state.get("S"), return_final_state=True)
             return o
 
-        return self._run(x, conv, attend), new
+        def halo(t):
+            prev = state.get("halo")
+            ext = t if prev is None else torch.cat([prev, t], dim=1)
+            new["halo"] = ext[:, -self.window:]
+            return ext
+
+        return self._run(x, cos, sin, conv, attend, halo), new
 
 
 def linear_attention_flops_per_token(cfg: ModelConfig) -> float:
     """Training FLOPs per token of the state update and readout (6 · 2 · heads · F · dim_v)."""
     la = cfg.linear_attention
     f = 2 * (la.feature_dim or cfg.per_head_dim) if la.kind == "hedgehog" else cfg.per_head_dim
-    return 6.0 * 2 * cfg.num_heads * f * (cfg.per_head_dim + 1)
+    flops = 6.0 * 2 * cfg.num_heads * f * (cfg.per_head_dim + 1)
+    # window softmax: scores and weighted sum over `window` keys (q·k and p·v), fwd + bwd
+    return flops + 6.0 * 2 * cfg.num_heads * cfg.per_head_dim * la.window
 
 
 __all__ = ["HedgehogFeatureMap", "LinearAttention", "feature_map", "fixed_log_decay",
