@@ -313,8 +313,11 @@ class Converter:
         if c.init == "teacher":
             if s.kind == "softmax":
                 return load_model(c.teacher, parallel=self.parallel, device=self.device)
-            return linearize(self.teacher, kind=s.kind, layer_pattern=s.layer_pattern,
-                             parallel=self.parallel, **la)
+            student = linearize(self.teacher, kind=s.kind, layer_pattern=s.layer_pattern,
+                                parallel=self.parallel, **la)
+            # an HF teacher's config.json (token ids, ...) goes on into <output>/hf
+            student.hf_config = getattr(self.teacher, "hf_config", None)
+            return student
         mcfg = self.cfg.model if self.teacher is None else self.teacher.cfg
         if mcfg.vocab_size == 0:
             mcfg.vocab_size = self.data.vocab_size

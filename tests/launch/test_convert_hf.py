@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ctxscale.launch.convert import convert, load_convert_config, load_model, save_model
+from ctxscale.models import save_hf
 
 
 def _cfg(out, teacher_dir, *extra):
@@ -33,18 +34,26 @@ def teacher_dir(tmp_path_factory):
     torch.manual_seed(0)
     teacher = Transformer(ModelConfig(vocab_size=64, dim=40, num_layers=2, num_heads=5,
                                       num_kv_heads=1, head_dim=8, init_std=0.1))
-    path = tmp_path_factory.mktemp("teacher") / "model"
-    save_model(teacher, path, rank=0)
-    return path
+    root = tmp_path_factory.mktemp("teacher")
+    save_model(teacher, root / "model", rank=0)
+    # the same teacher as a Hugging Face folder with token ids in its config.json
+    save_hf(teacher, root / "hf")
+    hf = json.loads((root / "hf" / "config.json").read_text())
+    (root / "hf" / "config.json").write_text(json.dumps({**hf, "bos_token_id": 5,
+                                                         "eos_token_id": 6}))
+    return root
 
 
-@pytest.mark.parametrize("kind,pattern", [("hedgehog", "LA"), ("lawcat", "L")])
-def test_convert_writes_loadable_hf_folder(tmp_path, teacher_dir, kind, pattern):
+@pytest.mark.parametrize("kind,pattern,teacher_format", [("hedgehog", "LA", "model"),
+                                                         ("lawcat", "L", "hf")])
+def test_convert_writes_loadable_hf_folder(tmp_path, teacher_dir, kind, pattern, teacher_format):
     out = tmp_path / "out"
-    s = convert(_cfg(out, teacher_dir, f"convert.student.kind={kind}",
+    s = convert(_cfg(out, teacher_dir / teacher_format, f"convert.student.kind={kind}",
                      f"convert.student.layer_pattern={pattern}"))
     hf = json.loads((out / "hf" / "config.json").read_text())
     assert hf["model_type"] == "llama"
+    if teacher_format == "hf":  # the teacher's config.json fields carry over
+        assert (hf["bos_token_id"], hf["eos_token_id"]) == (5, 6)
     assert hf["ctxscale"]["family"] == ("linear" if pattern == "L" else "hybrid")
     assert hf["ctxscale"]["linear_attention"]["kind"] == kind
     a, b = load_model(out / "model").eval(), load_model(out / "hf").eval()

@@ -120,6 +120,14 @@ def test_hybrid_model_built_from_config_with_tied_embeddings_and_bias(tmp_path):
     assert back.codes == "LLA" and back.output.weight is back.tok_embeddings.weight
     ids = _ids()
     torch.testing.assert_close(_logits(back, ids), _logits(model, ids), atol=ATOL, rtol=0)
+    # sharded, and loaded in float64
+    save_hf(model, tmp_path / "sharded", max_shard_size="20KB")
+    assert len(set(json.loads((tmp_path / "sharded" / "model.safetensors.index.json")
+                              .read_text())["weight_map"].values())) > 1
+    wide = load_hf(tmp_path / "sharded", dtype=torch.float64)
+    assert wide.layers["0"].attention.feature_map_q.weight.dtype == torch.float64
+    # float64 vs the float32 reference: float32 rounding over 3 layers, logits O(1): 1e-5
+    torch.testing.assert_close(_logits(wide, ids), _logits(model, ids), atol=1e-5, rtol=0)
     # loaded again, it saves again (the block in model.hf_config is replaced, not duplicated)
     save_hf(back, tmp_path / "again")
     assert (json.loads((tmp_path / "again" / "config.json").read_text())["ctxscale"]
