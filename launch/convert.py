@@ -23,7 +23,11 @@ model's `ParallelContext` does the rest (stage 1 with cp > 1 needs `loss: mse`, 
 attention-weight CE needs the whole sequence). Checkpoints: `launch/checkpoint.py` folders under
 `<output>/checkpoints/{transfer,finetune}`, resumed automatically. The result is written to
 `<output>/model/` (`config.yaml` with the `model:` section + DCP weights), loadable by
-`load_model(path)`, and, with `convert.save_hf: true`, also by `save_hf` into `<output>/hf/`.
+`load_model(path)`, and, with `convert.save_hf: true`, also by `save_hf` into `<output>/hf/`: a
+Llama directory whose config.json carries a `ctxscale` block and whose safetensors hold the
+linear-attention tensors beside the Llama ones (models/hf_linear.py). `load_model(<output>/hf)`
+(and so `ctxscale eval`) gives the same model; transformers alone
+would drop the linear-attention tensors.
 """
 
 from __future__ import annotations
@@ -132,7 +136,8 @@ class ConvertSection:
     # Fraction of training rows replaced by natural-language passkey examples (the row's own
     # text is the filler; depth uniform in [0, 1]).
     passkey_fraction: float = 0.0
-    # Also write <output>/hf with save_hf.
+    # Also write <output>/hf with save_hf (Llama names + a `ctxscale` block for linear / hybrid
+    # students; read it with load_model / load_hf, not transformers).
     save_hf: bool = False
 
 
@@ -177,10 +182,6 @@ class ConvertJob:
                              "convert.transfer.loss=mse (the CE needs whole rows of attention)")
         if self.data.seq_len % (self.parallel.cp * (2 if self.parallel.cp_layout == "zigzag" else 1)):
             raise ValueError(f"data.seq_len={self.data.seq_len} must split over parallel.cp")
-        if c.save_hf and (c.student.kind != "softmax" and "L" in c.student.layer_pattern):
-            raise ValueError("convert.save_hf: the Hugging Face Llama format has no place for "
-                             "linear-attention parameters (feature maps, conv, gates); set "
-                             "convert.save_hf=false and load <output>/model with load_model")
         if c.student.window < 0:
             raise ValueError(f"convert.student.window={c.student.window} must be >= 0 (0 = off)")
         if c.transfer.steps < 0 or c.finetune.steps < 0 or c.transfer.tile < 1:
@@ -323,8 +324,11 @@ class Converter:
         if c.init == "teacher":
             if s.kind == "softmax":
                 return load_model(c.teacher, parallel=self.parallel, device=self.device)
-            return linearize(self.teacher, kind=s.kind, layer_pattern=s.layer_pattern,
-                             parallel=self.parallel, **la)
+            student = linearize(self.teacher, kind=s.kind, layer_pattern=s.layer_pattern,
+                                parallel=self.parallel, **la)
+            # an HF teacher's config.json (token ids, ...) goes on into <output>/hf
+            student.hf_config = getattr(self.teacher, "hf_config", None)
+            return student
         mcfg = self.cfg.model if self.teacher is None else self.teacher.cfg
         if mcfg.vocab_size == 0:
             mcfg.vocab_size = self.data.vocab_size

@@ -26,6 +26,12 @@ max_position_embeddings).
 The loaded model remembers the source `config.json` in `model.hf_config`, so `save_hf` writes the
 same family (and keeps fields such as token ids) unless told otherwise; a model built by ctxscale
 is saved as `llama`.
+
+Linear-attention and hybrid (A/L) models (`linear` / `hybrid` families, e.g. from `linearize`) are
+written as a Llama directory plus a `ctxscale` block in config.json and extra tensors
+(`model.layers.{i}.self_attn.feature_map_q.weight`, ...): see models/hf_linear.py. `load_hf`
+reads them back exactly; transformers would load such a folder as a plain softmax Llama and
+silently drop the extra tensors, so `load_hf` is the only supported reader.
 """
 
 from __future__ import annotations
@@ -253,7 +259,7 @@ def config_to_hf(cfg: ModelConfig, model_type: str = "llama", base: dict | None 
         raise ValueError("mistral has no attention biases; save as model_type='qwen2' or 'llama'")
     hf = {k: v for k, v in (base or {}).items()
           if k not in ("rope_scaling", "rope_parameters", "rope_theta", "torch_dtype", "dtype",
-                       "transformers_version", "_name_or_path")}
+                       "transformers_version", "_name_or_path", "ctxscale")}
     sc = cfg.rope_scaling
     theta = float(cfg.rope_base)
     hd = cfg.per_head_dim
@@ -355,6 +361,12 @@ def _convert_state_dict(tensors: dict, cfg: ModelConfig, expected: dict, dtype) 
                          f"{_few(ctxscale_to_hf_name(n) for n in missing)}")
         if unexpected:
             parts.append(f"unexpected tensors: {_few(unexpected)}")
+            if cfg.family == "transformer" and any(
+                    re.fullmatch(r"model\.layers\.\d+\.self_attn\.(feature_map_[qk]\..+|[qk]_conv|"
+                                 r"wg\..+|out_norm)", n) for n in unexpected):
+                parts.append("these are linear-attention tensors written by ctxscale's save_hf, "
+                             "but config.json has no `ctxscale` block: restore config.json "
+                             "from the save_hf output")
         raise ValueError("checkpoint does not match its config.json: " + "; ".join(parts))
     for name, t in out.items():
         if tuple(t.shape) != tuple(expected[name].shape):
@@ -367,13 +379,15 @@ def _convert_state_dict(tensors: dict, cfg: ModelConfig, expected: dict, dtype) 
 def load_hf(path, *, dtype: torch.dtype = torch.float32, device="cpu", parallel=None,
             config_overrides: dict | None = None):
     """Load a local HF Llama / Mistral / Qwen2 checkpoint directory into a ctxscale Transformer
-    (a Mamba directory, `model_type: mamba`, goes to `models/hf_mamba.load_mamba_hf`).
+    (a Mamba directory, `model_type: mamba`, goes to `models/hf_mamba.load_mamba_hf`; a folder
+    whose config.json has a `ctxscale` block, written by `save_hf` for a linear / hybrid model,
+    gives that `HybridLM`: models/hf_linear.py).
 
     `dtype`: parameter dtype; `config_overrides`: ModelConfig fields to change (for example
     `max_seq_len`, `activation_checkpointing`, or `rope_scaling` for context extension).
     The returned model carries the source config.json as `model.hf_config`."""
     from ctxscale.kernels.rotary import rope_inv_freq
-    from ctxscale.models.transformer import Transformer
+    from ctxscale.models import build_model
 
     path = Path(path)
     if not path.is_dir():
@@ -391,11 +405,27 @@ def load_hf(path, *, dtype: torch.dtype = torch.float32, device="cpu", parallel=
         from ctxscale.models.hf_mamba import load_mamba_hf
 
         return load_mamba_hf(path, dtype=dtype, parallel=parallel)
-    cfg = config_from_hf(hf, **(config_overrides or {}))
+    overrides = dict(config_overrides or {})
+    if "ctxscale" in hf:  # a linear / hybrid model written by save_hf
+        from ctxscale.models.hf_linear import extension_overrides
+
+        overrides = {**extension_overrides(hf, str(config_file)), **overrides}
+    cfg = config_from_hf(hf, **overrides)
+    linear = cfg.family in ("linear", "hybrid")
+    if linear:
+        from ctxscale.models.hf_linear import check_layer_codes
+
+        check_layer_codes(hf, cfg, str(config_file))
     with torch.device("meta"):
-        model = Transformer(cfg, parallel)
+        model = build_model(cfg, parallel)
     expected = model.state_dict()
-    state = _convert_state_dict(_read_tensors(path, device), cfg, expected, dtype)
+    tensors, extras = _read_tensors(path, device), {}
+    if linear:
+        from ctxscale.models.hf_linear import split_state_dict
+
+        tensors, extras, expected = split_state_dict(tensors, expected, str(path))
+    state = _convert_state_dict(tensors, cfg, expected, dtype)
+    state.update({k: t.to(dtype) for k, t in extras.items()})
     model.load_state_dict(state, strict=not cfg.tie_embeddings, assign=True)
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
@@ -432,6 +462,9 @@ def save_hf(model, path, *, model_type: str | None = None, max_shard_size="5GB",
     `model.safetensors.index.json` when larger than `max_shard_size`).
 
     `model_type`: llama / mistral / qwen2 (default: the family it was loaded from, else llama).
+    A `linear` / `hybrid` model (softmax A and linear L layers) is written as llama plus the
+    `ctxscale` config block and extra tensors of models/hf_linear.py; read it back with `load_hf`
+    (transformers would drop the extra tensors and run softmax attention everywhere).
     Refuses to replace an existing config.json or weights unless `overwrite=True` (then the old
     weight files are removed so no stale shard remains). Returns the directory."""
     from safetensors.torch import save_file
@@ -439,10 +472,21 @@ def save_hf(model, path, *, model_type: str | None = None, max_shard_size="5GB",
     model = getattr(model, "_orig_mod", model)
     cfg: ModelConfig = model.cfg
     base = getattr(model, "hf_config", None)
+    extension, hf_name = None, ctxscale_to_hf_name
+    if cfg.family != "transformer":
+        from ctxscale.models.hf_linear import extension_block, linear_to_hf_name
+
+        extension, hf_name = extension_block(cfg), linear_to_hf_name
+        if model_type not in (None, "llama"):
+            raise ValueError(f"a {cfg.family} model is saved as model_type 'llama' (plus the "
+                             f"ctxscale block), not {model_type!r}; drop model_type")
+        model_type = "llama"
     model_type = model_type or (base or {}).get("model_type") or "llama"
     if base and base.get("model_type") != model_type:
         base = None
     hf = config_to_hf(cfg, model_type, base)
+    if extension is not None:
+        hf["ctxscale"] = extension
     if any(getattr(model, part, None) is None for part in ("tok_embeddings", "norm", "output")):
         raise ValueError("save_hf needs the whole model; this looks like a pipeline stage")
     path = Path(path)
@@ -458,7 +502,7 @@ def save_hf(model, path, *, model_type: str | None = None, max_shard_size="5GB",
             continue
         t = t.full_tensor() if hasattr(t, "full_tensor") else t
         t = t.detach().to("cpu", dtype or t.dtype).contiguous().clone()
-        tensors[ctxscale_to_hf_name(name)] = t
+        tensors[hf_name(name)] = t
     if model_type == "llama" and cfg.attention_bias:  # Llama's attention_bias includes o_proj
         for i in range(cfg.num_layers):
             tensors[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(
