@@ -136,6 +136,11 @@ class ConvertSection:
     # Fraction of training rows replaced by natural-language passkey examples (the row's own
     # text is the filler; depth uniform in [0, 1]).
     passkey_fraction: float = 0.0
+    # Extra weight on the answer tokens of those passkey rows in the fine-tune / pretraining loss:
+    # loss = Σ LM CE + w · Σ answer CE, over the same labelled-token count. The answer is ~2% of
+    # a passkey row's tokens, so with w = 0 a small model sees almost no retrieval signal and
+    # never forms the copying (induction) heads; w ≈ 20 makes a teacher that retrieves.
+    passkey_answer_weight: float = 0.0
     # Also write <output>/hf with save_hf (Llama names + a `ctxscale` block for linear / hybrid
     # students; read it with load_model / load_hf, not transformers).
     save_hf: bool = False
@@ -171,6 +176,11 @@ class ConvertJob:
         c = self.convert
         if c.init == "teacher" and not c.teacher:
             raise ValueError("convert.teacher is empty; give a teacher folder or set convert.init=scratch")
+        if c.passkey_answer_weight < 0:
+            raise ValueError(f"convert.passkey_answer_weight={c.passkey_answer_weight} must be >= 0")
+        if c.passkey_answer_weight > 0 and c.passkey_fraction == 0:
+            raise ValueError("convert.passkey_answer_weight > 0 weighs passkey answers, but "
+                             "convert.passkey_fraction is 0 (no passkey rows); raise the fraction")
         if not 0.0 <= c.passkey_fraction <= 1.0:
             raise ValueError(f"convert.passkey_fraction={c.passkey_fraction} must be in [0, 1]")
         if c.passkey_fraction > 0 and self.data.kind != "text":
@@ -258,6 +268,7 @@ class PasskeyMix:
         if self.fraction <= 0:
             return batch
         ids, labels = batch["input_ids"].clone(), batch["labels"].clone()
+        answers = torch.full_like(labels, -100)  # the passkey rows' answer tokens only
         for j in range(ids.shape[0]):
             rng = np.random.default_rng([self.seed, first + j])
             if rng.random() >= self.fraction:
@@ -266,7 +277,8 @@ class PasskeyMix:
                                       float(rng.random()), rng)
             ids[j] = row["input_ids"]
             labels[j] = torch.cat([row["input_ids"][1:], torch.tensor(row["answer_ids"][-1:])])
-        return {"input_ids": ids, "labels": labels}
+            answers[j] = row["labels"]
+        return {"input_ids": ids, "labels": labels, "answer_labels": answers}
 
     def state_dict(self):
         return self.source.state_dict()
@@ -339,14 +351,29 @@ class Converter:
         return build_model(mcfg, self.parallel).to(self.device)
 
     # ---------------------------------------------------------------- helpers
-    def shard(self, batch):
-        ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
+    def shard(self, batch, *extra: str):
+        """(input_ids, labels, positions, *batch[extra]) on the device, sharded over cp."""
+        ids = batch["input_ids"].to(self.device)
         b, s = ids.shape
         pos = torch.arange(s, device=self.device).expand(b, s)
+        out = [ids, batch["labels"].to(self.device), pos] + [batch[k].to(self.device) for k in extra]
         if self.dims.cp > 1:
             g, lay = self.parallel.cp_group, self.parallel.cp_layout
-            ids, labels, pos = (shard_sequence(t, group=g, layout=lay) for t in (ids, labels, pos))
-        return ids, labels, pos
+            out = [shard_sequence(t, group=g, layout=lay) for t in out]
+        return tuple(out)
+
+    def lm_loss(self, model, batch):
+        """Summed LM loss of this rank's shard, plus `passkey_answer_weight` × the summed
+        cross-entropy of the passkey answers (both over one forward pass); returns (loss, ids)."""
+        w = self.cfg.convert.passkey_answer_weight
+        if w == 0 or "answer_labels" not in batch:
+            ids, labels, pos = self.shard(batch)
+            return model(ids, labels=labels, position_ids=pos, loss_reduction="sum"), ids
+        ids, labels, pos, answers = self.shard(batch, "answer_labels")
+        h = model.hidden_states(ids, pos)
+        ce = model.parallel.cross_entropy
+        loss = ce(h, model.output.weight, labels) + w * ce(h, model.output.weight, answers)
+        return loss, ids
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         if dist.is_initialized():
@@ -459,8 +486,7 @@ class Converter:
             batch = self.data.next_batch()
             n_tok = self.all_sum(torch.tensor(float((batch["labels"] != -100).sum())))
             n_tok = n_tok.item() / self.dims.cp  # cp ranks share their dp rank's batch
-            ids, labels, pos = self.shard(batch)
-            loss = student(ids, labels=labels, position_ids=pos, loss_reduction="sum")
+            loss, ids = self.lm_loss(student, batch)
             loss.backward()
             self.average_grads(params, 1.0 / n_tok)
             gn = torch.nn.utils.clip_grad_norm_(params, fc.optim.max_grad_norm or float("inf"))
