@@ -38,26 +38,36 @@ def machine() -> str:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seq-len", type=int, default=192)
-    p.add_argument("--dim", type=int, default=96)
-    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--teacher-steps", type=int, default=600)
+    p.add_argument("--teacher-steps", type=int, default=4000)
+    p.add_argument("--teacher-lr", type=float, default=3e-3)
     p.add_argument("--transfer-steps", type=int, default=100)
-    p.add_argument("--finetune-steps", type=int, default=200)
-    p.add_argument("--passkey-fraction", type=float, default=0.25)
+    p.add_argument("--finetune-steps", type=int, default=400)
+    p.add_argument("--finetune-method", choices=["lora", "full"], default="lora")
+    p.add_argument("--finetune-lr", type=float, default=3e-3)
+    p.add_argument("--passkey-fraction", type=float, default=0.5)
+    p.add_argument("--answer-weight", type=float, default=20.0,
+                   help="convert.passkey_answer_weight, for the teacher and every student")
+    p.add_argument("--window", type=int, default=0,
+                   help="also convert a LoLCATs hybrid: hedgehog + a softmax window of this size")
     p.add_argument("--passkey-samples", type=int, default=4)
     p.add_argument("--max-factor", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--work", default="runs/bench_conversion")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args()
+    torch.set_num_threads(1)
     work, L = Path(a.work), a.seq_len
     common = [
         f"model.dim={a.dim}", f"model.num_layers={a.layers}", "model.num_heads=4",
         "model.num_kv_heads=2", "data.kind=text", f"data.text_files=[{TEXT}]",
         "data.tokenizer_vocab_size=512", f"data.seq_len={L}", f"data.cache_dir={work / 'cache'}",
         f"run.batch_size={a.batch}", f"run.device={a.device}", "run.eval_batches=8",
-        f"convert.passkey_fraction={a.passkey_fraction}", "checkpoint.every=0",
+        "run.tensorboard=false", "run.log_every=50", "checkpoint.every=0",
+        f"convert.passkey_fraction={a.passkey_fraction}",
+        f"convert.passkey_answer_weight={a.answer_weight}",
     ]
     timings = {}
 
@@ -65,24 +75,32 @@ def main() -> None:
         t0 = time.perf_counter()
         s = convert(load_convert_config(None, common + [f"run.output_dir={work / name}", *extra]))
         timings[name] = time.perf_counter() - t0
+        print(f"{name}: eval loss {s['eval_loss']:.3f} in {timings[name]:.0f} s", flush=True)
         return s
 
     teacher = run("teacher", "convert.init=scratch", "convert.student.kind=softmax",
                   "convert.transfer.steps=0", "convert.finetune.method=full",
-                  f"convert.finetune.steps={a.teacher_steps}", "convert.finetune.optim.lr=3e-3",
+                  f"convert.finetune.steps={a.teacher_steps}",
+                  f"convert.finetune.optim.lr={a.teacher_lr}",
                   "convert.finetune.optim.warmup_steps=20", "convert.finetune.optim.weight_decay=0.1")
     summaries = {"teacher": teacher}
     budget_steps = a.transfer_steps + a.finetune_steps
-    for kind in ("hedgehog", "lawcat"):
-        summaries[kind] = run(
-            kind, f"convert.teacher={teacher['model_dir']}", f"convert.student.kind={kind}",
-            f"convert.transfer.steps={a.transfer_steps}", "convert.transfer.loss=both",
-            f"convert.finetune.steps={a.finetune_steps}", "convert.finetune.method=lora",
-            "convert.finetune.optim.lr=3e-3")
+    students = [("hedgehog", "hedgehog", 0), ("lawcat", "lawcat", 0)]
+    if a.window:
+        students.append((f"hedgehog_window{a.window}", "hedgehog", a.window))
+    for name, kind, window in students:
+        summaries[name] = run(
+            name, f"convert.teacher={teacher['model_dir']}", f"convert.student.kind={kind}",
+            f"convert.student.window={window}", f"convert.transfer.steps={a.transfer_steps}",
+            "convert.transfer.loss=both", f"convert.finetune.steps={a.finetune_steps}",
+            f"convert.finetune.method={a.finetune_method}",
+            f"convert.finetune.optim.lr={a.finetune_lr}")
+        if window:
+            continue  # the from-scratch baselines are the plain linear architectures
         summaries[f"{kind}_scratch"] = run(
             f"{kind}_scratch", "convert.init=scratch", f"convert.student.kind={kind}",
             "convert.transfer.steps=0", "convert.finetune.method=full",
-            f"convert.finetune.steps={budget_steps}", "convert.finetune.optim.lr=3e-3")
+            f"convert.finetune.steps={budget_steps}", f"convert.finetune.optim.lr={a.finetune_lr}")
     names = list(summaries)
     lengths = [L * f for f in (1, 2, 4, 8, 16, 32) if f <= a.max_factor]
     job = EvalJob(models=[summaries[n]["model_dir"] for n in names], labels=names,
@@ -95,13 +113,14 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     ppl_t = results["teacher"]["perplexity"]
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items()
+                     if k not in ("device", "work", "out"))
     lines = [f"# Conversion benchmark (L = {L})", "", f"Machine: {machine()}", "",
-             f"Command: `python benchmarks/conversion.py --seq-len {L} --dim {a.dim} --layers "
-             f"{a.layers} --batch {a.batch} --teacher-steps {a.teacher_steps} --transfer-steps "
-             f"{a.transfer_steps} --finetune-steps {a.finetune_steps} --passkey-fraction "
-             f"{a.passkey_fraction} --passkey-samples {a.passkey_samples}`", "",
-             markdown_table(results), "", "| model | perplexity / teacher | tokens | wall s |",
-             "|---|---|---|---|"]
+             f"Command: `python benchmarks/conversion.py {flags}`", "",
+             "Passkey accuracy: a prompt counts only if every answer token is right "
+             f"({a.passkey_samples} prompts at each of the evaluation depths per length).", "",
+             markdown_table(results), "",
+             "| model | perplexity / teacher | training tokens | wall s |", "|---|---|---|---|"]
     for n in names:
         lines.append(f"| {n} | {results[n]['perplexity'] / ppl_t:.3f} | {summaries[n]['tokens']} | "
                      f"{timings[n]:.0f} |")
