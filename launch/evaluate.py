@@ -206,7 +206,7 @@ def evaluate_models(cfg: EvalJob) -> dict:
     results = {}
     for label, path in zip(labels, cfg.models):
         for row, model in model_variants(load_model(path), label):
-            results[row] = _evaluate_one(cfg, model, batches, val.tokenizer, filler)
+            results[row] = _evaluate_one(cfg, model, batches, getattr(val, "tokenizer", None), filler)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "results.md").write_text(markdown_table(results) + "\n")
     plot_passkey(results, out / "passkey.png", train_len=cfg.data.seq_len)
