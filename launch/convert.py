@@ -19,8 +19,10 @@ examples (`convert.passkey_fraction`) into the text: the text row itself is the 
 
 Parallelism: data and context parallel (`parallel.dp_*`, `parallel.cp`), gradients averaged over
 every rank by all-reduce; cp shards tokens, labels and positions in `parallel.cp_layout` and the
-model's `ParallelContext` does the rest (stage 1 with cp > 1 needs `loss: mse`, since the
-attention-weight CE needs the whole sequence). Checkpoints: `launch/checkpoint.py` folders under
+model's `ParallelContext` does the rest; in stage 1 the attention-weight CE gathers the keys of
+the whole sequence onto every cp rank and scores the rank's own queries against them
+(`attention_transfer_ce_cp`, contiguous layout), so every transfer loss runs under cp and gives
+the single-process value. Checkpoints: `launch/checkpoint.py` folders under
 `<output>/checkpoints/{transfer,finetune}`, resumed automatically. The result is written to
 `<output>/model/` (`config.yaml` with the `model:` section + DCP weights), loadable by
 `load_model(path)`, and, with `convert.save_hf: true`, also by `save_hf` into `<output>/hf/`: a
@@ -187,9 +189,11 @@ class ConvertJob:
             raise ValueError("convert.passkey_fraction > 0 needs data.kind=text (a tokenizer)")
         if self.parallel.tp > 1 or self.parallel.pp > 1:
             raise ValueError("convert runs data and context parallel only; set parallel.tp=1, pp=1")
-        if self.parallel.cp > 1 and c.transfer.steps and c.transfer.loss != "mse":
-            raise ValueError("attention transfer under parallel.cp > 1 needs "
-                             "convert.transfer.loss=mse (the CE needs whole rows of attention)")
+        if (self.parallel.cp > 1 and c.transfer.steps and c.transfer.loss != "mse"
+                and self.parallel.cp_layout != "contiguous"):
+            raise ValueError("the attention-transfer CE under parallel.cp > 1 needs "
+                             f"parallel.cp_layout=contiguous (got {self.parallel.cp_layout!r}); "
+                             "set it, or convert.transfer.loss=mse")
         if self.data.seq_len % (self.parallel.cp * (2 if self.parallel.cp_layout == "zigzag" else 1)):
             raise ValueError(f"data.seq_len={self.data.seq_len} must split over parallel.cp")
         if c.student.window < 0:
@@ -421,21 +425,24 @@ class Converter:
             batch = self.data.next_batch()
             ids, _, pos = self.shard(batch)
             cos, sin, inputs = teacher_layer_inputs(self.teacher, ids, pos)
-            reduction = "sum" if self.dims.cp > 1 else "mean"
+            cp = self.dims.cp > 1
+            if cp:  # sums over this shard, each divided by its global count (over dp and cp)
+                rows = ids.shape[0] * ids.shape[1] * self.dims.cp * self.dims.dp
+                count = {"ce": float(rows * student.cfg.num_heads),
+                         "mse": float(rows * student.cfg.dim)}
             per_layer, total = {}, 0.0
             for name in layers:
                 out = attention_transfer_loss(self.teacher.layers[name], student.layers[name],
                                               inputs[name], cos, sin, loss=tc.loss, tile=tc.tile,
-                                              reduction=reduction)
-                total = total + out["loss"]
-                per_layer[name] = out["loss"].detach()
+                                              reduction="sum" if cp else "mean")
+                loss = sum(out[k] / count[k] for k in ("ce", "mse") if k in out) if cp else out["loss"]
+                total = total + loss
+                per_layer[name] = loss.detach()
             total.backward()
-            if self.dims.cp > 1:  # sums over this shard; normalize by the global element count
-                count = float(ids.shape[0] * ids.shape[1] * self.dims.cp * self.dims.dp
-                              * student.cfg.dim)
-                scale, div = 1.0 / count, count
+            if cp:  # each rank holds its share of the global mean: sum over ranks
+                scale, div = 1.0, 1.0
             else:
-                scale, div = 1.0 / (self.dims.dp * self.dims.cp), float(self.dims.dp)
+                scale, div = 1.0 / self.dims.dp, float(self.dims.dp)
             self.average_grads(params, scale)
             vals = self.all_sum(torch.stack(list(per_layer.values())).float()) / div
             gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))

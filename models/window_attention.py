@@ -120,13 +120,16 @@ def window_linear_attention(q, k, v, phi_q, phi_k, log_decay, *, window: int, lo
 
 def window_attention_weights(q, k, phi_q, phi_k, cum_decay, *, window: int, log_mix,
                              start: int, stop: int, mode: str = "both",
-                             scale: float | None = None) -> torch.Tensor:
+                             scale: float | None = None, q_offset: int = 0) -> torch.Tensor:
     """Unnormalized weights `(b, h, stop − start, stop)` of the hybrid for queries
     start ≤ t < stop over keys s < stop: e_ts in the window, a_ts before it, 0 after t.
-    q, k `(b, s, h, d)`; phi_q, phi_k `(b, s, h, F)`; cum_decay `(b, s, h)` or None. Quadratic in
-    the tile only (for the attention-transfer CE, models/linearize.py); float32 (float64 for
-    float64 q)."""
+    k `(b, N, h, d)`, phi_k `(b, N, h, F)`, cum_decay `(b, N, h)` or None over positions 0 … N − 1;
+    q `(b, n, h, d)`, phi_q `(b, n, h, F)` hold positions q_offset … q_offset + n − 1 (context
+    parallel: this rank's queries against the gathered keys; start, stop are global positions).
+    Quadratic in the tile only (for the attention-transfer CE, models/linearize.py); float32
+    (float64 for float64 q)."""
     i0, i1 = start, stop
+    l0, l1 = i0 - q_offset, i1 - q_offset  # local query rows
     d = q.shape[-1]
     cdt = torch.promote_types(q.dtype, torch.float32)
     sc = d ** -0.5 if scale is None else scale
@@ -136,12 +139,12 @@ def window_attention_weights(q, k, phi_q, phi_k, cum_decay, *, window: int, log_
     older = sidx <= t - window
     out = 0
     if mode in ("both", "window_only"):
-        scores = torch.einsum("bthd,bshd->bhts", q[:, i0:i1].to(cdt), k[:, :i1].to(cdt)) * sc
+        scores = torch.einsum("bthd,bshd->bhts", q[:, l0:l1].to(cdt), k[:, :i1].to(cdt)) * sc
         scores = scores.masked_fill(~in_win, float("-inf"))
         m = scores.amax(-1, keepdim=True)
         out = torch.exp(scores - m).masked_fill(~in_win, 0.0)
     if mode in ("both", "linear_only"):
-        a = torch.einsum("bthf,bshf->bhts", phi_q[:, i0:i1].to(cdt), phi_k[:, :i1].to(cdt))
+        a = torch.einsum("bthf,bshf->bhts", phi_q[:, l0:l1].to(cdt), phi_k[:, :i1].to(cdt))
         if cum_decay is not None:
             g = cum_decay.transpose(1, 2)
             diff = g[:, :, i0:i1, None] - g[:, :, None, :i1]
