@@ -25,8 +25,11 @@ Paths:
   result). Otherwise (very strong decays) the chunk-by-chunk difference matrix e^{G_t−G_s},
   masked to −∞ for s > t *before* the exponential, is used: every exponent is ≤ 0 for A ≤ 0,
   nothing overflows however strong the decay, at O(chunk²) work. Chunk-end states are chained
-  chunk to chunk. Chunks are processed a segment at a time, checkpointed when
-  gradients are needed so autograd memory stays O(seq · dim · dstate / chunk) + one segment.
+  chunk to chunk. Chunks are processed a segment at a time, recomputed in the backward when
+  gradients are needed so autograd memory stays O(seq · dim · dstate / chunk) + one segment;
+  segment outputs and gradients go into preallocated full-length buffers (no per-segment
+  allocation outlives its segment, which keeps glibc's heap from fragmenting, see
+  `_scan_segments_into`).
 - `triton`: `ctxscale.kernels.selective_scan_triton.selective_scan` (same signature) when that
   module exists and its `supports(...)` accepts the call.
 - `mamba_ssm`: mamba-ssm's CUDA `selective_scan_fn` on CUDA when installed (no initial_state).
@@ -38,7 +41,7 @@ import importlib
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from ctxscale.kernels.dispatch import forced_path, log_choice, module_available, want_triton
 
@@ -190,6 +193,79 @@ def _scan_segment(dt, bu_scale, A, Bg, Cg, x, chunk: int, cumsum_limit: float):
     return y, x
 
 
+def _scan_segments_into(dt, bu_scale, A, Bg, Cg, x, chunk: int, seg: int, limit: float, starts=None):
+    """All segments in order, each segment's y copied into one preallocated `(b, d, L)` output
+    (and, when `starts` `(nseg, b, d, n)` is given, each segment's start state into it).
+    Returns (y, final state).
+
+    Why preallocate: a segment allocates ~25 MB of temporaries; when its small results (y, the
+    state) are allocated after them and kept (a list to concatenate), they pin the top of the
+    heap and glibc (whose aligned allocations cannot reuse an exactly-sized hole) serves the next
+    segment from fresh memory, so the heap grows by the temporaries of every segment (8.6 GB for
+    one 256K-token Mamba layer instead of ~2 GB) and each segment touches cold memory."""
+    b, d, L = dt.shape
+    y = dt.new_empty(b, d, L)
+    for i, s0 in enumerate(range(0, L, seg)):
+        s1 = min(s0 + seg, L)
+        if starts is not None:
+            starts[i].copy_(x)
+        y_seg, x = _scan_segment(dt[..., s0:s1], bu_scale[..., s0:s1], A, Bg[..., s0:s1],
+                                 Cg[..., s0:s1], x, chunk, limit)
+        y[..., s0:s1].copy_(y_seg)
+        del y_seg
+    return y, x
+
+
+class _SegmentedScan(torch.autograd.Function):
+    """The segment loop with recomputation: forward keeps only each segment's start state
+    `(nseg, b, d, n)`; backward recomputes one segment at a time (last first) and writes its input
+    gradients into preallocated full-length buffers (same arithmetic as checkpointing each
+    segment, without the per-segment allocations that fragment the heap, see
+    `_scan_segments_into`)."""
+
+    @staticmethod
+    def forward(ctx, dt, bu_scale, A, Bg, Cg, x0, chunk, seg, limit):
+        b, d, L = dt.shape
+        nseg = -(-L // seg)
+        starts = x0.new_empty(nseg, *x0.shape)
+        with torch.no_grad():
+            y, x = _scan_segments_into(dt, bu_scale, A, Bg, Cg, x0, chunk, seg, limit, starts)
+        ctx.save_for_backward(dt, bu_scale, A, Bg, Cg, starts)
+        ctx.cfg = (chunk, seg, limit)
+        return y, x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, gx):
+        dt, bu_scale, A, Bg, Cg, starts = ctx.saved_tensors
+        chunk, seg, limit = ctx.cfg
+        need = ctx.needs_input_grad[:6]
+        L = dt.shape[-1]
+        grads = [torch.zeros_like(t) if need[i] else None
+                 for i, t in enumerate((dt, bu_scale, A, Bg, Cg))]
+        gx = torch.zeros_like(starts[0]) if gx is None else gx
+        if gy is None:
+            gy = dt.new_zeros(dt.shape)
+        for i in reversed(range(starts.shape[0])):
+            s0, s1 = i * seg, min((i + 1) * seg, L)
+            ins = [dt[..., s0:s1], bu_scale[..., s0:s1], A, Bg[..., s0:s1], Cg[..., s0:s1], starts[i]]
+            ins = [t.detach().requires_grad_(True) for t in ins]
+            with torch.enable_grad():
+                y_seg, x_end = _scan_segment(*ins, chunk, limit)
+                got = torch.autograd.grad((y_seg, x_end), ins, (gy[..., s0:s1], gx), allow_unused=True)
+            del y_seg, x_end
+            for j, g in enumerate(got[:5]):
+                if grads[j] is None or g is None:
+                    continue
+                if j == 2:
+                    grads[j] += g
+                else:
+                    grads[j][..., s0:s1].copy_(g)
+            gx = got[5] if got[5] is not None else torch.zeros_like(gx)
+            del got, ins
+        return (*grads, gx if need[5] else None, None, None, None)
+
+
 def selective_scan_chunked(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
     return_last_state=False, *, initial_state=None, chunk_size: int = DEFAULT_CHUNK,
@@ -197,7 +273,7 @@ def selective_scan_chunked(
     cumsum_limit: float | None = None,
 ):
     """Chunked exact scan (see the module docstring); same returns as `selective_scan`.
-    `recompute` checkpoints each segment (default: when gradients are needed and there is more
+    `recompute` recomputes each segment in the backward (default: when gradients are needed and there is more
     than one segment). `cumsum_limit` bounds |G| for the cumulative-sum form (default 60 in
     float32, 600 in float64; 0 forces the masked-difference form)."""
     if chunk_size < 1 or segment_chunks < 1:
@@ -209,24 +285,27 @@ def selective_scan_chunked(
     bu_scale = dt * uc
     limit = CUMSUM_LIMIT[uc.dtype] if cumsum_limit is None else cumsum_limit
     seg = chunk_size * segment_chunks
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias, initial_state)
+    )
     if recompute is None:
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad
-            for t in (u, delta, A, B, C, delta_bias, initial_state)
-        )
         recompute = needs_grad and L > seg
-    ys = []
-    # split (not slicing in the loop): its backward is one concatenation, while each slice's
-    # backward would materialize a full-length gradient, quadratic in the number of segments
-    pieces = [t.split(seg, dim=-1) for t in (dt, bu_scale, Bg, Cg)]
-    for dt_seg, bu_seg, B_seg, C_seg in zip(*pieces):
-        args = (dt_seg, bu_seg, Ac, B_seg, C_seg, x)
-        if recompute:
-            y, x = checkpoint(_scan_segment, *args, chunk_size, limit, use_reentrant=False)
-        else:
-            y, x = _scan_segment(*args, chunk_size, limit)
-        ys.append(y)
-    y = torch.cat(ys, dim=-1) if ys else uc.new_zeros(b, d, 0)
+    if recompute:
+        y, x = _SegmentedScan.apply(dt, bu_scale, Ac, Bg, Cg, x, chunk_size, seg, limit)
+    elif L <= seg:
+        y, x = _scan_segment(dt, bu_scale, Ac, Bg, Cg, x, chunk_size, limit)
+    elif not needs_grad:
+        # no autograd: nothing is kept per segment but the preallocated output
+        y, x = _scan_segments_into(dt, bu_scale, Ac, Bg, Cg, x, chunk_size, seg, limit)
+    else:
+        ys = []
+        # split (not slicing in the loop): its backward is one concatenation, while each slice's
+        # backward would materialize a full-length gradient, quadratic in the number of segments
+        pieces = [t.split(seg, dim=-1) for t in (dt, bu_scale, Bg, Cg)]
+        for dt_seg, bu_seg, B_seg, C_seg in zip(*pieces):
+            y, x = _scan_segment(dt_seg, bu_seg, Ac, B_seg, C_seg, x, chunk_size, limit)
+            ys.append(y)
+        y = torch.cat(ys, dim=-1) if ys else uc.new_zeros(b, d, 0)
     out = _finish(y, uc, D, z, u.dtype)
     return (out, x) if return_last_state else out
 

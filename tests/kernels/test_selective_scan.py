@@ -165,3 +165,23 @@ def test_dispatcher_uses_triton_module_when_it_supports_the_call(monkeypatch):
     assert dispatch.chosen_paths()["selective_scan"] == "triton"
     assert _rel(selective_scan(*args), selective_scan_reference(*args)) <= 1e-10
     assert dispatch.chosen_paths()["selective_scan"] == "chunked"
+
+
+@pytest.mark.parametrize("form", ["plain", "fixed"])
+def test_segment_recompute_and_no_grad_paths_agree(form):
+    """The recomputing segment loop (preallocated outputs and gradients), the plain autograd loop
+    and the no-grad loop run the same per-segment arithmetic: equal outputs and gradients (float64,
+    1e-12: only the order in which dA's per-segment terms are summed may differ)."""
+    inputs = _inputs(form, L=53)
+    on = _run(selective_scan_chunked, inputs, torch.float64, chunk_size=4, segment_chunks=3,
+              recompute=True)
+    off = _run(selective_scan_chunked, inputs, torch.float64, chunk_size=4, segment_chunks=3,
+               recompute=False)
+    for name, a, r in zip(NAMES, on, off):
+        assert _rel(a, r) <= 1e-12, (name, _rel(a, r))
+    x = inputs
+    with torch.no_grad():
+        out, last = selective_scan_chunked(
+            x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"], True,
+            True, initial_state=x["initial_state"], chunk_size=4, segment_chunks=3)
+    assert torch.equal(out, on[0]) and torch.equal(last, on[1])
