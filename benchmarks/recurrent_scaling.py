@@ -27,6 +27,7 @@ import torch.nn as nn
 from machine import cpu_name  # benchmarks/ is sys.path[0] when run as a script
 
 from ctxscale.kernels import causal_conv1d, linear_attention, selective_scan
+from ctxscale.launch.env import tune_cpu_allocator
 
 
 class MambaMixer(nn.Module):
@@ -107,6 +108,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/recurrent_scaling_cpu.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # as a CPU training job does (launch/env.py); CTXSCALE_CPU_MALLOC=system for glibc's default
+    allocator = "glibc reuse (tune_cpu_allocator)" if tune_cpu_allocator() else "glibc default"
     sizes = []
     n = args.min_len
     while n <= args.max_len:
@@ -126,7 +129,7 @@ def main() -> None:
                   f"{per_token:9.2f} us/token {per_token / base:5.2f}x peak {peak_mb:.0f} MB",
                   flush=True)
     machine = (f"{cpu_name()}, {os.cpu_count()} logical cores visible, torch "
-               f"{torch.__version__}, {args.threads} intra-op thread(s)")
+               f"{torch.__version__}, {args.threads} intra-op thread(s), CPU allocator: {allocator}")
     lines = [
         "# Recurrent kernels: time per token vs sequence length (CPU)",
         "",
