@@ -52,6 +52,8 @@ def main() -> None:
                    help="convert.passkey_answer_weight, for the teacher and every student")
     p.add_argument("--window", type=int, default=0,
                    help="also convert a LoLCATs hybrid: hedgehog + a softmax window of this size")
+    p.add_argument("--reuse-teacher", action="store_true",
+                   help="take <work>/teacher from an earlier run with the same teacher flags")
     p.add_argument("--passkey-samples", type=int, default=4)
     p.add_argument("--max-factor", type=int, default=16)
     p.add_argument("--device", default="cpu")
@@ -78,11 +80,19 @@ def main() -> None:
         print(f"{name}: eval loss {s['eval_loss']:.3f} in {timings[name]:.0f} s", flush=True)
         return s
 
-    teacher = run("teacher", "convert.init=scratch", "convert.student.kind=softmax",
-                  "convert.transfer.steps=0", "convert.finetune.method=full",
-                  f"convert.finetune.steps={a.teacher_steps}",
-                  f"convert.finetune.optim.lr={a.teacher_lr}",
-                  "convert.finetune.optim.warmup_steps=20", "convert.finetune.optim.weight_decay=0.1")
+    teacher_args = ("convert.init=scratch", "convert.student.kind=softmax",
+                    "convert.transfer.steps=0", "convert.finetune.method=full",
+                    f"convert.finetune.steps={a.teacher_steps}",
+                    f"convert.finetune.optim.lr={a.teacher_lr}",
+                    "convert.finetune.optim.warmup_steps=20", "convert.finetune.optim.weight_decay=0.1")
+    previous = work / "teacher_summary.json"
+    if a.reuse_teacher and previous.is_file():
+        teacher, timings["teacher"] = json.loads(previous.read_text())
+        print(f"teacher: reused {teacher['model_dir']}", flush=True)
+    else:
+        teacher = run("teacher", *teacher_args)
+        previous.write_text(json.dumps([{k: teacher[k] for k in ("model_dir", "tokens", "eval_loss")},
+                                        timings["teacher"]]))
     summaries = {"teacher": teacher}
     budget_steps = a.transfer_steps + a.finetune_steps
     students = [("hedgehog", "hedgehog", 0), ("lawcat", "lawcat", 0)]
