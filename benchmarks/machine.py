@@ -1,7 +1,9 @@
-"""The machine a benchmark ran on, for the header of its results (shared by every script here;
-the scripts run as `python benchmarks/X.py`, so this folder is on sys.path)."""
+"""The machine a benchmark ran on, for the header of its results, and the layer timing loop
+(shared by the scripts here; they run as `python benchmarks/X.py`, so this folder is on
+sys.path)."""
 
 import platform
+import time
 from pathlib import Path
 
 
@@ -14,3 +16,17 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def best_fwd_bwd(layer, x, *args, repeats: int) -> float:
+    """Best wall seconds of `layer(x, *args).square().mean().backward()` over `repeats` runs
+    after one warm-up run; gradients are cleared between runs."""
+    best = float("inf")
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        layer(x, *args).square().mean().backward()
+        if i:  # run 0 warms up
+            best = min(best, time.perf_counter() - t0)
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+    return best

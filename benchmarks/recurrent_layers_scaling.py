@@ -13,11 +13,10 @@ training (`ctxscale.launch.env.tune_cpu_allocator`; CTXSCALE_CPU_MALLOC=system t
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
-from machine import cpu_name  # benchmarks/ is sys.path[0] when run as a script
+from machine import best_fwd_bwd, cpu_name  # benchmarks/ is sys.path[0] when run as a script
 
 from ctxscale.launch.env import tune_cpu_allocator
 from ctxscale.models.config import LinearAttentionConfig, MambaConfig, ModelConfig
@@ -37,14 +36,7 @@ def layers(dim: int, heads: int):
 
 def time_fwd_bwd(layer, n: int, dim: int, repeats: int) -> float:
     x = torch.randn(1, n, dim, requires_grad=True)
-    best = float("inf")
-    for _ in range(repeats + 1):  # first run warms up
-        t0 = time.perf_counter()
-        layer(x).square().mean().backward()
-        best = min(best, time.perf_counter() - t0)
-        x.grad = None
-        layer.zero_grad(set_to_none=True)
-    return best
+    return best_fwd_bwd(layer, x, repeats=repeats)
 
 
 def main() -> None:

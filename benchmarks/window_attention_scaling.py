@@ -13,11 +13,10 @@ Writes `benchmarks/results/window_attention_cpu.md`.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
-from machine import cpu_name  # benchmarks/ is sys.path[0] when run as a script
+from machine import best_fwd_bwd, cpu_name  # benchmarks/ is sys.path[0] when run as a script
 
 from ctxscale.dist.context import SINGLE
 from ctxscale.kernels.rotary import rope_cos_sin, rope_inv_freq
@@ -39,14 +38,7 @@ def time_fwd_bwd(layer, n: int, dim: int, repeats: int) -> float:
     x = torch.randn(1, n, dim, requires_grad=True)
     inv_freq, scaling = rope_inv_freq(layer.head_dim, 10000.0)
     cos, sin = rope_cos_sin(torch.arange(n).unsqueeze(0), inv_freq, scaling)
-    best = float("inf")
-    for _ in range(repeats + 1):  # first run warms up
-        t0 = time.perf_counter()
-        layer(x, cos, sin).square().mean().backward()
-        best = min(best, time.perf_counter() - t0)
-        x.grad = None
-        layer.zero_grad(set_to_none=True)
-    return best
+    return best_fwd_bwd(layer, x, cos, sin, repeats=repeats)
 
 
 def main() -> None:
