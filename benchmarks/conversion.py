@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -74,6 +75,9 @@ def main() -> None:
     timings = {}
 
     def run(name, *extra):
+        if (work / name).exists():  # convert resumes from checkpoints it finds: start clean
+            print(f"removing the previous run in {work / name}", flush=True)
+            shutil.rmtree(work / name)
         t0 = time.perf_counter()
         s = convert(load_convert_config(None, common + [f"run.output_dir={work / name}", *extra]))
         timings[name] = time.perf_counter() - t0
@@ -123,8 +127,9 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     ppl_t = results["teacher"]["perplexity"]
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items()
-                     if k not in ("device", "work", "out"))
+    flags = " ".join(f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
+                     for k, v in vars(a).items()
+                     if k not in ("device", "work", "out") and v is not False)
     lines = [f"# Conversion benchmark (L = {L})", "", f"Machine: {machine()}", "",
              f"Command: `python benchmarks/conversion.py {flags}`", "",
              "Passkey accuracy: a prompt counts only if every answer token is right "
