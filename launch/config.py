@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ctxscale.dist.layout import required_multiple
 from ctxscale.launch.config_loader import ConfigError, dump, load
 from ctxscale.launch.data import DataConfig
 from ctxscale.models.config import ModelConfig
@@ -59,6 +60,15 @@ class ParallelConfig:
                 )
         if self.zero_stage not in (1, 2, 3):
             raise ValueError(f"parallel.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """ValueError unless `seq_len` tokens split over `cp` ranks in `cp_layout`."""
+        multiple = required_multiple(self.cp, self.cp_layout)
+        if seq_len % multiple:
+            raise ValueError(
+                f"data.seq_len={seq_len} cannot be split over parallel.cp={self.cp} "
+                f"ranks with layout {self.cp_layout!r}: it must be a multiple of {multiple}"
+            )
 
 
 @dataclass
@@ -166,12 +176,7 @@ class JobConfig:
         self.optim.validate()
         self.checkpoint.validate()
         par, model = self.parallel, self.model
-        multiple = par.cp * (2 if par.cp_layout == "zigzag" else 1)
-        if self.data.seq_len % multiple:
-            raise ValueError(
-                f"data.seq_len={self.data.seq_len} cannot be split over parallel.cp={par.cp} "
-                f"ranks with layout {par.cp_layout!r}: it must be a multiple of {multiple}"
-            )
+        par.check_seq_len(self.data.seq_len)
         if self.data.seq_len > model.max_seq_len:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={model.max_seq_len}"

@@ -194,8 +194,7 @@ class ConvertJob:
             raise ValueError("the attention-transfer CE under parallel.cp > 1 needs "
                              f"parallel.cp_layout=contiguous (got {self.parallel.cp_layout!r}); "
                              "set it, or convert.transfer.loss=mse")
-        if self.data.seq_len % (self.parallel.cp * (2 if self.parallel.cp_layout == "zigzag" else 1)):
-            raise ValueError(f"data.seq_len={self.data.seq_len} must split over parallel.cp")
+        self.parallel.check_seq_len(self.data.seq_len)
         if c.student.window < 0:
             raise ValueError(f"convert.student.window={c.student.window} must be >= 0 (0 = off)")
         if c.transfer.steps < 0 or c.finetune.steps < 0 or c.transfer.tile < 1:
