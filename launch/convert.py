@@ -395,15 +395,21 @@ class Converter:
             g.copy_(flat[i:i + g.numel()].view_as(g))
             i += g.numel()
 
-    def _resume(self, folder: Path, model, optimizer, scheduler) -> int:
+    def _start_stage(self, stage: str, model, optim_cfg, steps: int):
+        """Optimizer, scheduler and checkpointer of `stage` (checkpoints/<stage>), resumed from
+        its newest checkpoint per `checkpoint.resume`; returns (opt, sched, ckpt, first step)."""
+        opt = build_optimizer(model, optim_cfg)
+        sched = build_scheduler(opt, optim_cfg, steps)
+        folder = self.out / "checkpoints" / stage
+        ckpt = Checkpointer(folder, keep_last=self.cfg.checkpoint.keep_last)
         resume = self.cfg.checkpoint.resume
         path = latest_checkpoint(folder) if resume == "auto" else (
             None if resume == "none" else Path(resume))
         if path is None or not (path.parent == folder):
-            return 0
-        meta = Checkpointer(folder).load(path, model, optimizer, scheduler)
+            return opt, sched, ckpt, 0
+        meta = ckpt.load(path, model, opt, sched)
         self.data.load_state_dict(meta["data"])
-        return meta["step"]
+        return opt, sched, ckpt, meta["step"]
 
     # ---------------------------------------------------------------- stage 1
     def transfer(self) -> list[dict]:
@@ -413,11 +419,7 @@ class Converter:
         student = self.student
         params = freeze_all_but(student, new_parameter_names(student))
         layers = linear_layers(student)
-        opt = build_optimizer(student, tc.optim)
-        sched = build_scheduler(opt, tc.optim, tc.steps)
-        folder = self.out / "checkpoints" / "transfer"
-        ckpt = Checkpointer(folder, keep_last=self.cfg.checkpoint.keep_last)
-        step = self._resume(folder, student, opt, sched)
+        opt, sched, ckpt, step = self._start_stage("transfer", student, tc.optim, tc.steps)
         records = []
         while step < tc.steps:
             t0 = time.perf_counter()
@@ -480,11 +482,7 @@ class Converter:
             params = freeze_all_but(student, names)
         else:
             params = freeze_all_but(student, [n for n, _ in student.named_parameters()])
-        opt = build_optimizer(student, fc.optim)
-        sched = build_scheduler(opt, fc.optim, fc.steps)
-        folder = self.out / "checkpoints" / "finetune"
-        ckpt = Checkpointer(folder, keep_last=self.cfg.checkpoint.keep_last)
-        step = self._resume(folder, student, opt, sched)
+        opt, sched, ckpt, step = self._start_stage("finetune", student, fc.optim, fc.steps)
         records = []
         student.train()
         while step < fc.steps:
