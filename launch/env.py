@@ -168,9 +168,10 @@ def tune_cpu_allocator() -> bool:
         raise ValueError(f"CTXSCALE_CPU_MALLOC={mode!r} must be 'reuse' (default) or 'system'")
     if mode == "system" or not sys.platform.startswith("linux"):
         return False
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the process's own C library
-    if mallopt is None or not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"):
+    libc = ctypes.CDLL(None)  # the process's own C library
+    if not hasattr(libc, "gnu_get_libc_version"):
         return False  # not glibc (musl): its allocator has no such knobs
+    mallopt = libc.mallopt
     ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
     _allocator_tuned = ok
     logging.getLogger("ctxscale.env").info("CPU allocator: glibc mmap off, trim threshold 2 GiB (%s)",
