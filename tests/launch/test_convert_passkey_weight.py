@@ -2,7 +2,8 @@
 LM loss, loss = Σ_labelled CE + w · Σ_answers CE (one forward pass, two chunked CEs over the same
 hidden states). Oracle: the full-logits cross-entropy of the same model on the same batch.
 Also: the answer labels are exactly the final answer tokens of the passkey rows (and nothing in
-text rows), and bad settings are refused with a message naming the fix.
+text rows), and bad settings (including a seq_len that does not split over cp) are refused
+with a message naming the fix.
 """
 
 from pathlib import Path
@@ -69,6 +70,10 @@ def test_zero_weight_is_the_plain_lm_loss(tmp_path):
 @pytest.mark.parametrize("extra,match", [
     (["convert.passkey_answer_weight=-1", "convert.passkey_fraction=0.5"], "must be >= 0"),
     (["convert.passkey_answer_weight=5"], "raise the fraction"),
+    # the seq_len check is shared with train jobs (ParallelConfig.check_seq_len)
+    (["parallel.cp=4", "parallel.cp_layout=zigzag", "data.seq_len=100"],
+     r"data.seq_len=100 cannot be split over parallel.cp=4 ranks with layout 'zigzag': it must "
+     r"be a multiple of 8"),
 ])
 def test_bad_settings_are_refused(tmp_path, extra, match):
     with pytest.raises(ConfigError, match=match):
