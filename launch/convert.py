@@ -89,6 +89,9 @@ class StudentConfig:
     feature_dim: int | None = None
     conv_width: int = 4
     gate: bool = True
+    # LAWCAT: the first `ungated_heads` heads of each layer keep no decay (γ = 1), so a pass key
+    # distilled at length L is still found far beyond L (model.linear_attention.ungated_heads).
+    ungated_heads: int = 0
     # RoPE on q/k before the feature map (Hedgehog on a RoPE teacher); None: on for hedgehog,
     # off for the other kinds.
     rope: bool | None = None
@@ -195,6 +198,10 @@ class ConvertJob:
                              f"parallel.cp_layout=contiguous (got {self.parallel.cp_layout!r}); "
                              "set it, or convert.transfer.loss=mse")
         self.parallel.check_seq_len(self.data.seq_len)
+        if c.student.ungated_heads and c.student.kind not in ("decay", "lawcat"):
+            raise ValueError(f"convert.student.ungated_heads={c.student.ungated_heads} switches off "
+                             f"the decay of heads, but student kind {c.student.kind!r} has none; "
+                             "use kind lawcat (or decay), or set ungated_heads: 0")
         if c.student.window < 0:
             raise ValueError(f"convert.student.window={c.student.window} must be >= 0 (0 = off)")
         if c.transfer.steps < 0 or c.finetune.steps < 0 or c.transfer.tile < 1:
@@ -334,8 +341,8 @@ class Converter:
     def _student(self):
         c, s = self.cfg.convert, self.cfg.convert.student
         rope = s.kind == "hedgehog" if s.rope is None else s.rope
-        la = dict(feature_dim=s.feature_dim, conv_width=s.conv_width, gate=s.gate, rope=rope,
-                  window=s.window)
+        la = dict(feature_dim=s.feature_dim, conv_width=s.conv_width, gate=s.gate,
+                  ungated_heads=s.ungated_heads, rope=rope, window=s.window)
         if c.init == "teacher":
             if s.kind == "softmax":
                 return load_model(c.teacher, parallel=self.parallel, device=self.device)

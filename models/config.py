@@ -114,6 +114,12 @@ class LinearAttentionConfig:
     # (Gated Linear Attention); false uses a fixed per-head decay like `decay`.
     gate: bool = True
     gate_normalizer: float = 16.0
+    # Heads (the first ones of every layer) that keep no decay at all, γ = 1, whatever `gate`
+    # says: memory over the whole context. A student distilled at a short length L lets every
+    # gated head learn a decay that fits L (half-lives of 1-20 tokens measured at L = 192) and
+    # forgets a pass key placed further back; ungated heads keep it (benchmarks/conversion.py).
+    # Applies to the kinds with a decay (decay, lawcat); 0 = all heads decay.
+    ungated_heads: int = 0
     # Epsilon of the denominator normalization.
     eps: float = 1e-6
     # Apply RoPE to q and k before the feature map (Hedgehog on a RoPE teacher: φ(R q)·φ(R k));
@@ -133,6 +139,14 @@ class LinearAttentionConfig:
             raise ValueError("model.linear_attention.gate_normalizer must be positive")
         if self.window < 0:
             raise ValueError(f"model.linear_attention.window must be >= 0 (0 = off), got {self.window}")
+        if self.ungated_heads < 0:
+            raise ValueError("model.linear_attention.ungated_heads must be >= 0 (0 = every head "
+                             f"decays), got {self.ungated_heads}")
+        if self.ungated_heads and self.kind not in ("decay", "lawcat"):
+            raise ValueError(
+                f"model.linear_attention.ungated_heads={self.ungated_heads}: kind {self.kind!r} has "
+                "no decay to switch off; use kind decay or lawcat, or set ungated_heads: 0"
+            )
 
 
 @dataclass
@@ -222,6 +236,11 @@ class ModelConfig:
             self.titans.validate()
         self.mamba.validate()
         self.linear_attention.validate()
+        if self.linear_attention.ungated_heads > self.num_heads:
+            raise ValueError(
+                f"model.linear_attention.ungated_heads={self.linear_attention.ungated_heads} is more "
+                f"than model.num_heads={self.num_heads}; set it to at most {self.num_heads}"
+            )
         bad = sorted(set(self.layer_pattern) - set(HYBRID_LAYER_CODES))
         if not self.layer_pattern or bad:
             raise ValueError(

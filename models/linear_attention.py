@@ -18,6 +18,9 @@ Every kind is causal linear attention with a feature map φ and an optional deca
   `conv_width`, initialized to the identity), then normalized gated linear attention: φ = elu+1,
   γ_t = σ(x_t W_g + b_g)^{1/τ} per head and token (Gated Linear Attention), denominator-normalized.
 
+`ungated_heads` = n keeps γ = 1 on the first n heads of a decaying kind (decay, lawcat): a mix of
+heads with memory over the whole context and heads with a (learned) local decay.
+
 The denominator is computed by the same kernel: v is extended with a column of ones, so the last
 output column is φ(q_t)ᵀ z_t with z_t = γ_t z_{t−1} + φ(k_t) (decayed exactly like S). This keeps
 one code path, and context parallelism (state passing) covers the denominator for free.
@@ -137,8 +140,8 @@ class LinearAttention(nn.Module):
         if la.kind == "lawcat":
             self.q_conv = nn.Parameter(torch.empty(cfg.num_heads * hd, la.conv_width))
             self.k_conv = nn.Parameter(torch.empty(cfg.kv_heads * hd, la.conv_width))
-            if la.gate:
-                self.wg = nn.Linear(cfg.dim, cfg.num_heads, bias=True)
+            if la.gate and la.ungated_heads < cfg.num_heads:  # gates of the decaying heads only
+                self.wg = nn.Linear(cfg.dim, cfg.num_heads - la.ungated_heads, bias=True)
         if self.normalize == "rms":
             self.out_norm = nn.Parameter(torch.ones(cfg.num_heads * hd))
         if self.window:
@@ -180,12 +183,17 @@ class LinearAttention(nn.Module):
 
     # -------------------------------------------------------------- pieces
     def _log_decay(self, x):
+        """Log decay per head `(heads,)` (fixed) or per token and head `(b, s, heads)` (gated),
+        0 for the `ungated_heads` first heads; None when no head decays."""
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        if self.kind == "decay" or (self.kind == "lawcat" and not self.la.gate):
-            return fixed_log_decay(self.num_heads, device=x.device, dtype=cdt)
-        if self.kind == "lawcat":
-            return F.logsigmoid(self.wg(x).to(cdt)) / self.la.gate_normalizer  # (b, s, h)
-        return None
+        free = self.la.ungated_heads
+        if self.kind not in ("decay", "lawcat") or free == self.num_heads:
+            return None
+        if self.kind == "decay" or not self.la.gate:
+            log_decay = fixed_log_decay(self.num_heads, device=x.device, dtype=cdt)
+            return log_decay.masked_fill(torch.arange(self.num_heads, device=x.device) < free, 0.0)
+        log_decay = F.logsigmoid(self.wg(x).to(cdt)) / self.la.gate_normalizer  # (b, s, h - free)
+        return F.pad(log_decay, (free, 0)) if free else log_decay
 
     def _features(self, q, k):
         if self.kind == "hedgehog":

@@ -41,13 +41,13 @@ def quadratic_oracle(layer: LinearAttention, x: torch.Tensor) -> torch.Tensor:
         q, k = feature_map(q, layer.feature), feature_map(k, layer.feature)
     rep = h // k.shape[2]
     k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+    free = layer.la.ungated_heads  # the first `free` heads do not decay
+    logg = torch.zeros(b, s, h, dtype=x.dtype)
     if layer.kind == "decay" or (layer.kind == "lawcat" and not layer.la.gate):
         slopes = torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], dtype=x.dtype)
-        logg = -slopes.expand(b, s, h)
-    elif layer.kind == "lawcat":
-        logg = F.logsigmoid(layer.wg(x)) / layer.la.gate_normalizer
-    else:
-        logg = torch.zeros(b, s, h, dtype=x.dtype)
+        logg[..., free:] = -slopes[free:]
+    elif layer.kind == "lawcat" and free < h:
+        logg[..., free:] = F.logsigmoid(layer.wg(x)) / layer.la.gate_normalizer
     G = logg.cumsum(1).transpose(1, 2)  # b h s
     mask = torch.ones(s, s, dtype=torch.bool).tril()
     decay = torch.exp((G[..., :, None] - G[..., None, :]).masked_fill(~mask, -torch.inf))
@@ -74,7 +74,9 @@ def _layer(kind, **la):
 
 CASES = [("plain", {}), ("plain", {"feature_map": "relu", "normalize": "none"}),
          ("decay", {}), ("decay", {"feature_map": "elu1", "normalize": "denominator"}),
-         ("hedgehog", {}), ("lawcat", {}), ("lawcat", {"gate": False, "feature_map": "softmax"})]
+         ("hedgehog", {}), ("lawcat", {}), ("lawcat", {"gate": False, "feature_map": "softmax"}),
+         ("lawcat", {"ungated_heads": 2}), ("lawcat", {"ungated_heads": 5}),
+         ("lawcat", {"gate": False, "ungated_heads": 3}), ("decay", {"ungated_heads": 1})]
 
 
 @pytest.mark.parametrize("kind,opts", CASES)
@@ -162,3 +164,28 @@ def test_denominator_needs_a_positive_feature_map():
     cfg.linear_attention.feature_map = "identity"
     with pytest.raises(ValueError, match="positive feature map"):
         LinearAttention(cfg)
+
+
+def test_ungated_heads_keep_gamma_one_and_gate_only_the_others():
+    """ungated_heads=2 of 5: the gate projection has 3 outputs, heads 0-1 have log γ = 0 at every
+    token, heads 2-4 the gate; all 5 ungated: no gate and no decay at all."""
+    layer = _layer("lawcat", ungated_heads=2)
+    assert layer.wg.out_features == 3
+    x = torch.randn(2, 9, 30, dtype=torch.float64)
+    logg = layer._log_decay(x)
+    assert logg.shape == (2, 9, 5)
+    assert torch.equal(logg[..., :2], torch.zeros(2, 9, 2, dtype=torch.float64))
+    torch.testing.assert_close(logg[..., 2:], F.logsigmoid(layer.wg(x)) / layer.la.gate_normalizer)
+    assert (logg[..., 2:] < 0).all()
+    full = _layer("lawcat", ungated_heads=5)
+    assert not hasattr(full, "wg") and full._log_decay(x) is None
+
+
+@pytest.mark.parametrize("kind,n,match", [("lawcat", -1, "must be >= 0"),
+                                          ("lawcat", 6, "at most 5"),
+                                          ("hedgehog", 1, "has no decay")])
+def test_ungated_heads_errors_name_the_fix(kind, n, match):
+    cfg = small_config("linear", kind=kind)
+    cfg.linear_attention.ungated_heads = n
+    with pytest.raises(ValueError, match=match):
+        cfg.validate()

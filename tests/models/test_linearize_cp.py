@@ -39,7 +39,7 @@ TOL = 1e-10
 SEQ = 20
 STUDENTS = {
     "hedgehog_rope": ("hedgehog", {"rope": True}),
-    "lawcat_gated_conv": ("lawcat", {"gate": True, "conv_width": 3}),
+    "lawcat_gated_conv": ("lawcat", {"gate": True, "conv_width": 3, "ungated_heads": 1}),
     "lawcat_fixed_decay": ("lawcat", {"gate": False}),
     "hedgehog_window": ("hedgehog", {"rope": True, "window": 4}),
     "lawcat_window": ("lawcat", {"rope": True, "window": 3}),
