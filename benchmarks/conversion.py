@@ -53,6 +53,8 @@ def main() -> None:
                    help="convert.passkey_answer_weight, for the teacher and every student")
     p.add_argument("--window", type=int, default=0,
                    help="also convert a LoLCATs hybrid: hedgehog + a softmax window of this size")
+    p.add_argument("--ungated-heads", type=int, default=1,
+                   help="convert.student.ungated_heads of the LAWCAT students (converted and scratch)")
     p.add_argument("--reuse-teacher", action="store_true",
                    help="take <work>/teacher from an earlier run with the same teacher flags")
     p.add_argument("--passkey-samples", type=int, default=4)
@@ -103,8 +105,9 @@ def main() -> None:
     if a.window:
         students.append((f"hedgehog_window{a.window}", "hedgehog", a.window))
     for name, kind, window in students:
+        ungated = (f"convert.student.ungated_heads={a.ungated_heads if kind == 'lawcat' else 0}",)
         summaries[name] = run(
-            name, f"convert.teacher={teacher['model_dir']}", f"convert.student.kind={kind}",
+            name, *ungated, f"convert.teacher={teacher['model_dir']}", f"convert.student.kind={kind}",
             f"convert.student.window={window}", f"convert.transfer.steps={a.transfer_steps}",
             "convert.transfer.loss=both", f"convert.finetune.steps={a.finetune_steps}",
             f"convert.finetune.method={a.finetune_method}",
@@ -112,7 +115,7 @@ def main() -> None:
         if window:
             continue  # the from-scratch baselines are the plain linear architectures
         summaries[f"{kind}_scratch"] = run(
-            f"{kind}_scratch", "convert.init=scratch", f"convert.student.kind={kind}",
+            f"{kind}_scratch", *ungated, "convert.init=scratch", f"convert.student.kind={kind}",
             "convert.transfer.steps=0", "convert.finetune.method=full",
             f"convert.finetune.steps={budget_steps}", f"convert.finetune.optim.lr={a.finetune_lr}")
     names = list(summaries)
