@@ -145,6 +145,9 @@ def test_cli(tmp_path, capsys):
     assert "lawcat" in capsys.readouterr().out
     assert main(["convert", "convert.teacher=", "convert.init=teacher"]) == 2
     assert "convert.teacher is empty" in capsys.readouterr().err
+    assert main(["convert", "convert.teacher=t", "convert.student.kind=hedgehog",
+                 "convert.student.ungated_heads=1"]) == 2
+    assert "has none; use kind lawcat" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["hedgehog", "lawcat"])
@@ -158,7 +161,9 @@ def test_linearized_model_cp2_equals_cp1_random_weights(kind, tmp_path):
     torch.manual_seed(0)
     teacher = Transformer(ModelConfig(vocab_size=300, dim=40, num_layers=2, num_heads=5,
                                       num_kv_heads=1, head_dim=8))
-    student = linearize(teacher, kind=kind)
+    # the LAWCAT recipe of configs/convert_lawcat.yaml: a wider conv and heads without decay
+    student = linearize(teacher, kind=kind,
+                        **({"conv_width": 6, "ungated_heads": 2} if kind == "lawcat" else {}))
     with torch.no_grad():
         for n in new_parameter_names(student):
             student.get_parameter(n).add_(0.2 * torch.randn_like(student.get_parameter(n)))
