@@ -5,17 +5,21 @@ Needs the teacher of `benchmarks/conversion.py` (its `<work>/teacher_summary.jso
 is converted with the same recipe as there (attention transfer, then full fine-tuning, at L) and
 evaluated on held-out perplexity and passkey accuracy at L, 2L, ..., 16L.
 
-    python benchmarks/lawcat_passkey_sweep.py --variants 0:4,1:4,1:6 --seeds 0,1,2
+    python benchmarks/lawcat_passkey_sweep.py --variants 0:4,1:4,1:6,0/1:6 --seeds 0,1,2 --jobs 2
 
-A variant is `ungated_heads:conv_width`. Writes benchmarks/results/lawcat_passkey_sweep.{md,json}.
+A variant is `ungated_heads:conv_width`; ungated_heads is one count for every layer (`1`) or one
+per layer joined by `/` (`0/1`: layer 0 all gated, one ungated head in layer 1). `--jobs N` runs N
+students at once, one thread each. Writes benchmarks/results/lawcat_passkey_sweep.{md,json}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,11 +32,59 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
+def parse_ungated(text: str) -> int | list[int]:
+    """`1` -> 1 (every layer), `0/1` -> [0, 1] (one count per layer)."""
+    counts = [int(x) for x in text.split("/")]
+    return counts[0] if len(counts) == 1 else counts
+
+
+def ungated_label(ungated: int | list[int]) -> str:
+    return "/".join(map(str, ungated)) if isinstance(ungated, list) else str(ungated)
+
+
+def run_student(a, teacher: str, ungated, width: int, seed: int, lengths: list[int]) -> dict:
+    """Convert one LAWCAT student (attention transfer + full fine-tune at L) and evaluate it."""
+    torch.set_num_threads(1)
+    work, L = Path(a.work), a.seq_len
+    label = ungated_label(ungated).replace("/", "-")
+    name = f"lawcat_u{label}_c{width}_s{seed}"
+    out = work / "sweep" / name
+    if out.exists():  # convert resumes from checkpoints it finds: start clean
+        shutil.rmtree(out)
+    ungated_value = json.dumps(ungated)  # `[0, 1]` or `1`, parsed back by the override loader
+    t0 = time.perf_counter()
+    s = convert(load_convert_config(None, [
+        "model.dim=64", f"model.num_layers={a.layers}", "model.num_heads=4",
+        "model.num_kv_heads=2", "data.kind=text", f"data.text_files=[{TEXT}]",
+        "data.tokenizer_vocab_size=512", f"data.seq_len={L}", f"data.cache_dir={work / 'cache'}",
+        f"run.batch_size={a.batch}", "run.device=cpu", "run.eval_batches=8",
+        "run.tensorboard=false", "run.log_every=50", "checkpoint.every=0", f"run.seed={seed}",
+        f"run.output_dir={out}", f"convert.passkey_fraction={a.passkey_fraction}",
+        f"convert.passkey_answer_weight={a.answer_weight}", f"convert.teacher={teacher}",
+        "convert.student.kind=lawcat", f"convert.student.ungated_heads={ungated_value}",
+        f"convert.student.conv_width={width}", f"convert.transfer.steps={a.transfer_steps}",
+        "convert.transfer.loss=both", f"convert.finetune.steps={a.finetune_steps}",
+        "convert.finetune.method=full", f"convert.finetune.optim.lr={a.finetune_lr}"]))
+    wall = time.perf_counter() - t0
+    job = EvalJob(models=[s["model_dir"]], labels=[name], batch_size=a.batch, eval_batches=8,
+                  passkey_lengths=lengths, passkey_samples=a.passkey_samples,
+                  output_dir=str(out / "eval"))
+    job.data.kind, job.data.text_files, job.data.seq_len = "text", [str(TEXT)], L
+    job.data.tokenizer_vocab_size, job.data.cache_dir = 512, str(work / "cache")
+    r = evaluate_models(job)[name]
+    row = {"ungated_heads": ungated, "conv_width": width, "seed": seed,
+           "perplexity": r["perplexity"], "wall_s": wall,
+           "passkey": {int(k): v["accuracy"] for k, v in r["passkey"].items()}}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--variants", default="0:4,1:4,1:6", help="ungated_heads:conv_width, ...")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--seq-len", type=int, default=192)
+    p.add_argument("--layers", type=int, default=2, help="must match the teacher")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--transfer-steps", type=int, default=400)
     p.add_argument("--finetune-steps", type=int, default=2500)
@@ -41,60 +93,41 @@ def main() -> None:
     p.add_argument("--answer-weight", type=float, default=20.0)
     p.add_argument("--passkey-samples", type=int, default=8)
     p.add_argument("--max-factor", type=int, default=16)
+    p.add_argument("--jobs", type=int, default=1, help="students trained at once (one thread each)")
     p.add_argument("--work", default="runs/bench_conversion")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args()
-    torch.set_num_threads(1)
     work, L = Path(a.work), a.seq_len
     summary = work / "teacher_summary.json"
     if not summary.is_file():
         raise SystemExit(f"{summary} not found: run benchmarks/conversion.py first (it trains "
                          "the teacher), with the same --work")
     teacher = json.loads(summary.read_text())[0]["model_dir"]
-    variants = [tuple(int(x) for x in v.split(":")) for v in a.variants.split(",")]
+    variants = []
+    for v in a.variants.split(","):
+        ungated, width = v.split(":")
+        variants.append((parse_ungated(ungated), int(width)))
     seeds = [int(s) for s in a.seeds.split(",")]
     lengths = [L * f for f in (1, 2, 4, 8, 16, 32) if f <= a.max_factor]
-    rows = []
-    for ungated, width in variants:
-        for seed in seeds:
-            name = f"lawcat_u{ungated}_c{width}_s{seed}"
-            out = work / "sweep" / name
-            if out.exists():  # convert resumes from checkpoints it finds: start clean
-                shutil.rmtree(out)
-            t0 = time.perf_counter()
-            s = convert(load_convert_config(None, [
-                "model.dim=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
-                "data.kind=text", f"data.text_files=[{TEXT}]", "data.tokenizer_vocab_size=512",
-                f"data.seq_len={L}", f"data.cache_dir={work / 'cache'}", f"run.batch_size={a.batch}",
-                "run.device=cpu", "run.eval_batches=8", "run.tensorboard=false", "run.log_every=50",
-                "checkpoint.every=0", f"run.seed={seed}", f"run.output_dir={out}",
-                f"convert.passkey_fraction={a.passkey_fraction}",
-                f"convert.passkey_answer_weight={a.answer_weight}", f"convert.teacher={teacher}",
-                "convert.student.kind=lawcat", f"convert.student.ungated_heads={ungated}",
-                f"convert.student.conv_width={width}", f"convert.transfer.steps={a.transfer_steps}",
-                "convert.transfer.loss=both", f"convert.finetune.steps={a.finetune_steps}",
-                "convert.finetune.method=full", f"convert.finetune.optim.lr={a.finetune_lr}"]))
-            wall = time.perf_counter() - t0
-            job = EvalJob(models=[s["model_dir"]], labels=[name], batch_size=a.batch,
-                          eval_batches=8, passkey_lengths=lengths,
-                          passkey_samples=a.passkey_samples, output_dir=str(out / "eval"))
-            job.data.kind, job.data.text_files, job.data.seq_len = "text", [str(TEXT)], L
-            job.data.tokenizer_vocab_size, job.data.cache_dir = 512, str(work / "cache")
-            r = evaluate_models(job)[name]
-            rows.append({"ungated_heads": ungated, "conv_width": width, "seed": seed,
-                         "perplexity": r["perplexity"], "wall_s": wall,
-                         "passkey": {int(k): v["accuracy"] for k, v in r["passkey"].items()}})
-            print(json.dumps(rows[-1]), flush=True)
+    tasks = [(ungated, width, seed) for ungated, width in variants for seed in seeds]
+    if a.jobs > 1:
+        pool = ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn"))
+        with pool:
+            rows = list(pool.map(run_student, *zip(*[(a, teacher, u, w, s, lengths)
+                                                     for u, w, s in tasks])))
+    else:
+        rows = [run_student(a, teacher, u, w, s, lengths) for u, w, s in tasks]
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items()
                      if k not in ("work", "out"))
     head = ["ungated heads", "conv width", "seed", "perplexity"] + [f"passkey@{n}" for n in lengths]
     lines = [f"# LAWCAT passkey sweep (distilled at L = {L})", "", f"Machine: {cpu_name()}, "
              f"torch {torch.__version__}", "", f"Command: `python benchmarks/lawcat_passkey_sweep.py "
              f"{flags}`", "", f"Teacher: `{teacher}`; {a.passkey_samples} prompts per depth at 5 "
-             "depths per length; a prompt counts only if every answer token is right.", "",
+             "depths per length; a prompt counts only if every answer token is right. Ungated "
+             "heads `a/b` = a in layer 0, b in layer 1.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [str(row["ungated_heads"]), str(row["conv_width"]), str(row["seed"]),
+        cells = [ungated_label(row["ungated_heads"]), str(row["conv_width"]), str(row["seed"]),
                  f"{row['perplexity']:.2f}"] + [f"{row['passkey'][n]:.2f}" for n in lengths]
         lines.append("| " + " | ".join(cells) + " |")
     out_dir = Path(a.out)

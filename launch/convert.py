@@ -91,7 +91,8 @@ class StudentConfig:
     gate: bool = True
     # LAWCAT: the first `ungated_heads` heads of each layer keep no decay (γ = 1), so a pass key
     # distilled at length L is still found far beyond L (model.linear_attention.ungated_heads).
-    ungated_heads: int = 0
+    # A list gives one count per layer (model.num_layers entries; 0 for softmax layers).
+    ungated_heads: int | list[int] = 0
     # RoPE on q/k before the feature map (Hedgehog on a RoPE teacher); None: on for hedgehog,
     # off for the other kinds.
     rope: bool | None = None
@@ -198,7 +199,9 @@ class ConvertJob:
                              f"parallel.cp_layout=contiguous (got {self.parallel.cp_layout!r}); "
                              "set it, or convert.transfer.loss=mse")
         self.parallel.check_seq_len(self.data.seq_len)
-        if c.student.ungated_heads and c.student.kind not in ("decay", "lawcat"):
+        counts = c.student.ungated_heads
+        if any(counts if isinstance(counts, list) else [counts]) and c.student.kind not in (
+                "decay", "lawcat"):
             raise ValueError(f"convert.student.ungated_heads={c.student.ungated_heads} switches off "
                              f"the decay of heads, but student kind {c.student.kind!r} has none; "
                              "use kind lawcat (or decay), or set ungated_heads: 0")

@@ -58,6 +58,8 @@ class TitansConfig:
 RECURRENT_FAMILIES = ("mamba", "linear", "hybrid")
 LINEAR_ATTENTION_KINDS = ("plain", "decay", "hedgehog", "lawcat")
 HYBRID_LAYER_CODES = "AMLP"
+# The layer pattern of the families that do not read model.layer_pattern.
+FAMILY_PATTERNS = {"mamba": "M", "linear": "L"}
 
 
 @dataclass
@@ -118,8 +120,10 @@ class LinearAttentionConfig:
     # says: memory over the whole context. A student distilled at a short length L lets every
     # gated head learn a decay that fits L (half-lives of 1-20 tokens measured at L = 192) and
     # forgets a pass key placed further back; ungated heads keep it (benchmarks/conversion.py).
-    # Applies to the kinds with a decay (decay, lawcat); 0 = all heads decay.
-    ungated_heads: int = 0
+    # Applies to the kinds with a decay (decay, lawcat); 0 = all heads decay. A list gives one
+    # count per layer of the stack (model.num_layers entries; a softmax or Mamba layer's entry
+    # must be 0), e.g. [0, 1]: every head of layer 0 gated (local), one long-memory head in layer 1.
+    ungated_heads: int | list[int] = 0
     # Epsilon of the denominator normalization.
     eps: float = 1e-6
     # Apply RoPE to q and k before the feature map (Hedgehog on a RoPE teacher: φ(R q)·φ(R k));
@@ -130,6 +134,12 @@ class LinearAttentionConfig:
     # per-head mix λ (models/window_attention.py). 0 = off; needs normalize=denominator.
     window: int = 0
 
+    def ungated_for(self, layer_index: int) -> int:
+        """How many heads of layer `layer_index` keep γ = 1 (`ungated_heads`, int or per layer)."""
+        if isinstance(self.ungated_heads, list):
+            return self.ungated_heads[layer_index]
+        return self.ungated_heads
+
     def validate(self) -> None:
         if self.conv_width <= 0:
             raise ValueError(f"model.linear_attention.conv_width must be positive, got {self.conv_width}")
@@ -139,10 +149,11 @@ class LinearAttentionConfig:
             raise ValueError("model.linear_attention.gate_normalizer must be positive")
         if self.window < 0:
             raise ValueError(f"model.linear_attention.window must be >= 0 (0 = off), got {self.window}")
-        if self.ungated_heads < 0:
+        counts = self.ungated_heads if isinstance(self.ungated_heads, list) else [self.ungated_heads]
+        if any(n < 0 for n in counts):
             raise ValueError("model.linear_attention.ungated_heads must be >= 0 (0 = every head "
                              f"decays), got {self.ungated_heads}")
-        if self.ungated_heads and self.kind not in ("decay", "lawcat"):
+        if any(counts) and self.kind not in ("decay", "lawcat"):
             raise ValueError(
                 f"model.linear_attention.ungated_heads={self.ungated_heads}: kind {self.kind!r} has "
                 "no decay to switch off; use kind decay or lawcat, or set ungated_heads: 0"
@@ -213,6 +224,31 @@ class ModelConfig:
         m = self.ffn_multiple_of
         return m * ((hidden + m - 1) // m)
 
+    def layer_codes(self) -> str:
+        """The block letter of every layer (hybrid stacks): the family's pattern repeated over
+        num_layers."""
+        pattern = FAMILY_PATTERNS.get(self.family, self.layer_pattern)
+        return (pattern * self.num_layers)[: self.num_layers]
+
+    def _validate_ungated_heads(self) -> None:
+        n = self.linear_attention.ungated_heads
+        key = "model.linear_attention.ungated_heads"
+        if not isinstance(n, list):
+            if n > self.num_heads:
+                raise ValueError(f"{key}={n} is more than model.num_heads={self.num_heads}; "
+                                 f"set it to at most {self.num_heads}")
+            return
+        if len(n) != self.num_layers:
+            raise ValueError(f"{key}={n} has {len(n)} entries but model.num_layers="
+                             f"{self.num_layers}; give one count per layer (or one int for all)")
+        for i, (count, code) in enumerate(zip(n, self.layer_codes())):
+            if count > self.num_heads:
+                raise ValueError(f"{key}[{i}]={count} is more than model.num_heads="
+                                 f"{self.num_heads}; set it to at most {self.num_heads}")
+            if count and code != "L":
+                raise ValueError(f"{key}[{i}]={count}, but layer {i} is {code!r}, not a linear-"
+                                 "attention layer (L); set that entry to 0")
+
     def validate(self) -> None:
         for name in ("dim", "num_layers", "num_heads"):
             if getattr(self, name) <= 0:
@@ -236,11 +272,7 @@ class ModelConfig:
             self.titans.validate()
         self.mamba.validate()
         self.linear_attention.validate()
-        if self.linear_attention.ungated_heads > self.num_heads:
-            raise ValueError(
-                f"model.linear_attention.ungated_heads={self.linear_attention.ungated_heads} is more "
-                f"than model.num_heads={self.num_heads}; set it to at most {self.num_heads}"
-            )
+        self._validate_ungated_heads()
         bad = sorted(set(self.layer_pattern) - set(HYBRID_LAYER_CODES))
         if not self.layer_pattern or bad:
             raise ValueError(

@@ -42,8 +42,6 @@ from ctxscale.models.linear_attention import LinearAttention, linear_attention_f
 from ctxscale.models.mamba import MambaMixer
 from ctxscale.models.transformer import Attention, FeedForward, Transformer
 
-FAMILY_PATTERNS = {"mamba": "M", "linear": "L"}
-
 
 class CachedAttention(Attention):
     """The Transformer's attention plus `step(x, state)` with a KV cache (single device)."""
@@ -60,13 +58,13 @@ class CachedAttention(Attention):
 class HybridBlock(nn.Module):
     """One pre-norm residual block of kind `code` (A, L, M or P; see the module docstring)."""
 
-    def __init__(self, code: str, cfg: ModelConfig, parallel: ParallelContext):
+    def __init__(self, code: str, cfg: ModelConfig, parallel: ParallelContext, layer_index: int = 0):
         super().__init__()
         self.code = code
         self.attention = self.mixer = None
         if code in "ALP":
             self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-            self.attention = (LinearAttention(cfg, parallel) if code == "L"
+            self.attention = (LinearAttention(cfg, parallel, layer_index=layer_index) if code == "L"
                               else CachedAttention(cfg, parallel))
         else:
             self.mixer_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -121,8 +119,7 @@ class HybridBlock(nn.Module):
 
 def layer_codes(cfg: ModelConfig) -> str:
     """The block letter of every layer: the family's pattern repeated over num_layers."""
-    pattern = FAMILY_PATTERNS.get(cfg.family, cfg.layer_pattern)
-    return (pattern * cfg.num_layers)[: cfg.num_layers]
+    return cfg.layer_codes()
 
 
 class HybridLM(Transformer):
@@ -131,7 +128,7 @@ class HybridLM(Transformer):
     def build_layers(self, cfg: ModelConfig) -> nn.ModuleDict:
         self.codes = layer_codes(cfg)
         return nn.ModuleDict(
-            {str(i): HybridBlock(c, cfg, self.parallel) for i, c in enumerate(self.codes)}
+            {str(i): HybridBlock(c, cfg, self.parallel, layer_index=i) for i, c in enumerate(self.codes)}
         )
 
     @property

@@ -19,7 +19,8 @@ Every kind is causal linear attention with a feature map φ and an optional deca
   γ_t = σ(x_t W_g + b_g)^{1/τ} per head and token (Gated Linear Attention), denominator-normalized.
 
 `ungated_heads` = n keeps γ = 1 on the first n heads of a decaying kind (decay, lawcat): a mix of
-heads with memory over the whole context and heads with a (learned) local decay.
+heads with memory over the whole context and heads with a (learned) local decay. A list gives n per
+layer (`layer_index` picks this layer's entry), e.g. local-only lower layers.
 
 The denominator is computed by the same kernel: v is extended with a column of ones, so the last
 output column is φ(q_t)ᵀ z_t with z_t = γ_t z_{t−1} + φ(k_t) (decayed exactly like S). This keeps
@@ -105,10 +106,12 @@ def fixed_log_decay(heads: int, device=None, dtype=torch.float32) -> torch.Tenso
 
 
 class LinearAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelContext | None = None):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelContext | None = None, *,
+                 layer_index: int = 0):
         super().__init__()
         la = cfg.linear_attention
         self.cfg, self.la = cfg, la
+        self.ungated_heads = la.ungated_for(layer_index)
         self.parallel = parallel or SINGLE
         self.kind = la.kind
         self.num_heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.per_head_dim
@@ -140,8 +143,8 @@ class LinearAttention(nn.Module):
         if la.kind == "lawcat":
             self.q_conv = nn.Parameter(torch.empty(cfg.num_heads * hd, la.conv_width))
             self.k_conv = nn.Parameter(torch.empty(cfg.kv_heads * hd, la.conv_width))
-            if la.gate and la.ungated_heads < cfg.num_heads:  # gates of the decaying heads only
-                self.wg = nn.Linear(cfg.dim, cfg.num_heads - la.ungated_heads, bias=True)
+            if la.gate and self.ungated_heads < cfg.num_heads:  # gates of the decaying heads only
+                self.wg = nn.Linear(cfg.dim, cfg.num_heads - self.ungated_heads, bias=True)
         if self.normalize == "rms":
             self.out_norm = nn.Parameter(torch.ones(cfg.num_heads * hd))
         if self.window:
@@ -186,7 +189,7 @@ class LinearAttention(nn.Module):
         """Log decay per head `(heads,)` (fixed) or per token and head `(b, s, heads)` (gated),
         0 for the `ungated_heads` first heads; None when no head decays."""
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        free = self.la.ungated_heads
+        free = self.ungated_heads
         if self.kind not in ("decay", "lawcat") or free == self.num_heads:
             return None
         if self.kind == "decay" or not self.la.gate:

@@ -148,6 +148,9 @@ def test_cli(tmp_path, capsys):
     assert main(["convert", "convert.teacher=t", "convert.student.kind=hedgehog",
                  "convert.student.ungated_heads=1"]) == 2
     assert "has none; use kind lawcat" in capsys.readouterr().err
+    assert main(["convert", "convert.teacher=t", "convert.student.kind=hedgehog",
+                 "convert.student.ungated_heads=[0, 1]"]) == 2
+    assert "has none; use kind lawcat" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["hedgehog", "lawcat"])

@@ -26,9 +26,10 @@ ATOL = 1e-6
 VOCAB = 97
 KINDS = [("hedgehog", {"feature_dim": 12}), ("lawcat", {"conv_width": 3, "ungated_heads": 2}),
          ("lawcat", {"gate": False}), ("plain", {}), ("decay", {}),
-         ("hedgehog", {"rope": True, "window": 7}), ("lawcat", {"rope": True, "window": 5})]
+         ("hedgehog", {"rope": True, "window": 7}), ("lawcat", {"rope": True, "window": 5}),
+         ("lawcat", {"conv_width": 3, "ungated_heads": [2, 0]})]
 KIND_IDS = ["hedgehog", "lawcat-gate-2-ungated", "lawcat-nogate", "plain", "decay", "hedgehog-rope-window",
-            "lawcat-rope-window"]
+            "lawcat-rope-window", "lawcat-ungated-per-layer"]
 
 
 def _teacher(**kw):

@@ -41,7 +41,7 @@ def quadratic_oracle(layer: LinearAttention, x: torch.Tensor) -> torch.Tensor:
         q, k = feature_map(q, layer.feature), feature_map(k, layer.feature)
     rep = h // k.shape[2]
     k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
-    free = layer.la.ungated_heads  # the first `free` heads do not decay
+    free = layer.ungated_heads  # the first `free` heads do not decay
     logg = torch.zeros(b, s, h, dtype=x.dtype)
     if layer.kind == "decay" or (layer.kind == "lawcat" and not layer.la.gate):
         slopes = torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], dtype=x.dtype)
@@ -181,9 +181,43 @@ def test_ungated_heads_keep_gamma_one_and_gate_only_the_others():
     assert not hasattr(full, "wg") and full._log_decay(x) is None
 
 
+def test_ungated_heads_per_layer_pick_each_layers_entry():
+    """ungated_heads=[0, 2, 0] on pattern LLA: layer 0 gates all 5 heads, layer 1 only 3 (its
+    first 2 keep log γ = 0); the softmax layer 2 has no linear attention. The oracle above reads
+    each layer's own count, so the layer still matches it."""
+    from ctxscale.models.hybrid import HybridLM
+
+    cfg = small_config("hybrid", kind="lawcat", pattern="LLA")
+    cfg.linear_attention.ungated_heads = [0, 2, 0]
+    cfg.validate()
+    model = HybridLM(cfg).double()
+    perturb(model)
+    first, second = model.layers["0"].attention, model.layers["1"].attention
+    assert (first.ungated_heads, first.wg.out_features) == (0, 5)
+    assert (second.ungated_heads, second.wg.out_features) == (2, 3)
+    x = torch.randn(2, 9, 30, dtype=torch.float64)
+    assert (first._log_decay(x) < 0).all()
+    assert torch.equal(second._log_decay(x)[..., :2], torch.zeros(2, 9, 2, dtype=torch.float64))
+    with torch.no_grad():
+        for layer in (first, second):
+            torch.testing.assert_close(layer(x), quadratic_oracle(layer, x), rtol=TOL64, atol=TOL64)
+
+
+@pytest.mark.parametrize("n,match", [([1, 1], "has 2 entries but model.num_layers=3"),
+                                     ([0, 6, 0], r"ungated_heads\[1\]=6 is more than"),
+                                     ([0, 1, 1], r"layer 2 is 'A'.*set that entry to 0"),
+                                     ([0, -1, 0], "must be >= 0")])
+def test_ungated_heads_per_layer_errors_name_the_fix(n, match):
+    cfg = small_config("hybrid", kind="lawcat", pattern="LLA")
+    cfg.linear_attention.ungated_heads = n
+    with pytest.raises(ValueError, match=match):
+        cfg.validate()
+
+
 @pytest.mark.parametrize("kind,n,match", [("lawcat", -1, "must be >= 0"),
                                           ("lawcat", 6, "at most 5"),
-                                          ("hedgehog", 1, "has no decay")])
+                                          ("hedgehog", 1, "has no decay"),
+                                          ("hedgehog", [0, 1, 0], "has no decay")])
 def test_ungated_heads_errors_name_the_fix(kind, n, match):
     cfg = small_config("linear", kind=kind)
     cfg.linear_attention.ungated_heads = n
