@@ -5,11 +5,14 @@ Needs the teacher of `benchmarks/conversion.py` (its `<work>/teacher_summary.jso
 is converted with the same recipe as there (attention transfer, then full fine-tuning, at L) and
 evaluated on held-out perplexity and passkey accuracy at L, 2L, ..., 16L.
 
-    python benchmarks/lawcat_passkey_sweep.py --variants 0:4,1:4,1:6,0/1:6 --seeds 0,1,2 --jobs 2
+    python benchmarks/lawcat_passkey_sweep.py --seeds 0,1,2 --jobs 2 \
+        --variant "ungated_heads=1 conv_width=6" \
+        --variant "ungated_heads=[0,1] conv_width=6 write_gate=true"
 
-A variant is `ungated_heads:conv_width`; ungated_heads is one count for every layer (`1`) or one
-per layer joined by `/` (`0/1`: layer 0 all gated, one ungated head in layer 1). `--jobs N` runs N
-students at once, one thread each. Writes benchmarks/results/lawcat_passkey_sweep.{md,json}.
+A variant is a space-separated list of `convert.student.KEY=VALUE` overrides on top of
+`kind=lawcat` (values as on the command line: `[0,1]` is one count of ungated heads per layer).
+`--jobs N` trains N students at once, one thread each. Writes
+benchmarks/results/lawcat_passkey_sweep.{md,json}.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import re
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -32,26 +36,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def parse_ungated(text: str) -> int | list[int]:
-    """`1` -> 1 (every layer), `0/1` -> [0, 1] (one count per layer)."""
-    counts = [int(x) for x in text.split("/")]
-    return counts[0] if len(counts) == 1 else counts
-
-
-def ungated_label(ungated: int | list[int]) -> str:
-    return "/".join(map(str, ungated)) if isinstance(ungated, list) else str(ungated)
-
-
-def run_student(a, teacher: str, ungated, width: int, seed: int, lengths: list[int]) -> dict:
+def run_student(a, teacher: str, variant: str, seed: int, lengths: list[int]) -> dict:
     """Convert one LAWCAT student (attention transfer + full fine-tune at L) and evaluate it."""
     torch.set_num_threads(1)
     work, L = Path(a.work), a.seq_len
-    label = ungated_label(ungated).replace("/", "-")
-    name = f"lawcat_u{label}_c{width}_s{seed}"
+    name = re.sub(r"[^A-Za-z0-9]+", "-", f"lawcat {variant} s{seed}").strip("-")
     out = work / "sweep" / name
     if out.exists():  # convert resumes from checkpoints it finds: start clean
         shutil.rmtree(out)
-    ungated_value = json.dumps(ungated)  # `[0, 1]` or `1`, parsed back by the override loader
     t0 = time.perf_counter()
     s = convert(load_convert_config(None, [
         "model.dim=64", f"model.num_layers={a.layers}", "model.num_heads=4",
@@ -61,10 +53,10 @@ def run_student(a, teacher: str, ungated, width: int, seed: int, lengths: list[i
         "run.tensorboard=false", "run.log_every=50", "checkpoint.every=0", f"run.seed={seed}",
         f"run.output_dir={out}", f"convert.passkey_fraction={a.passkey_fraction}",
         f"convert.passkey_answer_weight={a.answer_weight}", f"convert.teacher={teacher}",
-        "convert.student.kind=lawcat", f"convert.student.ungated_heads={ungated_value}",
-        f"convert.student.conv_width={width}", f"convert.transfer.steps={a.transfer_steps}",
+        "convert.student.kind=lawcat", f"convert.transfer.steps={a.transfer_steps}",
         "convert.transfer.loss=both", f"convert.finetune.steps={a.finetune_steps}",
-        "convert.finetune.method=full", f"convert.finetune.optim.lr={a.finetune_lr}"]))
+        "convert.finetune.method=full", f"convert.finetune.optim.lr={a.finetune_lr}",
+        *(f"convert.student.{kv}" for kv in variant.split())]))
     wall = time.perf_counter() - t0
     job = EvalJob(models=[s["model_dir"]], labels=[name], batch_size=a.batch, eval_batches=8,
                   passkey_lengths=lengths, passkey_samples=a.passkey_samples,
@@ -72,8 +64,7 @@ def run_student(a, teacher: str, ungated, width: int, seed: int, lengths: list[i
     job.data.kind, job.data.text_files, job.data.seq_len = "text", [str(TEXT)], L
     job.data.tokenizer_vocab_size, job.data.cache_dir = 512, str(work / "cache")
     r = evaluate_models(job)[name]
-    row = {"ungated_heads": ungated, "conv_width": width, "seed": seed,
-           "perplexity": r["perplexity"], "wall_s": wall,
+    row = {"variant": variant, "seed": seed, "perplexity": r["perplexity"], "wall_s": wall,
            "passkey": {int(k): v["accuracy"] for k, v in r["passkey"].items()}}
     print(json.dumps(row), flush=True)
     return row
@@ -81,7 +72,9 @@ def run_student(a, teacher: str, ungated, width: int, seed: int, lengths: list[i
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--variants", default="0:4,1:4,1:6", help="ungated_heads:conv_width, ...")
+    p.add_argument("--variant", action="append",
+                   help="convert.student overrides, space-separated (repeat for more variants); "
+                        "default: the recipe of configs/convert_lawcat.yaml")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--seq-len", type=int, default=192)
     p.add_argument("--layers", type=int, default=2, help="must match the teacher")
@@ -97,38 +90,36 @@ def main() -> None:
     p.add_argument("--work", default="runs/bench_conversion")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args()
+    if not a.variant:
+        recipe = load_convert_config(ROOT / "configs" / "convert_lawcat.yaml").convert.student
+        a.variant = [f"ungated_heads={json.dumps(recipe.ungated_heads).replace(' ', '')} "
+                     f"conv_width={recipe.conv_width} write_gate={str(recipe.write_gate).lower()}"]
     work, L = Path(a.work), a.seq_len
     summary = work / "teacher_summary.json"
     if not summary.is_file():
         raise SystemExit(f"{summary} not found: run benchmarks/conversion.py first (it trains "
                          "the teacher), with the same --work")
     teacher = json.loads(summary.read_text())[0]["model_dir"]
-    variants = []
-    for v in a.variants.split(","):
-        ungated, width = v.split(":")
-        variants.append((parse_ungated(ungated), int(width)))
     seeds = [int(s) for s in a.seeds.split(",")]
     lengths = [L * f for f in (1, 2, 4, 8, 16, 32) if f <= a.max_factor]
-    tasks = [(ungated, width, seed) for ungated, width in variants for seed in seeds]
+    tasks = [(a, teacher, v, seed, lengths) for v in a.variant for seed in seeds]
     if a.jobs > 1:
-        pool = ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn"))
-        with pool:
-            rows = list(pool.map(run_student, *zip(*[(a, teacher, u, w, s, lengths)
-                                                     for u, w, s in tasks])))
+        with ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows = list(pool.map(run_student, *zip(*tasks)))
     else:
-        rows = [run_student(a, teacher, u, w, s, lengths) for u, w, s in tasks]
+        rows = [run_student(*t) for t in tasks]
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items()
-                     if k not in ("work", "out"))
-    head = ["ungated heads", "conv width", "seed", "perplexity"] + [f"passkey@{n}" for n in lengths]
+                     if k not in ("work", "out", "variant"))
+    flags += "".join(f' --variant "{v}"' for v in a.variant)
+    head = ["variant (convert.student)", "seed", "perplexity"] + [f"passkey@{n}" for n in lengths]
     lines = [f"# LAWCAT passkey sweep (distilled at L = {L})", "", f"Machine: {cpu_name()}, "
              f"torch {torch.__version__}", "", f"Command: `python benchmarks/lawcat_passkey_sweep.py "
              f"{flags}`", "", f"Teacher: `{teacher}`; {a.passkey_samples} prompts per depth at 5 "
-             "depths per length; a prompt counts only if every answer token is right. Ungated "
-             "heads `a/b` = a in layer 0, b in layer 1.", "",
+             "depths per length; a prompt counts only if every answer token is right.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [ungated_label(row["ungated_heads"]), str(row["conv_width"]), str(row["seed"]),
-                 f"{row['perplexity']:.2f}"] + [f"{row['passkey'][n]:.2f}" for n in lengths]
+        cells = [f"`{row['variant']}`", str(row["seed"]), f"{row['perplexity']:.2f}"]
+        cells += [f"{row['passkey'][n]:.2f}" for n in lengths]
         lines.append("| " + " | ".join(cells) + " |")
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -93,6 +93,11 @@ class StudentConfig:
     # distilled at length L is still found far beyond L (model.linear_attention.ungated_heads).
     # A list gives one count per layer (model.num_layers entries; 0 for softmax layers).
     ungated_heads: int | list[int] = 0
+    # A per-token write gate on the keys of every head (model.linear_attention.write_gate).
+    write_gate: bool = False
+    # Feature map of plain / decay / lawcat students (model.linear_attention.feature_map; None:
+    # the kind's default; hedgehog: the trainable Hedgehog map, for lawcat after the conv).
+    feature_map: Literal["elu1", "relu", "identity", "softmax", "hedgehog"] | None = None
     # RoPE on q/k before the feature map (Hedgehog on a RoPE teacher); None: on for hedgehog,
     # off for the other kinds.
     rope: bool | None = None
@@ -345,7 +350,9 @@ class Converter:
         c, s = self.cfg.convert, self.cfg.convert.student
         rope = s.kind == "hedgehog" if s.rope is None else s.rope
         la = dict(feature_dim=s.feature_dim, conv_width=s.conv_width, gate=s.gate,
-                  ungated_heads=s.ungated_heads, rope=rope, window=s.window)
+                  ungated_heads=s.ungated_heads, write_gate=s.write_gate,
+                  feature_map=s.feature_map, rope=rope,
+                  window=s.window)
         if c.init == "teacher":
             if s.kind == "softmax":
                 return load_model(c.teacher, parallel=self.parallel, device=self.device)

@@ -103,8 +103,10 @@ class LinearAttentionConfig:
     # normalized gated linear attention (Liu et al. 2025).
     kind: Literal["plain", "decay", "hedgehog", "lawcat"] = "plain"
     # Feature map φ on q and k for plain / decay / lawcat (hedgehog always uses its own):
-    # elu1 = elu(x)+1, relu, identity, softmax (over the head dim).
-    feature_map: Literal["elu1", "relu", "identity", "softmax"] | None = None
+    # elu1 = elu(x)+1, relu, identity, softmax (over the head dim), or hedgehog: the trainable
+    # per-head [softmax(xW + b), softmax(−xW − b)] of the hedgehog kind (for lawcat: after the
+    # conv; width feature_dim). None picks the kind's default (plain, lawcat: elu1; decay: identity).
+    feature_map: Literal["elu1", "relu", "identity", "softmax", "hedgehog"] | None = None
     # Output normalization: denominator (divide by φ(q)ᵀΣφ(k)), rms (per-head RMSNorm) or none.
     # None picks the kind's default (decay: rms; the others: denominator).
     normalize: Literal["denominator", "rms", "none"] | None = None
@@ -124,6 +126,14 @@ class LinearAttentionConfig:
     # count per layer of the stack (model.num_layers entries; a softmax or Mamba layer's entry
     # must be 0), e.g. [0, 1]: every head of layer 0 gated (local), one long-memory head in layer 1.
     ungated_heads: int | list[int] = 0
+    # Write (input) gate: every head scales its key features by β_t = σ(x_t W_β + b_β) per token,
+    # S_t = γ_t S_{t−1} + β_t φ(k_t) v_tᵀ (and z_t alike), so a head can learn to leave tokens
+    # out of its memory altogether. The normalized readout of an ungated head is a weighted
+    # average over the whole context: without β, filler text dilutes a pass key by 1/length;
+    # with it, tokens the head does not need can get a weight that is exponentially small in
+    # the gate logit. Starts open (b_β = 4, β ≈ 0.98). The window softmax of a hybrid is not
+    # gated.
+    write_gate: bool = False
     # Epsilon of the denominator normalization.
     eps: float = 1e-6
     # Apply RoPE to q and k before the feature map (Hedgehog on a RoPE teacher: φ(R q)·φ(R k));

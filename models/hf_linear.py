@@ -17,9 +17,10 @@ model.safetensors: the Llama names of `models/hf.py` for every tensor that has o
 norms, q/k/v/o of every layer, softmax or linear, MLP, lm_head), and the linear-attention
 parameters under the same layer prefix (`layers.{i}.attention.X -> model.layers.{i}.self_attn.X`):
 
-    model.layers.{i}.self_attn.feature_map_{q,k}.{weight,bias}   hedgehog   (heads, d, F), (heads, F)
+    model.layers.{i}.self_attn.feature_map_{q,k}.{weight,bias}   hedgehog map (heads, d, F), (heads, F)
     model.layers.{i}.self_attn.{q,k}_conv                        lawcat     (channels, conv_width)
     model.layers.{i}.self_attn.wg.{weight,bias}                  lawcat gate (heads, dim), (heads,)
+    model.layers.{i}.self_attn.wb.{weight,bias}                  write gate (heads, dim), (heads,)
     model.layers.{i}.self_attn.out_norm                          rms output norm (heads · d,)
 
 `load_hf` (models/hf.py) sees the block and rebuilds the same `HybridLM`: an exact copy (same

@@ -22,6 +22,11 @@ Every kind is causal linear attention with a feature map φ and an optional deca
 heads with memory over the whole context and heads with a (learned) local decay. A list gives n per
 layer (`layer_index` picks this layer's entry), e.g. local-only lower layers.
 
+`write_gate` adds a per-token, per-head write gate β_t = σ(x_t W_β + b_β) on the key features,
+S_t = γ_t S_{t−1} + β_t φ(k_t) v_tᵀ (the denominator alike), in the spirit of the input gates of
+LSTM/mLSTM and of Mamba's Δ: a head can keep a few tokens (a pass key) and leave the rest out, so
+the normalized readout of an ungated head is not diluted by the length of the context.
+
 The denominator is computed by the same kernel: v is extended with a column of ones, so the last
 output column is φ(q_t)ᵀ z_t with z_t = γ_t z_{t−1} + φ(k_t) (decayed exactly like S). This keeps
 one code path, and context parallelism (state passing) covers the denominator for free.
@@ -117,7 +122,7 @@ class LinearAttention(nn.Module):
         self.num_heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.per_head_dim
         hd = self.head_dim
         self.normalize = la.normalize or DEFAULT_NORMALIZE[la.kind]
-        self.feature = None if la.kind == "hedgehog" else (la.feature_map or DEFAULT_FEATURE_MAP[la.kind])
+        self.feature = "hedgehog" if la.kind == "hedgehog" else (la.feature_map or DEFAULT_FEATURE_MAP[la.kind])
         if self.normalize == "denominator" and self.feature == "identity":
             raise ValueError(
                 "model.linear_attention.normalize=denominator needs a positive feature map, but "
@@ -136,7 +141,7 @@ class LinearAttention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.kv_heads * hd, bias=cfg.attention_bias)
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * hd, bias=cfg.attention_bias)
         self.wo = nn.Linear(cfg.num_heads * hd, cfg.dim, bias=False)
-        if la.kind == "hedgehog":
+        if self.feature == "hedgehog":
             fd = la.feature_dim or hd
             self.feature_map_q = HedgehogFeatureMap(cfg.num_heads, hd, fd)
             self.feature_map_k = HedgehogFeatureMap(cfg.kv_heads, hd, fd)
@@ -145,6 +150,8 @@ class LinearAttention(nn.Module):
             self.k_conv = nn.Parameter(torch.empty(cfg.kv_heads * hd, la.conv_width))
             if la.gate and self.ungated_heads < cfg.num_heads:  # gates of the decaying heads only
                 self.wg = nn.Linear(cfg.dim, cfg.num_heads - self.ungated_heads, bias=True)
+        if la.write_gate:
+            self.wb = nn.Linear(cfg.dim, cfg.num_heads, bias=True)
         if self.normalize == "rms":
             self.out_norm = nn.Parameter(torch.ones(cfg.num_heads * hd))
         if self.window:
@@ -179,6 +186,10 @@ class LinearAttention(nn.Module):
             # σ(b) ≈ 0.9998: start with γ close to 1 (long memory), as GLA does
             nn.init.normal_(self.wg.weight, std=self.cfg.init_std)
             self.wg.bias.fill_(8.0)
+        if hasattr(self, "wb"):
+            # σ(4) ≈ 0.982: start with every token written (close to the ungated teacher copy)
+            nn.init.normal_(self.wb.weight, std=self.cfg.init_std)
+            self.wb.bias.fill_(4.0)
         if hasattr(self, "out_norm"):
             self.out_norm.fill_(1.0)
         if hasattr(self, "linear_mix"):
@@ -199,9 +210,16 @@ class LinearAttention(nn.Module):
         return F.pad(log_decay, (free, 0)) if free else log_decay
 
     def _features(self, q, k):
-        if self.kind == "hedgehog":
+        if self.feature == "hedgehog":
             return self.feature_map_q(q), self.feature_map_k(k)
         return feature_map(q, self.feature), feature_map(k, self.feature)
+
+    def gate_writes(self, x, k):
+        """Key features k `(b, s, heads, F)` (GQA already repeated) times the write gate
+        β = σ(x W_β + b_β) `(b, s, heads)` of `write_gate` (unchanged without one)."""
+        if not hasattr(self, "wb"):
+            return k
+        return k * torch.sigmoid(self.wb(x)).to(k.dtype).unsqueeze(-1)
 
     def _rotate(self, t, cos, sin, what):
         if cos is None or sin is None:
@@ -231,6 +249,7 @@ class LinearAttention(nn.Module):
         q, k = self._features(q, k)
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        k = self.gate_writes(x, k)
         log_decay = self._log_decay(x)
         if self.window:
             if rep > 1:
@@ -294,7 +313,8 @@ class LinearAttention(nn.Module):
 def linear_attention_flops_per_token(cfg: ModelConfig) -> float:
     """Training FLOPs per token of the state update and readout (6 · 2 · heads · F · dim_v)."""
     la = cfg.linear_attention
-    f = 2 * (la.feature_dim or cfg.per_head_dim) if la.kind == "hedgehog" else cfg.per_head_dim
+    hedgehog = la.kind == "hedgehog" or la.feature_map == "hedgehog"
+    f = 2 * (la.feature_dim or cfg.per_head_dim) if hedgehog else cfg.per_head_dim
     flops = 6.0 * 2 * cfg.num_heads * f * (cfg.per_head_dim + 1)
     # window softmax: scores and weighted sum over `window` keys (q·k and p·v), fwd + bwd
     return flops + 6.0 * 2 * cfg.num_heads * cfg.per_head_dim * la.window

@@ -27,9 +27,10 @@ VOCAB = 97
 KINDS = [("hedgehog", {"feature_dim": 12}), ("lawcat", {"conv_width": 3, "ungated_heads": 2}),
          ("lawcat", {"gate": False}), ("plain", {}), ("decay", {}),
          ("hedgehog", {"rope": True, "window": 7}), ("lawcat", {"rope": True, "window": 5}),
-         ("lawcat", {"conv_width": 3, "ungated_heads": [2, 0]})]
+         ("lawcat", {"conv_width": 3, "ungated_heads": [2, 0], "write_gate": True,
+                     "feature_map": "hedgehog", "feature_dim": 7})]
 KIND_IDS = ["hedgehog", "lawcat-gate-2-ungated", "lawcat-nogate", "plain", "decay", "hedgehog-rope-window",
-            "lawcat-rope-window", "lawcat-ungated-per-layer"]
+            "lawcat-rope-window", "lawcat-per-layer-ungated-write-gate-hedgehog-map"]
 
 
 def _teacher(**kw):

@@ -32,7 +32,7 @@ def quadratic_oracle(layer: LinearAttention, x: torch.Tensor) -> torch.Tensor:
     if layer.kind == "lawcat":
         q, k = _conv(q, layer.q_conv), _conv(k, layer.k_conv)
     q, k, v = q.view(b, s, -1, hd), k.view(b, s, -1, hd), v.view(b, s, -1, hd)
-    if layer.kind == "hedgehog":
+    if layer.kind == "hedgehog" or layer.la.feature_map == "hedgehog":
         def hh(t, m):
             p = torch.einsum("bshd,hdf->bshf", t, m.weight) + m.bias
             return torch.cat([p.softmax(-1), (-p).softmax(-1)], -1)
@@ -41,6 +41,8 @@ def quadratic_oracle(layer: LinearAttention, x: torch.Tensor) -> torch.Tensor:
         q, k = feature_map(q, layer.feature), feature_map(k, layer.feature)
     rep = h // k.shape[2]
     k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+    if layer.la.write_gate:  # β_t scales what token t writes (numerator and denominator)
+        k = k * torch.sigmoid(layer.wb(x))[..., None]
     free = layer.ungated_heads  # the first `free` heads do not decay
     logg = torch.zeros(b, s, h, dtype=x.dtype)
     if layer.kind == "decay" or (layer.kind == "lawcat" and not layer.la.gate):
@@ -76,7 +78,11 @@ CASES = [("plain", {}), ("plain", {"feature_map": "relu", "normalize": "none"}),
          ("decay", {}), ("decay", {"feature_map": "elu1", "normalize": "denominator"}),
          ("hedgehog", {}), ("lawcat", {}), ("lawcat", {"gate": False, "feature_map": "softmax"}),
          ("lawcat", {"ungated_heads": 2}), ("lawcat", {"ungated_heads": 5}),
-         ("lawcat", {"gate": False, "ungated_heads": 3}), ("decay", {"ungated_heads": 1})]
+         ("lawcat", {"gate": False, "ungated_heads": 3}), ("decay", {"ungated_heads": 1}),
+         ("plain", {"write_gate": True}), ("decay", {"write_gate": True}),
+         ("lawcat", {"write_gate": True, "ungated_heads": 2}),
+         ("lawcat", {"feature_map": "hedgehog"}),
+         ("lawcat", {"feature_map": "hedgehog", "write_gate": True, "ungated_heads": 1})]
 
 
 @pytest.mark.parametrize("kind,opts", CASES)
@@ -86,9 +92,14 @@ def test_layer_matches_quadratic_oracle(kind, opts):
     torch.testing.assert_close(layer(x), quadratic_oracle(layer, x), rtol=TOL64, atol=TOL64)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_one_pass_equals_pieces_equals_token_by_token(kind):
-    layer = _layer(kind)
+# every kind with its defaults, and the write gate on a learned-feature LAWCAT layer
+RECURRENT = [(k, {}) for k in KINDS] + [
+    ("lawcat", {"write_gate": True, "feature_map": "hedgehog", "ungated_heads": 2})]
+
+
+@pytest.mark.parametrize("kind,opts", RECURRENT)
+def test_one_pass_equals_pieces_equals_token_by_token(kind, opts):
+    layer = _layer(kind, **opts)
     x = torch.randn(2, 41, 30, dtype=torch.float64)
     full = layer(x)
     outs, state = [], None
@@ -103,12 +114,12 @@ def test_one_pass_equals_pieces_equals_token_by_token(kind):
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=TOL64, atol=TOL64)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_float32_gradients_match_float64(kind):
+@pytest.mark.parametrize("kind,opts", RECURRENT)
+def test_float32_gradients_match_float64(kind, opts):
     """float32 layer (chunked kernel) vs the float64 oracle: outputs and every parameter's
     gradient agree to 1e-5 relative to their scale (float32 rounding over ~40-token sums)."""
-    layer64 = _layer(kind)
-    layer32 = _layer(kind).float()
+    layer64 = _layer(kind, **opts)
+    layer32 = _layer(kind, **opts).float()
     x = torch.randn(2, 45, 30, dtype=torch.float64)
     y64 = quadratic_oracle(layer64, x)
     y32 = layer32(x.float())
@@ -179,6 +190,35 @@ def test_ungated_heads_keep_gamma_one_and_gate_only_the_others():
     assert (logg[..., 2:] < 0).all()
     full = _layer("lawcat", ungated_heads=5)
     assert not hasattr(full, "wg") and full._log_decay(x) is None
+
+
+def test_write_gate_starts_open_and_a_closed_gate_leaves_tokens_out():
+    """β starts at σ(4) ≈ 0.98. A token whose gate is shut (β = 0) is left out of every other
+    token's memory: changing its input changes no other position's output (plain kind: no conv,
+    so token j's input reaches the others only through what it writes)."""
+    assert torch.equal(LinearAttention(_fresh_gated()).wb.bias, torch.full((5,), 4.0))
+    layer = _layer("plain", write_gate=True)
+    with torch.no_grad():
+        layer.wb.weight.zero_()
+        layer.wb.weight[:, 0] = -1000.0  # x[..., 0] = 1 shuts the gate: σ(-940) = 0 in float64
+        layer.wb.bias.fill_(60.0)  # x[..., 0] = 0: σ(60) = 1
+        x = torch.randn(2, 15, 30, dtype=torch.float64)
+        x[..., 0] = 0.0
+        closed = [3, 4, 9]
+        x[:, closed, 0] = 1.0
+        y = layer(x)
+        x2 = x.clone()
+        x2[:, closed, 1:] += torch.randn(2, 3, 29, dtype=torch.float64)
+        y2 = layer(x2)
+    others = [t for t in range(15) if t not in closed]
+    torch.testing.assert_close(y2[:, others], y[:, others], rtol=TOL64, atol=TOL64)
+    assert not torch.allclose(y2[:, closed], y[:, closed])  # they still read the memory
+
+
+def _fresh_gated():
+    cfg = small_config("linear", kind="lawcat")
+    cfg.linear_attention.write_gate = True
+    return cfg
 
 
 def test_ungated_heads_per_layer_pick_each_layers_entry():

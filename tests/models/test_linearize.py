@@ -59,11 +59,16 @@ def test_student_keeps_teacher_weights(kind):
                                rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["hedgehog", "lawcat"])
-def test_student_weights_reproduce_the_layer(kind):
-    """a_ts from `student_features` applied to v (then Wo) equals the layer's own forward."""
+STUDENTS = [("hedgehog", {}), ("lawcat", {}),
+            ("lawcat", {"ungated_heads": [2, 0], "write_gate": True, "feature_map": "hedgehog"})]
+
+
+@pytest.mark.parametrize("kind,options", STUDENTS, ids=["hedgehog", "lawcat", "lawcat-gated-writes"])
+def test_student_weights_reproduce_the_layer(kind, options):
+    """a_ts from `student_features` applied to v (then Wo) equals the layer's own forward (with a
+    write gate, the gate is part of φ(k), so the transfer CE sees the same weights)."""
     teacher = _teacher()
-    student = linearize(teacher, kind=kind).to(torch.float64)
+    student = linearize(teacher, kind=kind, **options).to(torch.float64)
     _perturb(student)
     layer = student.layers["0"].attention
     x = torch.randn(2, 13, teacher.cfg.dim, dtype=torch.float64)
