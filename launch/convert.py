@@ -93,6 +93,9 @@ class StudentConfig:
     # distilled at length L is still found far beyond L (model.linear_attention.ungated_heads).
     # A list gives one count per layer (model.num_layers entries; 0 for softmax layers).
     ungated_heads: int | list[int] = 0
+    # Longest half-life of a gated head, in tokens (model.linear_attention.gate_max_half_life;
+    # 0 = no cap).
+    gate_max_half_life: float = 0.0
     # A per-token write gate on the keys of every head (model.linear_attention.write_gate).
     write_gate: bool = False
     # Feature map of plain / decay / lawcat students (model.linear_attention.feature_map; None:
@@ -351,6 +354,7 @@ class Converter:
         rope = s.kind == "hedgehog" if s.rope is None else s.rope
         la = dict(feature_dim=s.feature_dim, conv_width=s.conv_width, gate=s.gate,
                   ungated_heads=s.ungated_heads, write_gate=s.write_gate,
+                  gate_max_half_life=s.gate_max_half_life,
                   feature_map=s.feature_map, rope=rope,
                   window=s.window)
         if c.init == "teacher":

@@ -118,6 +118,14 @@ class LinearAttentionConfig:
     # (Gated Linear Attention); false uses a fixed per-head decay like `decay`.
     gate: bool = True
     gate_normalizer: float = 16.0
+    # LAWCAT: the longest half-life (tokens) a gated head may have, γ_t = γ_max · σ(x W_g + b)^{1/τ}
+    # with γ_max = 2^{−1/max_half_life}; 0 = no cap. A gate is initialized near 1 and a student
+    # distilled at L has no reason to shorten it below L, so without a cap the "gated" heads
+    # keep memories of thousands of tokens (measured at L = 192: median half-lives of 4-8K in
+    # layer 0) that behave differently at 8·L than at L. With a cap well under L, every gated
+    # head is strictly local and sees at L everything it will see at any length; memory beyond
+    # the cap goes through the ungated heads.
+    gate_max_half_life: float = 0.0
     # Heads (the first ones of every layer) that keep no decay at all, γ = 1, whatever `gate`
     # says: memory over the whole context. A student distilled at a short length L lets every
     # gated head learn a decay that fits L (half-lives of 1-20 tokens measured at L = 192) and
@@ -157,6 +165,9 @@ class LinearAttentionConfig:
             raise ValueError("model.linear_attention.feature_dim must be positive or null")
         if self.gate_normalizer <= 0:
             raise ValueError("model.linear_attention.gate_normalizer must be positive")
+        if self.gate_max_half_life < 0:
+            raise ValueError("model.linear_attention.gate_max_half_life must be >= 0 (0 = no "
+                             f"cap), got {self.gate_max_half_life}")
         if self.window < 0:
             raise ValueError(f"model.linear_attention.window must be >= 0 (0 = off), got {self.window}")
         counts = self.ungated_heads if isinstance(self.ungated_heads, list) else [self.ungated_heads]

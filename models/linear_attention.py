@@ -16,7 +16,8 @@ Every kind is causal linear attention with a feature map φ and an optional deca
 - `lawcat` (Liu et al., "LAWCAT: Efficient Distillation from Quadratic to Linear Attention with
   Convolution across Tokens", 2025): a causal depthwise conv over tokens on q and on k (width
   `conv_width`, initialized to the identity), then normalized gated linear attention: φ = elu+1,
-  γ_t = σ(x_t W_g + b_g)^{1/τ} per head and token (Gated Linear Attention), denominator-normalized.
+  γ_t = σ(x_t W_g + b_g)^{1/τ} per head and token (Gated Linear Attention), denominator-normalized;
+  `gate_max_half_life` caps the gated heads' memory, γ_t = γ_max · σ(·)^{1/τ}.
 
 `ungated_heads` = n keeps γ = 1 on the first n heads of a decaying kind (decay, lawcat): a mix of
 heads with memory over the whole context and heads with a (learned) local decay. A list gives n per
@@ -55,6 +56,8 @@ Options (`model.linear_attention`):
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -207,6 +210,8 @@ class LinearAttention(nn.Module):
             log_decay = fixed_log_decay(self.num_heads, device=x.device, dtype=cdt)
             return log_decay.masked_fill(torch.arange(self.num_heads, device=x.device) < free, 0.0)
         log_decay = F.logsigmoid(self.wg(x).to(cdt)) / self.la.gate_normalizer  # (b, s, h - free)
+        if self.la.gate_max_half_life:  # γ ≤ γ_max = 2^(−1/max_half_life)
+            log_decay = log_decay - math.log(2.0) / self.la.gate_max_half_life
         return F.pad(log_decay, (free, 0)) if free else log_decay
 
     def _features(self, q, k):

@@ -50,6 +50,8 @@ def quadratic_oracle(layer: LinearAttention, x: torch.Tensor) -> torch.Tensor:
         logg[..., free:] = -slopes[free:]
     elif layer.kind == "lawcat" and free < h:
         logg[..., free:] = F.logsigmoid(layer.wg(x)) / layer.la.gate_normalizer
+        if layer.la.gate_max_half_life:
+            logg[..., free:] += torch.log(torch.tensor(0.5, dtype=x.dtype)) / layer.la.gate_max_half_life
     G = logg.cumsum(1).transpose(1, 2)  # b h s
     mask = torch.ones(s, s, dtype=torch.bool).tril()
     decay = torch.exp((G[..., :, None] - G[..., None, :]).masked_fill(~mask, -torch.inf))
@@ -82,7 +84,8 @@ CASES = [("plain", {}), ("plain", {"feature_map": "relu", "normalize": "none"}),
          ("plain", {"write_gate": True}), ("decay", {"write_gate": True}),
          ("lawcat", {"write_gate": True, "ungated_heads": 2}),
          ("lawcat", {"feature_map": "hedgehog"}),
-         ("lawcat", {"feature_map": "hedgehog", "write_gate": True, "ungated_heads": 1})]
+         ("lawcat", {"feature_map": "hedgehog", "write_gate": True, "ungated_heads": 1}),
+         ("lawcat", {"gate_max_half_life": 3.5, "ungated_heads": 1, "feature_map": "softmax"})]
 
 
 @pytest.mark.parametrize("kind,opts", CASES)
@@ -175,6 +178,27 @@ def test_denominator_needs_a_positive_feature_map():
     cfg.linear_attention.feature_map = "identity"
     with pytest.raises(ValueError, match="positive feature map"):
         LinearAttention(cfg)
+
+
+def test_gate_max_half_life_caps_every_gated_head():
+    """With the gate wide open (σ → 1) a capped head keeps half of its memory after exactly
+    max_half_life tokens; a shut gate still forgets at once; ungated heads stay at γ = 1."""
+    layer = _layer("lawcat", ungated_heads=1, gate_max_half_life=12.0)
+    x = torch.randn(2, 9, 30, dtype=torch.float64)
+    with torch.no_grad():
+        layer.wg.weight.zero_()
+        layer.wg.bias.fill_(50.0)
+        logg = layer._log_decay(x)
+    torch.testing.assert_close(torch.exp(12.0 * logg[..., 1:]), torch.full((2, 9, 4), 0.5,
+                               dtype=torch.float64), rtol=1e-12, atol=0)
+    assert torch.equal(logg[..., 0], torch.zeros(2, 9, dtype=torch.float64))
+    with torch.no_grad():
+        layer.wg.bias.fill_(-50.0)
+        assert (layer._log_decay(x)[..., 1:] < -3.0).all()
+    cfg = small_config("linear", kind="lawcat")
+    cfg.linear_attention.gate_max_half_life = -1.0
+    with pytest.raises(ValueError, match="gate_max_half_life must be >= 0"):
+        cfg.validate()
 
 
 def test_ungated_heads_keep_gamma_one_and_gate_only_the_others():
