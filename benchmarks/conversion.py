@@ -37,6 +37,14 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
+def lawcat_recipe() -> str:
+    """The LAWCAT student of configs/convert_lawcat.yaml as space-separated convert.student
+    overrides (what the students of these benchmarks use unless told otherwise)."""
+    student = load_convert_config(ROOT / "configs" / "convert_lawcat.yaml").convert.student
+    keys = ("conv_width", "gate", "ungated_heads", "write_gate", "feature_map", "gate_max_half_life")
+    return " ".join(f"{k}={json.dumps(getattr(student, k)).replace(' ', '')}" for k in keys)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seq-len", type=int, default=192)
@@ -54,10 +62,10 @@ def main() -> None:
                    help="convert.passkey_answer_weight, for the teacher and every student")
     p.add_argument("--window", type=int, default=0,
                    help="also convert a LoLCATs hybrid: hedgehog + a softmax window of this size")
-    p.add_argument("--ungated-heads", type=int, default=1,
-                   help="convert.student.ungated_heads of the LAWCAT students (converted and scratch)")
-    p.add_argument("--conv-width", type=int, default=4,
-                   help="convert.student.conv_width of the LAWCAT students")
+    p.add_argument("--lawcat", default=None,
+                   help="convert.student overrides of the LAWCAT students (converted and scratch), "
+                        "space-separated KEY=VALUE; default: the student of "
+                        "configs/convert_lawcat.yaml")
     p.add_argument("--reuse-teacher", action="store_true",
                    help="take <work>/teacher from an earlier run with the same teacher flags")
     p.add_argument("--passkey-samples", type=int, default=4)
@@ -66,6 +74,8 @@ def main() -> None:
     p.add_argument("--work", default="runs/bench_conversion")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args()
+    if a.lawcat is None:
+        a.lawcat = lawcat_recipe()
     torch.set_num_threads(1)
     work, L = Path(a.work), a.seq_len
     common = [
@@ -108,8 +118,7 @@ def main() -> None:
     if a.window:
         students.append((f"hedgehog_window{a.window}", "hedgehog", a.window))
     for name, kind, window in students:
-        lawcat_opts = (f"convert.student.ungated_heads={a.ungated_heads if kind == 'lawcat' else 0}",
-                   f"convert.student.conv_width={a.conv_width}")
+        lawcat_opts = [f"convert.student.{kv}" for kv in a.lawcat.split()] if kind == "lawcat" else []
         summaries[name] = run(
             name, *lawcat_opts, f"convert.teacher={teacher['model_dir']}", f"convert.student.kind={kind}",
             f"convert.student.window={window}", f"convert.transfer.steps={a.transfer_steps}",

@@ -27,7 +27,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-from machine import cpu_name  # benchmarks/ is sys.path[0] when run as a script
+from conversion import lawcat_recipe  # benchmarks/ is sys.path[0] when run as a script
+from machine import cpu_name
 
 from ctxscale.launch.convert import convert, load_convert_config
 from ctxscale.launch.evaluate import EvalJob, evaluate_models
@@ -91,9 +92,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args()
     if not a.variant:
-        recipe = load_convert_config(ROOT / "configs" / "convert_lawcat.yaml").convert.student
-        a.variant = [f"ungated_heads={json.dumps(recipe.ungated_heads).replace(' ', '')} "
-                     f"conv_width={recipe.conv_width} write_gate={str(recipe.write_gate).lower()}"]
+        a.variant = [lawcat_recipe()]
     work, L = Path(a.work), a.seq_len
     summary = work / "teacher_summary.json"
     if not summary.is_file():
