@@ -139,13 +139,14 @@ class LinearAttentionConfig:
     # count per layer of the stack (model.num_layers entries; a softmax or Mamba layer's entry
     # must be 0), e.g. [0, 1]: every head of layer 0 gated (local), one long-memory head in layer 1.
     ungated_heads: int | list[int] = 0
-    # Write (input) gate: every head scales its key features by β_t = σ(x_t W_β + b_β) per token,
-    # S_t = γ_t S_{t−1} + β_t φ(k_t) v_tᵀ (and z_t alike), so a head can learn to leave tokens
-    # out of its memory altogether. The normalized readout of an ungated head is a weighted
-    # average over the whole context: without β, filler text dilutes a pass key by 1/length;
-    # with it, tokens the head does not need can get a weight that is exponentially small in
-    # the gate logit. Starts open (b_β = 4, β ≈ 0.98). The window softmax of a hybrid is not
-    # gated.
+    # Write (input) gate on the heads without decay (every head of plain / hedgehog, the
+    # ungated heads of decay / lawcat): key features times β_t = σ(x_t W_β + b_β) per token,
+    # S_t = S_{t−1} + β_t φ(k_t) v_tᵀ (and z_t alike), so a head can leave tokens out of its
+    # memory altogether. The normalized readout of an ungated head is a weighted average over
+    # the whole context: without β, filler text dilutes a pass key by 1/length; with it, tokens
+    # the head does not need get a weight exponentially small in the gate logit. Starts open
+    # (b_β = 4, β ≈ 0.98). Decaying heads are not gated (see models/linear_attention.py), nor is
+    # the window softmax of a hybrid.
     write_gate: bool = False
     # Epsilon of the denominator normalization.
     eps: float = 1e-6

@@ -23,10 +23,15 @@ Every kind is causal linear attention with a feature map φ and an optional deca
 heads with memory over the whole context and heads with a (learned) local decay. A list gives n per
 layer (`layer_index` picks this layer's entry), e.g. local-only lower layers.
 
-`write_gate` adds a per-token, per-head write gate β_t = σ(x_t W_β + b_β) on the key features,
-S_t = γ_t S_{t−1} + β_t φ(k_t) v_tᵀ (the denominator alike), in the spirit of the input gates of
-LSTM/mLSTM and of Mamba's Δ: a head can keep a few tokens (a pass key) and leave the rest out, so
-the normalized readout of an ungated head is not diluted by the length of the context.
+`write_gate` adds a per-token write gate β_t = σ(x_t W_β + b_β) on the key features of every head
+without decay (all heads of plain / hedgehog, the ungated heads of decay / lawcat),
+S_t = S_{t−1} + β_t φ(k_t) v_tᵀ (the denominator alike), in the spirit of the input gates of
+LSTM/mLSTM and of Mamba's Δ: such a head can keep a few tokens (a pass key) and leave the rest out,
+so its normalized readout is not diluted by the length of the context. Decaying heads get none:
+behind a normalized readout, a head that writes nothing but the needle returns it however far its
+decay has shrunk it, until the shrunk weight falls under eps — a memory whose reach depends on the
+length (measured: a half-life-8 head carried 64-84% of its weight to a pass key 100 tokens back at
+L = 192 and lost it at 2·L), which is what the decay is there to rule out.
 
 The denominator is computed by the same kernel: v is extended with a column of ones, so the last
 output column is φ(q_t)ᵀ z_t with z_t = γ_t z_{t−1} + φ(k_t) (decayed exactly like S). This keeps
@@ -120,6 +125,9 @@ class LinearAttention(nn.Module):
         la = cfg.linear_attention
         self.cfg, self.la = cfg, la
         self.ungated_heads = la.ungated_for(layer_index)
+        # the first heads_without_decay heads keep γ = 1 (all of them for kinds without decay)
+        self.heads_without_decay = (self.ungated_heads if la.kind in ("decay", "lawcat")
+                                    else cfg.num_heads)
         self.parallel = parallel or SINGLE
         self.kind = la.kind
         self.num_heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.per_head_dim
@@ -153,8 +161,8 @@ class LinearAttention(nn.Module):
             self.k_conv = nn.Parameter(torch.empty(cfg.kv_heads * hd, la.conv_width))
             if la.gate and self.ungated_heads < cfg.num_heads:  # gates of the decaying heads only
                 self.wg = nn.Linear(cfg.dim, cfg.num_heads - self.ungated_heads, bias=True)
-        if la.write_gate:
-            self.wb = nn.Linear(cfg.dim, cfg.num_heads, bias=True)
+        if la.write_gate and self.heads_without_decay:
+            self.wb = nn.Linear(cfg.dim, self.heads_without_decay, bias=True)
         if la.feature_temperature:  # log inverse temperatures, per (kv) head
             self.q_log_temp = nn.Parameter(torch.zeros(cfg.num_heads))
             self.k_log_temp = nn.Parameter(torch.zeros(cfg.kv_heads))
@@ -230,11 +238,14 @@ class LinearAttention(nn.Module):
         return feature_map(q, self.feature), feature_map(k, self.feature)
 
     def gate_writes(self, x, k):
-        """Key features k `(b, s, heads, F)` (GQA already repeated) times the write gate
-        β = σ(x W_β + b_β) `(b, s, heads)` of `write_gate` (unchanged without one)."""
+        """Key features k `(b, s, heads, F)` (GQA already repeated) with the first
+        `heads_without_decay` heads times the write gate β = σ(x W_β + b_β) `(b, s, those heads)`
+        of `write_gate` (unchanged without one)."""
         if not hasattr(self, "wb"):
             return k
-        return k * torch.sigmoid(self.wb(x)).to(k.dtype).unsqueeze(-1)
+        n = self.heads_without_decay
+        beta = torch.sigmoid(self.wb(x)).to(k.dtype).unsqueeze(-1)
+        return torch.cat([k[:, :, :n] * beta, k[:, :, n:]], dim=2) if n < k.shape[2] else k * beta
 
     def _rotate(self, t, cos, sin, what):
         if cos is None or sin is None:

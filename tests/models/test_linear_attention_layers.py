@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ctxscale.models.config import LinearAttentionConfig
 from ctxscale.models.linear_attention import HedgehogFeatureMap, LinearAttention, feature_map
 from ctxscale.models.transformer import Attention
 from tests.models._recurrent_util import KINDS, perturb, small_config
@@ -43,9 +44,11 @@ def quadratic_oracle(layer: LinearAttention, x: torch.Tensor) -> torch.Tensor:
         q, k = feature_map(q, layer.feature), feature_map(k, layer.feature)
     rep = h // k.shape[2]
     k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
-    if layer.la.write_gate:  # β_t scales what token t writes (numerator and denominator)
-        k = k * torch.sigmoid(layer.wb(x))[..., None]
-    free = layer.ungated_heads  # the first `free` heads do not decay
+    free = layer.ungated_heads
+    if layer.la.write_gate:  # β_t scales what token t writes, in the heads without decay only
+        n = free if layer.kind in ("decay", "lawcat") else h
+        if n:
+            k = torch.cat([k[:, :, :n] * torch.sigmoid(layer.wb(x))[..., None], k[:, :, n:]], 2)  # the first `free` heads do not decay
     logg = torch.zeros(b, s, h, dtype=x.dtype)
     if layer.kind == "decay" or (layer.kind == "lawcat" and not layer.la.gate):
         slopes = torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], dtype=x.dtype)
@@ -226,7 +229,7 @@ def test_write_gate_starts_open_and_a_closed_gate_leaves_tokens_out():
     """β starts at σ(4) ≈ 0.98. A token whose gate is shut (β = 0) is left out of every other
     token's memory: changing its input changes no other position's output (plain kind: no conv,
     so token j's input reaches the others only through what it writes)."""
-    assert torch.equal(LinearAttention(_fresh_gated()).wb.bias, torch.full((5,), 4.0))
+    assert torch.equal(LinearAttention(_fresh_gated(5)).wb.bias, torch.full((5,), 4.0))
     layer = _layer("plain", write_gate=True)
     with torch.no_grad():
         layer.wb.weight.zero_()
@@ -245,10 +248,26 @@ def test_write_gate_starts_open_and_a_closed_gate_leaves_tokens_out():
     assert not torch.allclose(y2[:, closed], y[:, closed])  # they still read the memory
 
 
-def _fresh_gated():
+def _fresh_gated(ungated_heads=2):
     cfg = small_config("linear", kind="lawcat")
     cfg.linear_attention.write_gate = True
+    cfg.linear_attention.ungated_heads = ungated_heads
     return cfg
+
+
+def test_write_gate_covers_only_the_heads_without_decay():
+    """lawcat with 2 of 5 heads ungated: β for those 2 only, the 3 decaying heads write every
+    token; no ungated head: no write gate at all; plain (no decay anywhere): all 5 heads."""
+    assert LinearAttention(_fresh_gated(2)).wb.out_features == 2
+    assert not hasattr(LinearAttention(_fresh_gated(0)), "wb")
+    assert LinearAttention(small_config("linear", kind="plain", linear_attention=LinearAttentionConfig(
+        kind="plain", write_gate=True))).wb.out_features == 5
+    layer = _layer("lawcat", write_gate=True, ungated_heads=2)
+    x = torch.randn(2, 7, 30, dtype=torch.float64)
+    k = torch.rand(2, 7, 5, 4, dtype=torch.float64)
+    gated = layer.gate_writes(x, k)
+    assert torch.equal(gated[:, :, 2:], k[:, :, 2:])
+    torch.testing.assert_close(gated[:, :, :2], k[:, :, :2] * torch.sigmoid(layer.wb(x))[..., None])
 
 
 def test_ungated_heads_per_layer_pick_each_layers_entry():
