@@ -98,9 +98,6 @@ class StudentConfig:
     gate_max_half_life: float = 0.0
     # A per-token write gate on the keys of every head (model.linear_attention.write_gate).
     write_gate: bool = False
-    # Trainable per-head temperatures before the feature map (model.linear_attention.
-    # feature_temperature).
-    feature_temperature: bool = False
     # Feature map of plain / decay / lawcat students (model.linear_attention.feature_map; None:
     # the kind's default; hedgehog: the trainable Hedgehog map, for lawcat after the conv).
     feature_map: Literal["elu1", "relu", "identity", "softmax", "hedgehog"] | None = None
@@ -358,8 +355,7 @@ class Converter:
         la = dict(feature_dim=s.feature_dim, conv_width=s.conv_width, gate=s.gate,
                   ungated_heads=s.ungated_heads, write_gate=s.write_gate,
                   gate_max_half_life=s.gate_max_half_life,
-                  feature_map=s.feature_map, feature_temperature=s.feature_temperature,
-                  rope=rope,
+                  feature_map=s.feature_map, rope=rope,
                   window=s.window)
         if c.init == "teacher":
             if s.kind == "softmax":

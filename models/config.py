@@ -110,11 +110,6 @@ class LinearAttentionConfig:
     # Output normalization: denominator (divide by φ(q)ᵀΣφ(k)), rms (per-head RMSNorm) or none.
     # None picks the kind's default (decay: rms; the others: denominator).
     normalize: Literal["denominator", "rms", "none"] | None = None
-    # A trainable per-head inverse temperature on q and on k before the feature map, φ(e^{t_q} q)
-    # and φ(e^{t_k} k), t = 0 at init: with the softmax map a head can sharpen which feature dims
-    # a query and a key select (a LAWCAT head that copies a pass key split its weight between the
-    # next two digits at t = 0).
-    feature_temperature: bool = False
     # Hedgehog: feature width per half ([softmax(xW), softmax(-xW)] has 2× this); None = head dim.
     feature_dim: int | None = None
     # LAWCAT: width of the causal depthwise conv on q and k.

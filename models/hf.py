@@ -363,7 +363,7 @@ def _convert_state_dict(tensors: dict, cfg: ModelConfig, expected: dict, dtype) 
             parts.append(f"unexpected tensors: {_few(unexpected)}")
             if cfg.family == "transformer" and any(
                     re.fullmatch(r"model\.layers\.\d+\.self_attn\.(feature_map_[qk]\..+|[qk]_conv|"
-                                 r"w[gb]\..+|[qk]_log_temp|out_norm)", n) for n in unexpected):
+                                 r"w[gb]\..+|out_norm)", n) for n in unexpected):
                 parts.append("these are linear-attention tensors written by ctxscale's save_hf, "
                              "but config.json has no `ctxscale` block: restore config.json "
                              "from the save_hf output")

@@ -21,7 +21,6 @@ parameters under the same layer prefix (`layers.{i}.attention.X -> model.layers.
     model.layers.{i}.self_attn.{q,k}_conv                        lawcat     (channels, conv_width)
     model.layers.{i}.self_attn.wg.{weight,bias}                  lawcat gate (heads, dim), (heads,)
     model.layers.{i}.self_attn.wb.{weight,bias}                  write gate (heads, dim), (heads,)
-    model.layers.{i}.self_attn.{q,k}_log_temp                    feature temperature (heads,), (kv_heads,)
     model.layers.{i}.self_attn.out_norm                          rms output norm (heads · d,)
 
 `load_hf` (models/hf.py) sees the block and rebuilds the same `HybridLM`: an exact copy (same

@@ -163,9 +163,6 @@ class LinearAttention(nn.Module):
                 self.wg = nn.Linear(cfg.dim, cfg.num_heads - self.ungated_heads, bias=True)
         if la.write_gate and self.heads_without_decay:
             self.wb = nn.Linear(cfg.dim, self.heads_without_decay, bias=True)
-        if la.feature_temperature:  # log inverse temperatures, per (kv) head
-            self.q_log_temp = nn.Parameter(torch.zeros(cfg.num_heads))
-            self.k_log_temp = nn.Parameter(torch.zeros(cfg.kv_heads))
         if self.normalize == "rms":
             self.out_norm = nn.Parameter(torch.ones(cfg.num_heads * hd))
         if self.window:
@@ -200,9 +197,6 @@ class LinearAttention(nn.Module):
             # σ(b) ≈ 0.9998: start with γ close to 1 (long memory), as GLA does
             nn.init.normal_(self.wg.weight, std=self.cfg.init_std)
             self.wg.bias.fill_(8.0)
-        for name in ("q_log_temp", "k_log_temp"):
-            if hasattr(self, name):
-                getattr(self, name).zero_()
         if hasattr(self, "wb"):
             # σ(4) ≈ 0.982: start with every token written (close to the ungated teacher copy)
             nn.init.normal_(self.wb.weight, std=self.cfg.init_std)
@@ -230,9 +224,6 @@ class LinearAttention(nn.Module):
 
     def _features(self, q, k):
         """φ(q) `(b, s, heads, F)`, φ(k) `(b, s, kv_heads, F)` from q, k `(b, s, *, head_dim)`."""
-        if hasattr(self, "q_log_temp"):
-            q = q * self.q_log_temp.exp().to(q.dtype)[:, None]
-            k = k * self.k_log_temp.exp().to(k.dtype)[:, None]
         if self.feature == "hedgehog":
             return self.feature_map_q(q), self.feature_map_k(k)
         return feature_map(q, self.feature), feature_map(k, self.feature)

@@ -82,8 +82,8 @@ def linearize(teacher: nn.Module, *, kind: str, layer_pattern: str = "L", parall
 def new_parameter_names(student: HybridLM) -> list[str]:
     """Parameters a softmax Transformer does not have (feature maps, conv taps, gates, the
     LoLCATs window/linear mix λ)."""
-    new = ("feature_map_q", "feature_map_k", "q_conv", "k_conv", ".wg.", ".wb.", "_log_temp",
-           "out_norm", "linear_mix")
+    new = ("feature_map_q", "feature_map_k", "q_conv", "k_conv", ".wg.", ".wb.", "out_norm",
+           "linear_mix")
     return [n for n, _ in student.named_parameters() if any(t in n for t in new)]
 
 

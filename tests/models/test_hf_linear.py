@@ -30,10 +30,10 @@ KINDS = [("hedgehog", {"feature_dim": 12}), ("lawcat", {"conv_width": 3, "ungate
          ("lawcat", {"conv_width": 3, "ungated_heads": [2, 0], "write_gate": True,
                      "feature_map": "hedgehog", "feature_dim": 7}),
          ("lawcat", {"ungated_heads": [1, 0], "write_gate": True, "feature_map": "softmax",
-                     "feature_temperature": True, "gate_max_half_life": 16.0})]
+                     "gate_max_half_life": 16.0})]
 KIND_IDS = ["hedgehog", "lawcat-gate-2-ungated", "lawcat-nogate", "plain", "decay", "hedgehog-rope-window",
             "lawcat-rope-window", "lawcat-per-layer-ungated-write-gate-hedgehog-map",
-            "lawcat-softmax-map-temperature-capped-gate"]
+            "lawcat-softmax-map-capped-gate"]
 
 
 def _teacher(**kw):

@@ -33,8 +33,6 @@ def quadratic_oracle(layer: LinearAttention, x: torch.Tensor) -> torch.Tensor:
     if layer.kind == "lawcat":
         q, k = _conv(q, layer.q_conv), _conv(k, layer.k_conv)
     q, k, v = q.view(b, s, -1, hd), k.view(b, s, -1, hd), v.view(b, s, -1, hd)
-    if layer.la.feature_temperature:
-        q, k = q * layer.q_log_temp.exp()[:, None], k * layer.k_log_temp.exp()[:, None]
     if layer.kind == "hedgehog" or layer.la.feature_map == "hedgehog":
         def hh(t, m):
             p = torch.einsum("bshd,hdf->bshf", t, m.weight) + m.bias
@@ -91,8 +89,7 @@ CASES = [("plain", {}), ("plain", {"feature_map": "relu", "normalize": "none"}),
          ("lawcat", {"feature_map": "hedgehog"}),
          ("lawcat", {"feature_map": "hedgehog", "write_gate": True, "ungated_heads": 1}),
          ("lawcat", {"gate_max_half_life": 3.5, "ungated_heads": 1, "feature_map": "softmax"}),
-         ("lawcat", {"feature_temperature": True, "feature_map": "softmax", "write_gate": True}),
-         ("hedgehog", {"feature_temperature": True})]
+         ("lawcat", {"feature_map": "softmax", "write_gate": True, "ungated_heads": 2})]
 
 
 @pytest.mark.parametrize("kind,opts", CASES)
@@ -105,8 +102,8 @@ def test_layer_matches_quadratic_oracle(kind, opts):
 # every kind with its defaults, and the write gate on a learned-feature LAWCAT layer
 RECURRENT = [(k, {}) for k in KINDS] + [
     ("lawcat", {"write_gate": True, "feature_map": "hedgehog", "ungated_heads": 2}),
-    ("lawcat", {"write_gate": True, "feature_map": "softmax", "feature_temperature": True,
-                "gate_max_half_life": 5.0, "ungated_heads": 1})]
+    ("lawcat", {"write_gate": True, "feature_map": "softmax", "gate_max_half_life": 5.0,
+                "ungated_heads": 1})]
 
 
 @pytest.mark.parametrize("kind,opts", RECURRENT)
