@@ -42,7 +42,9 @@ def lawcat_recipe() -> str:
     overrides (what the students of these benchmarks use unless told otherwise)."""
     student = load_convert_config(ROOT / "configs" / "convert_lawcat.yaml").convert.student
     keys = ("conv_width", "gate", "ungated_heads", "write_gate", "feature_map", "gate_max_half_life")
-    return " ".join(f"{k}={json.dumps(getattr(student, k)).replace(' ', '')}" for k in keys)
+    values = {k: getattr(student, k) for k in keys}
+    return " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v).replace(' ', '')}"
+                    for k, v in values.items())
 
 
 def main() -> None:

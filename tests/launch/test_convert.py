@@ -164,9 +164,11 @@ def test_linearized_model_cp2_equals_cp1_random_weights(kind, tmp_path):
     torch.manual_seed(0)
     teacher = Transformer(ModelConfig(vocab_size=300, dim=40, num_layers=2, num_heads=5,
                                       num_kv_heads=1, head_dim=8))
-    # the LAWCAT recipe of configs/convert_lawcat.yaml: a wider conv and heads without decay
-    student = linearize(teacher, kind=kind,
-                        **({"conv_width": 6, "ungated_heads": 2} if kind == "lawcat" else {}))
+    # the LAWCAT recipe of configs/convert_lawcat.yaml: a wider conv, a write-gated ungated head
+    # on top of local (capped) gated heads, the softmax feature map
+    recipe = {"conv_width": 6, "ungated_heads": [0, 2], "write_gate": True,
+              "feature_map": "softmax", "gate_max_half_life": 32.0}
+    student = linearize(teacher, kind=kind, **(recipe if kind == "lawcat" else {}))
     with torch.no_grad():
         for n in new_parameter_names(student):
             student.get_parameter(n).add_(0.2 * torch.randn_like(student.get_parameter(n)))

@@ -43,6 +43,10 @@ STUDENTS = {
     "lawcat_fixed_decay": ("lawcat", {"gate": False}),
     "hedgehog_window": ("hedgehog", {"rope": True, "window": 4}),
     "lawcat_window": ("lawcat", {"rope": True, "window": 3}),
+    # the recipe of configs/convert_lawcat.yaml: per-layer ungated heads with a write gate, the
+    # softmax feature map, capped gates
+    "lawcat_recipe": ("lawcat", {"conv_width": 3, "ungated_heads": [0, 2], "write_gate": True,
+                                 "feature_map": "softmax", "gate_max_half_life": 8.0}),
 }
 
 
