@@ -15,7 +15,8 @@ Every kind is causal linear attention with a feature map φ and an optional deca
   (separate maps for q and k; W initialized to the identity), denominator-normalized.
 - `lawcat` (Liu et al., "LAWCAT: Efficient Distillation from Quadratic to Linear Attention with
   Convolution across Tokens", 2025): a causal depthwise conv over tokens on q and on k (width
-  `conv_width`, initialized to the identity), then normalized gated linear attention: φ = elu+1,
+  `conv_width`, initialized to the identity), then normalized gated linear attention: φ = elu+1
+  (or `feature_map`; the paper uses a learned map, `feature_map: hedgehog` here),
   γ_t = σ(x_t W_g + b_g)^{1/τ} per head and token (Gated Linear Attention), denominator-normalized;
   `gate_max_half_life` caps the gated heads' memory, γ_t = γ_max · σ(·)^{1/τ}.
 
