@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -145,7 +146,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     ppl_t = results["teacher"]["perplexity"]
-    flags = " ".join(f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
+    flags = " ".join(f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {shlex.quote(str(v))}")
                      for k, v in vars(a).items()
                      if k not in ("device", "work", "out") and v is not False)
     lines = [f"# Conversion benchmark (L = {L})", "", f"Machine: {machine()}", "",
