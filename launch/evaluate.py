@@ -154,7 +154,7 @@ def plot_passkey(results: dict, path: Path, *, train_len: int | None = None) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     plotted = False
     for name, r in results.items():
         curve = r.get("passkey")
@@ -171,7 +171,8 @@ def plot_passkey(results: dict, path: Path, *, train_len: int | None = None) -> 
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("passkey accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend()
+    # beside the axes: with many rows an inner legend hides the curves at accuracy 1
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
