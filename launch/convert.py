@@ -96,7 +96,8 @@ class StudentConfig:
     # Longest half-life of a gated head, in tokens (model.linear_attention.gate_max_half_life;
     # 0 = no cap).
     gate_max_half_life: float = 0.0
-    # A per-token write gate on the keys of every head (model.linear_attention.write_gate).
+    # A per-token write gate on the keys of the heads without decay (the ungated heads of lawcat;
+    # model.linear_attention.write_gate).
     write_gate: bool = False
     # Feature map of plain / decay / lawcat students (model.linear_attention.feature_map; None:
     # the kind's default; hedgehog: the trainable Hedgehog map, for lawcat after the conv).
