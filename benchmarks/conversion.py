@@ -14,6 +14,7 @@ The command of the committed results is written at the top of conversion.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -42,8 +43,8 @@ def lawcat_recipe() -> str:
     """The LAWCAT student of configs/convert_lawcat.yaml as space-separated convert.student
     overrides (what the students of these benchmarks use unless told otherwise)."""
     student = load_convert_config(ROOT / "configs" / "convert_lawcat.yaml").convert.student
-    keys = ("conv_width", "gate", "ungated_heads", "write_gate", "feature_map", "gate_max_half_life")
-    values = {k: getattr(student, k) for k in keys}
+    values = {f.name: getattr(student, f.name) for f in dataclasses.fields(student)
+              if f.name not in ("kind", "window")}  # the benchmark sets those itself
     return " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v).replace(' ', '')}"
                     for k, v in values.items())
 

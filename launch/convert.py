@@ -65,7 +65,7 @@ from ctxscale.launch.env import detect_env, init_distributed, pick_device
 from ctxscale.launch.metrics import MetricsLogger
 from ctxscale.launch.optim import build_optimizer, build_scheduler
 from ctxscale.models import build_model
-from ctxscale.models.config import ModelConfig
+from ctxscale.models.config import DECAY_KINDS, LinearAttentionConfig, ModelConfig
 from ctxscale.models.linearize import (
     attention_transfer_loss,
     freeze_all_but,
@@ -208,9 +208,8 @@ class ConvertJob:
                              f"parallel.cp_layout=contiguous (got {self.parallel.cp_layout!r}); "
                              "set it, or convert.transfer.loss=mse")
         self.parallel.check_seq_len(self.data.seq_len)
-        counts = c.student.ungated_heads
-        if any(counts if isinstance(counts, list) else [counts]) and c.student.kind not in (
-                "decay", "lawcat"):
+        counted = LinearAttentionConfig(ungated_heads=c.student.ungated_heads).ungated_counts()
+        if any(counted) and c.student.kind not in DECAY_KINDS:
             raise ValueError(f"convert.student.ungated_heads={c.student.ungated_heads} switches off "
                              f"the decay of heads, but student kind {c.student.kind!r} has none; "
                              "use kind lawcat (or decay), or set ungated_heads: 0")

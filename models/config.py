@@ -57,6 +57,8 @@ class TitansConfig:
             raise ValueError("model.titans.max_lr must be > 0")
 RECURRENT_FAMILIES = ("mamba", "linear", "hybrid")
 LINEAR_ATTENTION_KINDS = ("plain", "decay", "hedgehog", "lawcat")
+# The linear-attention kinds whose heads decay (and so can be left ungated).
+DECAY_KINDS = ("decay", "lawcat")
 HYBRID_LAYER_CODES = "AMLP"
 # The layer pattern of the families that do not read model.layer_pattern.
 FAMILY_PATTERNS = {"mamba": "M", "linear": "L"}
@@ -153,6 +155,11 @@ class LinearAttentionConfig:
     # per-head mix λ (models/window_attention.py). 0 = off; needs normalize=denominator.
     window: int = 0
 
+    def ungated_counts(self) -> list[int]:
+        """`ungated_heads` as a list (one entry when it is a single count for every layer)."""
+        n = self.ungated_heads
+        return n if isinstance(n, list) else [n]
+
     def ungated_for(self, layer_index: int) -> int:
         """How many heads of layer `layer_index` keep γ = 1 (`ungated_heads`, int or per layer)."""
         if isinstance(self.ungated_heads, list):
@@ -171,11 +178,11 @@ class LinearAttentionConfig:
                              f"cap), got {self.gate_max_half_life}")
         if self.window < 0:
             raise ValueError(f"model.linear_attention.window must be >= 0 (0 = off), got {self.window}")
-        counts = self.ungated_heads if isinstance(self.ungated_heads, list) else [self.ungated_heads]
+        counts = self.ungated_counts()
         if any(n < 0 for n in counts):
             raise ValueError("model.linear_attention.ungated_heads must be >= 0 (0 = every head "
                              f"decays), got {self.ungated_heads}")
-        if any(counts) and self.kind not in ("decay", "lawcat"):
+        if any(counts) and self.kind not in DECAY_KINDS:
             raise ValueError(
                 f"model.linear_attention.ungated_heads={self.ungated_heads}: kind {self.kind!r} has "
                 "no decay to switch off; use kind decay or lawcat, or set ungated_heads: 0"

@@ -73,7 +73,7 @@ from ctxscale.dist.context import SINGLE, ParallelContext
 from ctxscale.kernels.conv1d import causal_conv1d
 from ctxscale.kernels.linear_attention import linear_attention
 from ctxscale.kernels.rotary import apply_rotary
-from ctxscale.models.config import ModelConfig
+from ctxscale.models.config import DECAY_KINDS, ModelConfig
 from ctxscale.models.window_attention import HYBRID_MODES, window_linear_attention
 
 DEFAULT_FEATURE_MAP = {"plain": "elu1", "decay": "identity", "lawcat": "elu1"}
@@ -127,8 +127,7 @@ class LinearAttention(nn.Module):
         self.cfg, self.la = cfg, la
         self.ungated_heads = la.ungated_for(layer_index)
         # the first heads_without_decay heads keep γ = 1 (all of them for kinds without decay)
-        self.heads_without_decay = (self.ungated_heads if la.kind in ("decay", "lawcat")
-                                    else cfg.num_heads)
+        self.heads_without_decay = self.ungated_heads if la.kind in DECAY_KINDS else cfg.num_heads
         self.parallel = parallel or SINGLE
         self.kind = la.kind
         self.num_heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.per_head_dim
@@ -213,7 +212,7 @@ class LinearAttention(nn.Module):
         0 for the `ungated_heads` first heads; None when no head decays."""
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         free = self.ungated_heads
-        if self.kind not in ("decay", "lawcat") or free == self.num_heads:
+        if self.kind not in DECAY_KINDS or free == self.num_heads:
             return None
         if self.kind == "decay" or not self.la.gate:
             log_decay = fixed_log_decay(self.num_heads, device=x.device, dtype=cdt)
