@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ctxscale.kernels.dispatch import triton_runnable
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEFAULT_CHUNK = 4096
 
@@ -138,7 +140,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         raise ValueError(f"hidden dim {hidden.shape[1]} != weight dim {weight.shape[1]}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if hidden.device.type != "cuda" and not _INTERPRET:
+    if not triton_runnable(hidden.device):
         raise RuntimeError(
             "the Triton cross-entropy needs CUDA tensors, or TRITON_INTERPRET=1 set before "
             "ctxscale.kernels.cross_entropy_triton is imported"

@@ -50,12 +50,30 @@ def forced_path(op: str) -> str | None:
 
 
 def triton_runnable(device: torch.device) -> bool:
-    """Triton kernels run on CUDA, or on CPU in the interpreter (`TRITON_INTERPRET=1`)."""
+    """Triton kernels run on CUDA, or on CPU in the interpreter (`TRITON_INTERPRET=1`). They also
+    take `meta` tensors while `ctxscale.kernels.triton_compile` compiles them for a GPU that is not
+    here (nothing is launched then)."""
     if importlib.util.find_spec("triton") is None:
         return False
     if device.type == "cuda":
         return True
+    if device.type == "meta":
+        return _compile_only_sms is not None
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Set by ctxscale.kernels.triton_compile while it compiles without launching: the streaming
+# multiprocessor count of the GPU it compiles for (None otherwise).
+_compile_only_sms: int | None = None
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (kernels size persistent grids by it); 4 on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    if device.type == "meta" and _compile_only_sms is not None:
+        return _compile_only_sms
+    return 4
 
 
 def want_triton(device: torch.device) -> bool:

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ctxscale.kernels.attention import _check_shapes
+from ctxscale.kernels.dispatch import triton_runnable
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
@@ -325,7 +326,7 @@ def _scale(q, softmax_scale):
 
 
 def _require_runnable(t: torch.Tensor) -> None:
-    if t.device.type != "cuda" and not _INTERPRET:
+    if not triton_runnable(t.device):
         raise RuntimeError(
             "the Triton attention kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before "
             f"ctxscale.kernels.flash_attention_triton is imported (got a {t.device.type} tensor)"
@@ -336,9 +337,9 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether these inputs can run on the Triton kernels (else callers use the blockwise path)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return False
-    on_device = q.device.type == "cuda" or (q.device.type == "cpu" and _INTERPRET)
+    on_device = triton_runnable(q.device)
     # The CPU interpreter (triton 3.9) computes bfloat16 tl.dot wrongly: bf16 is CUDA-only.
-    bf16_ok = q.device.type == "cuda" or q.dtype != torch.bfloat16
+    bf16_ok = q.device.type != "cpu" or q.dtype != torch.bfloat16
     return (
         on_device
         and bf16_ok

@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ctxscale.kernels.dispatch import triton_runnable
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_DIM = 256
 
@@ -275,8 +277,8 @@ def supports(q, k, v, *, log_decay=None, scale=None, initial_state=None,
     """Whether the Triton kernel runs these inputs (else the dispatcher uses the chunked path)."""
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         return False
-    on_device = q.device.type == "cuda" or (q.device.type == "cpu" and _INTERPRET)
-    dtypes = (torch.float16, torch.bfloat16, torch.float32) if q.device.type == "cuda" else (
+    on_device = triton_runnable(q.device)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) if q.device.type != "cpu" else (
         torch.float16, torch.float32)
     return (
         on_device

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ctxscale.kernels.dispatch import multiprocessor_count, triton_runnable
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_DIM = 65536
 
@@ -85,7 +87,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
         )
     if x.shape[-1] > MAX_DIM:
         raise ValueError(f"the Triton RMSNorm keeps a row in registers: dim must be <= {MAX_DIM}")
-    if x.device.type != "cuda" and not _INTERPRET:
+    if not triton_runnable(x.device):
         raise RuntimeError(
             "the Triton RMSNorm needs a CUDA tensor, or TRITON_INTERPRET=1 set before "
             "ctxscale.kernels.rms_norm_triton is imported"
@@ -120,7 +122,7 @@ class _RMSNorm(torch.autograd.Function):
         if _INTERPRET:
             programs = min(n_rows, 4)
         else:
-            programs = min(n_rows, 4 * torch.cuda.get_device_properties(x2.device).multi_processor_count)
+            programs = min(n_rows, 4 * multiprocessor_count(x2.device))
         programs = max(programs, 1)
         rows_per_program = triton.cdiv(max(n_rows, 1), programs)
         dw_partial = torch.zeros(programs, dim, dtype=torch.float32, device=x2.device)

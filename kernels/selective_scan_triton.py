@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ctxscale.kernels.dispatch import triton_runnable
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -301,8 +303,8 @@ class _SelectiveScan(torch.autograd.Function):
 def supports(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
              return_last_state=False, *, initial_state=None) -> bool:
     """Whether the Triton kernel runs this call (else the dispatcher uses the chunked path)."""
-    on_device = u.device.type == "cuda" or (u.device.type == "cpu" and _INTERPRET)
-    dtypes = (torch.float16, torch.bfloat16, torch.float32) if u.device.type == "cuda" else (
+    on_device = triton_runnable(u.device)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) if u.device.type != "cpu" else (
         torch.float16, torch.float32)
     tensors = [t for t in (u, delta, A, B, C, D, z, delta_bias, initial_state) if t is not None]
     return (
