@@ -21,9 +21,18 @@ Backward, with dS the gradient flowing into S_c from later chunks (reverse sweep
     dg_t = Σ_{s≥t} (q_s·dq_s − k_s·dk_s) (+ <dS_N, S_N> at s = N)    (reverse cumsum, PyTorch)
 
 Every exponent is ≤ 0 for decays ≤ 1 (masked before the exponential), so nothing overflows.
-One program per (dim_v block, dim_k block, batch·head) walks the chunks in order keeping its
-(BK, BV) block of the state in registers (the "fused chunk" schedule); products that need all of
-dim_k (or dim_v) are partial per block and summed afterwards.
+
+Schedule (the "chunk" form of flash-linear-attention, parallel over chunks): a sweep kernel, one
+program per (dim_k block, dim_v block, batch·head), walks the chunks in order and stores the state
+entering each chunk (S_{c−1}); the output kernel then runs every (dim_v block, chunk, batch·head)
+at once. Backward recomputes the entering states (one sweep; nothing but q, k, v, the decay and
+the final state is kept from the forward), a reverse sweep stores each chunk's dS, and two
+chunk-parallel kernels form dq, dk (with q·dq − k·dk for the decay gradient) and dv. Dot products
+read their operands in the input dtype with float32 accumulation, so bfloat16 / float16 inputs
+run on tensor cores (the intra-chunk scores and the states are rounded to the input dtype before
+their products, as in flash-linear-attention); float32 inputs use IEEE float32 products, or TF32
+when `torch.backends.cuda.matmul.allow_tf32` is set. The per-chunk states take
+b·h·(seq/64)·dk·dv elements: bfloat16 for bfloat16 inputs, float32 otherwise.
 
 Layout: q, k `(batch, seq, heads, dim_k)`, v `(batch, seq, heads, dim_v)`, log_decay `(batch, seq,
 heads)`, `(heads,)` or None, states `(batch, heads, dim_k, dim_v)` float32; scale defaults to
@@ -58,156 +67,290 @@ def _chunk_decay(G_PTR, offs_t, t_mask, HAS_DECAY: tl.constexpr, C: tl.constexpr
 
 
 @triton.jit
-def _la_fwd_kernel(Q, K, V, G_LOG, S0, O_PART, S_OUT,
-                   stride_qb, stride_qs, stride_qh, stride_vb, stride_vs, stride_vh,
-                   stride_gb, stride_gs, stride_part,
-                   num_heads, seq, dim_k, dim_v, scale,
-                   HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr,
-                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    i_v, i_k, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _la_states_kernel(K, V, G_LOG, S0, HS, S_OUT,
+                      stride_qb, stride_qs, stride_qh, stride_vb, stride_vs, stride_vh,
+                      stride_gb, stride_gs, num_heads, seq, dim_k, dim_v, n_chunks,
+                      HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr,
+                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      DOT_PREC: tl.constexpr):
+    """Forward sweep over the chunks: HS[bh, c] = S_{c-1} (the state entering chunk c)."""
+    i_k, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (bh // num_heads).to(tl.int64)
     h = bh % num_heads
     offs_k = i_k * BK + tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
-    k_mask = offs_k < dim_k
-    v_mask = offs_v < dim_v
-    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+    kv_mask = (offs_k < dim_k)[:, None] & (offs_v < dim_v)[None, :]
     state_off = bh.to(tl.int64) * dim_k * dim_v + offs_k[:, None] * dim_v + offs_v[None, :]
-    kv_mask = k_mask[:, None] & v_mask[None, :]
+    hs_base = HS + bh.to(tl.int64) * n_chunks * dim_k * dim_v
     if HAS_S0:
         S = tl.load(S0 + state_off, mask=kv_mask, other=0.0).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
-    q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_qb + h * stride_qh
     v_base = V + b * stride_vb + h * stride_vh
-    o_base = O_PART + i_k.to(tl.int64) * stride_part + b * stride_vb + h * stride_vh
     g_base = G_LOG + b * stride_gb + h
-    for t0 in range(0, seq, C):
-        offs_t = t0 + tl.arange(0, C)
+    for c in range(n_chunks):
+        hs_off = c * dim_k * dim_v + offs_k[:, None] * dim_v + offs_v[None, :]
+        tl.store(hs_base + hs_off, S.to(HS.dtype.element_ty), mask=kv_mask)
+        offs_t = c * C + tl.arange(0, C)
         t_mask = offs_t < seq
-        qk_mask = t_mask[:, None] & k_mask[None, :]
-        tv_mask = t_mask[:, None] & v_mask[None, :]
-        q = tl.load(q_base + offs_t[:, None] * stride_qs + offs_k[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-        k = tl.load(k_base + offs_t[:, None] * stride_qs + offs_k[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-        v = tl.load(v_base + offs_t[:, None] * stride_vs + offs_v[None, :], mask=tv_mask, other=0.0).to(tl.float32)
+        k = tl.load(k_base + offs_t[:, None] * stride_qs + offs_k[None, :],
+                    mask=t_mask[:, None] & (offs_k < dim_k)[None, :], other=0.0)
+        v = tl.load(v_base + offs_t[:, None] * stride_vs + offs_v[None, :],
+                    mask=t_mask[:, None] & (offs_v < dim_v)[None, :], other=0.0)
         G, G_end = _chunk_decay(g_base, offs_t * stride_gs, t_mask, HAS_DECAY, C)
-        decay = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * decay
-        o = tl.dot(scores, v, input_precision="ieee")
-        o += tl.dot(q * tl.exp(G)[:, None], S, input_precision="ieee")
-        tl.store(o_base + offs_t[:, None] * stride_vs + offs_v[None, :], o * scale, mask=tv_mask)
-        k_dec = k * tl.exp(G_end - G)[:, None]
-        S = S * tl.exp(G_end) + tl.dot(tl.trans(k_dec), v, input_precision="ieee")
+        k_dec = (k.to(tl.float32) * tl.exp(G_end - G)[:, None]).to(k.dtype)
+        S = S * tl.exp(G_end) + tl.dot(tl.trans(k_dec), v, input_precision=DOT_PREC)
     if STORE_FINAL:
         tl.store(S_OUT + state_off, S, mask=kv_mask)
 
 
 @triton.jit
-def _la_bwd_dq_kernel(K, V, DO, G_LOG, S0, DQ_PART,
-                      stride_qb, stride_qs, stride_qh, stride_vb, stride_vs, stride_vh,
-                      stride_gb, stride_gs, stride_part,
-                      num_heads, seq, dim_k, dim_v, scale,
-                      HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr,
-                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    i_v, i_k, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _la_out_kernel(Q, K, V, G_LOG, HS, OUT,
+                   stride_qb, stride_qs, stride_qh, stride_vb, stride_vs, stride_vh,
+                   stride_gb, stride_gs, num_heads, seq, dim_k, dim_v, n_chunks, scale,
+                   HAS_DECAY: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One chunk's outputs: O_c = scale [((Q Kᵀ) ⊙ D) V + (e^G ⊙ Q) S_{c-1}], all chunks at once."""
+    i_v, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (bh // num_heads).to(tl.int64)
     h = bh % num_heads
-    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_t = c * C + tl.arange(0, C)
+    t_mask = offs_t < seq
     offs_v = i_v * BV + tl.arange(0, BV)
-    k_mask = offs_k < dim_k
     v_mask = offs_v < dim_v
+    q_base = Q + b * stride_qb + h * stride_qh + offs_t[:, None] * stride_qs
+    k_base = K + b * stride_qb + h * stride_qh + offs_t[:, None] * stride_qs
+    hs_base = HS + (bh.to(tl.int64) * n_chunks + c) * dim_k * dim_v + offs_v[None, :]
+    scores = tl.zeros([C, C], dtype=tl.float32)
+    o_inter = tl.zeros([C, BV], dtype=tl.float32)
+    for k0 in range(0, dim_k, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        k_mask = offs_k < dim_k
+        q = tl.load(q_base + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+        k = tl.load(k_base + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+        hs = tl.load(hs_base + offs_k[:, None] * dim_v, mask=k_mask[:, None] & v_mask[None, :],
+                     other=0.0).to(q.dtype)
+        scores += tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        o_inter += tl.dot(q, hs, input_precision=DOT_PREC)
+    G, G_end = _chunk_decay(G_LOG + b * stride_gb + h, offs_t * stride_gs, t_mask, HAS_DECAY, C)
     causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
-    kv_mask = k_mask[:, None] & v_mask[None, :]
-    if HAS_S0:
-        state_off = bh.to(tl.int64) * dim_k * dim_v + offs_k[:, None] * dim_v + offs_v[None, :]
-        S = tl.load(S0 + state_off, mask=kv_mask, other=0.0).to(tl.float32)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
-    k_base = K + b * stride_qb + h * stride_qh
-    v_base = V + b * stride_vb + h * stride_vh
-    do_base = DO + b * stride_vb + h * stride_vh
-    dq_base = DQ_PART + i_v.to(tl.int64) * stride_part + b * stride_qb + h * stride_qh
-    g_base = G_LOG + b * stride_gb + h
-    for t0 in range(0, seq, C):
-        offs_t = t0 + tl.arange(0, C)
-        t_mask = offs_t < seq
-        qk_mask = t_mask[:, None] & k_mask[None, :]
-        tv_mask = t_mask[:, None] & v_mask[None, :]
-        k = tl.load(k_base + offs_t[:, None] * stride_qs + offs_k[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-        v = tl.load(v_base + offs_t[:, None] * stride_vs + offs_v[None, :], mask=tv_mask, other=0.0).to(tl.float32)
-        do = tl.load(do_base + offs_t[:, None] * stride_vs + offs_v[None, :], mask=tv_mask, other=0.0).to(tl.float32)
-        G, G_end = _chunk_decay(g_base, offs_t * stride_gs, t_mask, HAS_DECAY, C)
-        decay = tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee") * decay
-        dq = tl.dot(dp, k, input_precision="ieee")
-        dq += tl.dot(do, tl.trans(S), input_precision="ieee") * tl.exp(G)[:, None]
-        tl.store(dq_base + offs_t[:, None] * stride_qs + offs_k[None, :], dq * scale, mask=qk_mask)
-        S = S * tl.exp(G_end) + tl.dot(tl.trans(k * tl.exp(G_end - G)[:, None]), v, input_precision="ieee")
+    scores = scores * tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))
+    tv_mask = t_mask[:, None] & v_mask[None, :]
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_t[:, None] * stride_vs + offs_v[None, :],
+                mask=tv_mask, other=0.0)
+    o = tl.dot(scores.to(v.dtype), v, input_precision=DOT_PREC) + o_inter * tl.exp(G)[:, None]
+    tl.store(OUT + b * stride_vb + h * stride_vh + offs_t[:, None] * stride_vs + offs_v[None, :],
+             (o * scale).to(OUT.dtype.element_ty), mask=tv_mask)
 
 
 @triton.jit
-def _la_bwd_dkdv_kernel(Q, K, V, DO, G_LOG, DS_FINAL, DK_PART, DV_PART, DS0,
-                        stride_qb, stride_qs, stride_qh, stride_vb, stride_vs, stride_vh,
-                        stride_gb, stride_gs, stride_dk_part, stride_dv_part,
-                        num_heads, seq, dim_k, dim_v, scale,
-                        HAS_DECAY: tl.constexpr, HAS_DS_FINAL: tl.constexpr,
-                        C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    i_v, i_k, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _la_dstates_kernel(Q, DO, G_LOG, DS_FINAL, DHS, DS0,
+                       stride_qb, stride_qs, stride_qh, stride_vb, stride_vs, stride_vh,
+                       stride_gb, stride_gs, num_heads, seq, dim_k, dim_v, n_chunks, scale,
+                       HAS_DECAY: tl.constexpr, HAS_DS_FINAL: tl.constexpr,
+                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       DOT_PREC: tl.constexpr):
+    """Reverse sweep: DHS[bh, c] = dS_c, the gradient reaching the state after chunk c from the
+    later chunks (and the final state); DS0 = the gradient of the initial state."""
+    i_k, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (bh // num_heads).to(tl.int64)
     h = bh % num_heads
     offs_k = i_k * BK + tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
-    k_mask = offs_k < dim_k
-    v_mask = offs_v < dim_v
-    causal_t = tl.arange(0, C)[:, None] <= tl.arange(0, C)[None, :]  # [j, i]: j <= i
-    kv_mask = k_mask[:, None] & v_mask[None, :]
+    kv_mask = (offs_k < dim_k)[:, None] & (offs_v < dim_v)[None, :]
     state_off = bh.to(tl.int64) * dim_k * dim_v + offs_k[:, None] * dim_v + offs_v[None, :]
+    dhs_base = DHS + bh.to(tl.int64) * n_chunks * dim_k * dim_v
     if HAS_DS_FINAL:
         dS = tl.load(DS_FINAL + state_off, mask=kv_mask, other=0.0).to(tl.float32)
     else:
         dS = tl.zeros([BK, BV], dtype=tl.float32)
     q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_qb + h * stride_qh
-    v_base = V + b * stride_vb + h * stride_vh
     do_base = DO + b * stride_vb + h * stride_vh
-    dk_base = DK_PART + i_v.to(tl.int64) * stride_dk_part + b * stride_qb + h * stride_qh
-    dv_base = DV_PART + i_k.to(tl.int64) * stride_dv_part + b * stride_vb + h * stride_vh
     g_base = G_LOG + b * stride_gb + h
-    n_chunks = tl.cdiv(seq, C)
-    for c in range(n_chunks):
-        t0 = (n_chunks - 1 - c) * C
-        offs_t = t0 + tl.arange(0, C)
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        hs_off = c * dim_k * dim_v + offs_k[:, None] * dim_v + offs_v[None, :]
+        tl.store(dhs_base + hs_off, dS.to(DHS.dtype.element_ty), mask=kv_mask)
+        offs_t = c * C + tl.arange(0, C)
         t_mask = offs_t < seq
-        qk_mask = t_mask[:, None] & k_mask[None, :]
-        tv_mask = t_mask[:, None] & v_mask[None, :]
-        q = tl.load(q_base + offs_t[:, None] * stride_qs + offs_k[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-        k = tl.load(k_base + offs_t[:, None] * stride_qs + offs_k[None, :], mask=qk_mask, other=0.0).to(tl.float32)
-        v = tl.load(v_base + offs_t[:, None] * stride_vs + offs_v[None, :], mask=tv_mask, other=0.0).to(tl.float32)
-        do = tl.load(do_base + offs_t[:, None] * stride_vs + offs_v[None, :], mask=tv_mask, other=0.0).to(tl.float32)
+        q = tl.load(q_base + offs_t[:, None] * stride_qs + offs_k[None, :],
+                    mask=t_mask[:, None] & (offs_k < dim_k)[None, :], other=0.0)
+        do = tl.load(do_base + offs_t[:, None] * stride_vs + offs_v[None, :],
+                     mask=t_mask[:, None] & (offs_v < dim_v)[None, :], other=0.0)
         G, G_end = _chunk_decay(g_base, offs_t * stride_gs, t_mask, HAS_DECAY, C)
-        decay_t = tl.exp(tl.where(causal_t, G[None, :] - G[:, None], float("-inf")))  # [j, i]
-        to_end = tl.exp(G_end - G)
-        s_t = tl.dot(k, tl.trans(q), input_precision="ieee") * decay_t
-        dv = tl.dot(s_t, do, input_precision="ieee") * scale
-        dv += tl.dot(k * to_end[:, None], dS, input_precision="ieee")
-        dp_t = tl.dot(v, tl.trans(do), input_precision="ieee") * decay_t
-        dk = tl.dot(dp_t, q, input_precision="ieee") * scale
-        dk += tl.dot(v, tl.trans(dS), input_precision="ieee") * to_end[:, None]
-        tl.store(dk_base + offs_t[:, None] * stride_qs + offs_k[None, :], dk, mask=qk_mask)
-        tl.store(dv_base + offs_t[:, None] * stride_vs + offs_v[None, :], dv, mask=tv_mask)
-        q_dec = q * tl.exp(G)[:, None]
-        dS = dS * tl.exp(G_end) + tl.dot(tl.trans(q_dec), do, input_precision="ieee") * scale
+        q_dec = (q.to(tl.float32) * (tl.exp(G) * scale)[:, None]).to(do.dtype)
+        dS = dS * tl.exp(G_end) + tl.dot(tl.trans(q_dec), do, input_precision=DOT_PREC)
     tl.store(DS0 + state_off, dS, mask=kv_mask)
 
 
-def _blocks(dim_k: int, dim_v: int):
-    """(chunk, BK, BV, num_warps). The interpreter uses 16-wide blocks so block splits are tested."""
+@triton.jit
+def _la_bwd_dqdk_kernel(Q, K, V, DO, G_LOG, HS, DHS, DQ, DK, DG_PART,
+                        stride_qb, stride_qs, stride_qh, stride_vb, stride_vs, stride_vh,
+                        stride_gb, stride_gs, stride_dg_part, num_heads, seq, dim_k, dim_v,
+                        n_chunks, scale,
+                        HAS_DECAY: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                        BV: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One chunk's dq and dk for one dim_k block (and that block's share of q·dq − k·dk)."""
+    i_k, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = (bh // num_heads).to(tl.int64)
+    h = bh % num_heads
+    offs_t = c * C + tl.arange(0, C)
+    t_mask = offs_t < seq
+    offs_k = i_k * BK + tl.arange(0, BK)
+    k_mask = offs_k < dim_k
+    v_base = V + b * stride_vb + h * stride_vh + offs_t[:, None] * stride_vs
+    do_base = DO + b * stride_vb + h * stride_vh + offs_t[:, None] * stride_vs
+    hs_off = (bh.to(tl.int64) * n_chunks + c) * dim_k * dim_v + offs_k[None, :] * dim_v
+    dp = tl.zeros([C, C], dtype=tl.float32)
+    dq_inter = tl.zeros([C, BK], dtype=tl.float32)
+    dk_inter = tl.zeros([C, BK], dtype=tl.float32)
+    for v0 in range(0, dim_v, BV):
+        offs_v = v0 + tl.arange(0, BV)
+        v_mask = offs_v < dim_v
+        tv_mask = t_mask[:, None] & v_mask[None, :]
+        v = tl.load(v_base + offs_v[None, :], mask=tv_mask, other=0.0)
+        do = tl.load(do_base + offs_v[None, :], mask=tv_mask, other=0.0)
+        vk_mask = v_mask[:, None] & k_mask[None, :]
+        hs_t = tl.load(HS + hs_off + offs_v[:, None], mask=vk_mask, other=0.0).to(v.dtype)  # (BV, BK)
+        dhs_t = tl.load(DHS + hs_off + offs_v[:, None], mask=vk_mask, other=0.0).to(v.dtype)
+        dp += tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        dq_inter += tl.dot(do, hs_t, input_precision=DOT_PREC)
+        dk_inter += tl.dot(v, dhs_t, input_precision=DOT_PREC)
+    G, G_end = _chunk_decay(G_LOG + b * stride_gb + h, offs_t * stride_gs, t_mask, HAS_DECAY, C)
+    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+    dp = dp * tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))
+    qk_mask = t_mask[:, None] & k_mask[None, :]
+    qk_off = b * stride_qb + h * stride_qh + offs_t[:, None] * stride_qs + offs_k[None, :]
+    q = tl.load(Q + qk_off, mask=qk_mask, other=0.0)
+    k = tl.load(K + qk_off, mask=qk_mask, other=0.0)
+    dp_lo = dp.to(q.dtype)
+    dq = (tl.dot(dp_lo, k, input_precision=DOT_PREC) + dq_inter * tl.exp(G)[:, None]) * scale
+    dk = (tl.dot(tl.trans(dp_lo), q, input_precision=DOT_PREC) * scale
+          + dk_inter * tl.exp(G_end - G)[:, None])
+    tl.store(DQ + qk_off, dq.to(DQ.dtype.element_ty), mask=qk_mask)
+    tl.store(DK + qk_off, dk.to(DK.dtype.element_ty), mask=qk_mask)
+    if HAS_DECAY:
+        dg = tl.sum(q.to(tl.float32) * dq - k.to(tl.float32) * dk, 1)
+        tl.store(DG_PART + i_k * stride_dg_part + b * stride_gb + offs_t * stride_gs + h, dg,
+                 mask=t_mask)
+
+
+@triton.jit
+def _la_bwd_dv_kernel(Q, K, DO, G_LOG, DHS, DV,
+                      stride_qb, stride_qs, stride_qh, stride_vb, stride_vs, stride_vh,
+                      stride_gb, stride_gs, num_heads, seq, dim_k, dim_v, n_chunks, scale,
+                      HAS_DECAY: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One chunk's dv for one dim_v block: scale ((K Qᵀ) ⊙ Dᵀ) dO + (e^{G_C − G} ⊙ K) dS_c."""
+    i_v, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = (bh // num_heads).to(tl.int64)
+    h = bh % num_heads
+    offs_t = c * C + tl.arange(0, C)
+    t_mask = offs_t < seq
+    offs_v = i_v * BV + tl.arange(0, BV)
+    v_mask = offs_v < dim_v
+    G, G_end = _chunk_decay(G_LOG + b * stride_gb + h, offs_t * stride_gs, t_mask, HAS_DECAY, C)
+    to_end = tl.exp(G_end - G)
+    q_base = Q + b * stride_qb + h * stride_qh + offs_t[:, None] * stride_qs
+    k_base = K + b * stride_qb + h * stride_qh + offs_t[:, None] * stride_qs
+    dhs_base = DHS + (bh.to(tl.int64) * n_chunks + c) * dim_k * dim_v + offs_v[None, :]
+    s_t = tl.zeros([C, C], dtype=tl.float32)  # [j, i] = k_j · q_i
+    dv = tl.zeros([C, BV], dtype=tl.float32)
+    for k0 in range(0, dim_k, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        k_mask = offs_k < dim_k
+        q = tl.load(q_base + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+        k = tl.load(k_base + offs_k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+        dhs = tl.load(dhs_base + offs_k[:, None] * dim_v, mask=k_mask[:, None] & v_mask[None, :],
+                      other=0.0).to(k.dtype)
+        s_t += tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
+        k_dec = (k.to(tl.float32) * to_end[:, None]).to(k.dtype)
+        dv += tl.dot(k_dec, dhs, input_precision=DOT_PREC)
+    causal_t = tl.arange(0, C)[:, None] <= tl.arange(0, C)[None, :]  # [j, i]: j <= i
+    s_t = s_t * tl.exp(tl.where(causal_t, G[None, :] - G[:, None], float("-inf")))
+    tv_mask = t_mask[:, None] & v_mask[None, :]
+    tv_off = b * stride_vb + h * stride_vh + offs_t[:, None] * stride_vs + offs_v[None, :]
+    do = tl.load(DO + tv_off, mask=tv_mask, other=0.0)
+    dv += tl.dot(s_t.to(do.dtype), do, input_precision=DOT_PREC) * scale
+    tl.store(DV + tv_off, dv.to(DV.dtype.element_ty), mask=tv_mask)
+
+
+# ------------------------------------------------------------------ launch configuration
+CHUNK = 64  # tokens per chunk on CUDA (the interpreter uses 16 so that chunk splits are tested)
+_SEQ_BLOCKS = [(32, 32, 2, 2), (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2)]
+_PAR_BLOCKS = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2)]
+
+
+def _configs(blocks):
+    return [triton.Config({"BK": bk, "BV": bv}, num_warps=w, num_stages=s) for bk, bv, w, s in blocks]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Blocks no wider than the padded dims (a 128 block over dim 64 only adds masked lanes)."""
+    pk = max(16, triton.next_power_of_2(named_args["dim_k"]))
+    pv = max(16, triton.next_power_of_2(named_args["dim_v"]))
+    kept = [c for c in configs if c.kwargs["BK"] <= pk and c.kwargs["BV"] <= pv]
+    return kept or [min(configs, key=lambda c: c.kwargs["BK"] * c.kwargs["BV"])]
+
+
+def _tuned(kernel, blocks, reset=()):
+    return triton.autotune(_configs(blocks), key=["dim_k", "dim_v", "seq"], reset_to_zero=list(reset),
+                           prune_configs_by={"early_config_prune": _prune})(kernel)
+
+
+_states_tuned = _tuned(_la_states_kernel, _SEQ_BLOCKS)
+_dstates_tuned = _tuned(_la_dstates_kernel, _SEQ_BLOCKS)
+_out_tuned = _tuned(_la_out_kernel, _PAR_BLOCKS)
+_dqdk_tuned = _tuned(_la_bwd_dqdk_kernel, _PAR_BLOCKS, reset=("DG_PART",))
+_dv_tuned = _tuned(_la_bwd_dv_kernel, _PAR_BLOCKS)
+_MIN_BK = min(bk for bk, *_ in _PAR_BLOCKS)
+
+
+def _chunk() -> int:
+    return 16 if _INTERPRET else CHUNK
+
+
+def _launch(kernel, tuned, grid_fn, *args, **kwargs):
+    """Interpreter: the plain kernel with 16-wide blocks. CUDA: the autotuned kernel."""
     if _INTERPRET:
-        return 16, 16, 16, 1
-    bk = min(64, max(16, triton.next_power_of_2(dim_k)))
-    bv = min(64, max(16, triton.next_power_of_2(dim_v)))
-    return 64, bk, bv, 4
+        meta = {"BK": 16, "BV": 16}
+        kernel[grid_fn(meta)](*args, **kwargs, **meta, num_warps=1)
+    else:
+        tuned[grid_fn](*args, **kwargs)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs follow torch's TF32 switch for matmuls (off by default: exact float32).
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Per-chunk states are stored in bfloat16 for bfloat16 inputs (their dot products read them
+    in bfloat16 anyway); float16 could overflow on long sequences, so it gets float32."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def _chunk_states(k, v, g, s0, n_chunks, C, store_final):
+    """(per-chunk entering states (b·h, n_chunks, dk, dv), final state (b, h, dk, dv) float32)."""
+    b, n, h, dk = k.shape
+    dv = v.shape[-1]
+    hs = torch.empty(b * h, n_chunks, dk, dv, dtype=_state_dtype(k.dtype), device=k.device)
+    s_out = torch.empty(b, h, dk, dv, dtype=torch.float32, device=k.device)
+    g_t = g if g is not None else s_out
+    grid = lambda m: (triton.cdiv(dk, m["BK"]), triton.cdiv(dv, m["BV"]), b * h)
+    _launch(_la_states_kernel, _states_tuned, grid, k, v, g_t, s0 if s0 is not None else s_out,
+            hs, s_out, *_strides(k, v), h, n, dk, dv, n_chunks,
+            HAS_DECAY=g is not None, HAS_S0=s0 is not None, STORE_FINAL=store_final, C=C,
+            DOT_PREC=_dot_precision(k.dtype))
+    return hs, s_out
+
+
+def _strides(q, v):
+    b, n, h, _ = q.shape
+    return (q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2), n * h, h)
 
 
 class _LinearAttention(torch.autograd.Function):
@@ -216,19 +359,14 @@ class _LinearAttention(torch.autograd.Function):
         b, n, h, dk = q.shape
         dv = v.shape[-1]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        C, BK, BV, warps = _blocks(dk, dv)
-        nk, nv = triton.cdiv(dk, BK), triton.cdiv(dv, BV)
-        o_part = torch.empty((nk, b, n, h, dv), dtype=torch.float32, device=q.device)
-        s_out = torch.empty((b, h, dk, dv), dtype=torch.float32, device=q.device)
-        g_t = g.contiguous() if g is not None else o_part  # (b, n, h) float32, or unused
-        s0_t = s0.contiguous() if s0 is not None else s_out
-        _la_fwd_kernel[(nv, nk, b * h)](
-            q, k, v, g_t, s0_t, o_part, s_out,
-            q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
-            n * h, h, o_part.stride(0), h, n, dk, dv, float(scale),
-            HAS_DECAY=g is not None, HAS_S0=s0 is not None, STORE_FINAL=True,
-            C=C, BK=BK, BV=BV, num_warps=warps)
-        o = o_part.sum(0).to(q.dtype)
+        C = _chunk()
+        n_chunks = triton.cdiv(n, C)
+        hs, s_out = _chunk_states(k, v, g, s0, n_chunks, C, store_final=True)
+        o = torch.empty(b, n, h, dv, dtype=q.dtype, device=q.device)
+        grid = lambda m: (triton.cdiv(dv, m["BV"]), n_chunks, b * h)
+        _launch(_la_out_kernel, _out_tuned, grid, q, k, v, g if g is not None else s_out, hs, o,
+                *_strides(q, v), h, n, dk, dv, n_chunks, float(scale),
+                HAS_DECAY=g is not None, C=C, DOT_PREC=_dot_precision(q.dtype))
         ctx.save_for_backward(q, k, v, g, s0, s_out)
         ctx.scale = scale
         return o, s_out
@@ -236,40 +374,46 @@ class _LinearAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, ds_final):
         q, k, v, g, s0, s_final = ctx.saved_tensors
-        scale = ctx.scale
+        scale = float(ctx.scale)
         b, n, h, dk = q.shape
         dv_dim = v.shape[-1]
-        do = do.contiguous()
-        C, BK, BV, warps = _blocks(dk, dv_dim)
-        nk, nv = triton.cdiv(dk, BK), triton.cdiv(dv_dim, BV)
-        dq_part = torch.empty((nv, b, n, h, dk), dtype=torch.float32, device=q.device)
-        dk_part = torch.empty_like(dq_part)
-        dv_part = torch.empty((nk, b, n, h, dv_dim), dtype=torch.float32, device=q.device)
-        ds0 = torch.empty((b, h, dk, dv_dim), dtype=torch.float32, device=q.device)
-        g_t = g.contiguous() if g is not None else ds0
-        s0_t = s0.contiguous() if s0 is not None else ds0
+        do = do.contiguous().to(q.dtype)
+        C = _chunk()
+        n_chunks = triton.cdiv(n, C)
+        prec = _dot_precision(q.dtype)
+        # the entering states are recomputed (one sweep) rather than kept from the forward
+        hs, _ = _chunk_states(k, v, g, s0, n_chunks, C, store_final=False)
+        dhs = torch.empty_like(hs)
+        ds0 = torch.empty(b, h, dk, dv_dim, dtype=torch.float32, device=q.device)
+        g_t = g if g is not None else ds0
         dsf = ds_final.contiguous().float() if ds_final is not None else ds0
-        strides = (q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
-                   n * h, h)
-        grid = (nv, nk, b * h)
-        _la_bwd_dq_kernel[grid](
-            k, v, do, g_t, s0_t, dq_part, *strides, dq_part.stride(0), h, n, dk, dv_dim,
-            float(scale), HAS_DECAY=g is not None, HAS_S0=s0 is not None,
-            C=C, BK=BK, BV=BV, num_warps=warps)
-        _la_bwd_dkdv_kernel[grid](
-            q, k, v, do, g_t, dsf, dk_part, dv_part, ds0, *strides, dk_part.stride(0),
-            dv_part.stride(0), h, n, dk, dv_dim, float(scale),
-            HAS_DECAY=g is not None, HAS_DS_FINAL=ds_final is not None,
-            C=C, BK=BK, BV=BV, num_warps=warps)
-        dq, dk_, dv = dq_part.sum(0), dk_part.sum(0), dv_part.sum(0)
+        strides = _strides(q, v)
+        seq_grid = lambda m: (triton.cdiv(dk, m["BK"]), triton.cdiv(dv_dim, m["BV"]), b * h)
+        _launch(_la_dstates_kernel, _dstates_tuned, seq_grid, q, do, g_t, dsf, dhs, ds0, *strides,
+                h, n, dk, dv_dim, n_chunks, scale, HAS_DECAY=g is not None,
+                HAS_DS_FINAL=ds_final is not None, C=C, DOT_PREC=prec)
+        dq, dk_ = torch.empty_like(q), torch.empty_like(k)
+        dv = torch.empty_like(v)
+        nk_max = triton.cdiv(dk, 16 if _INTERPRET else _MIN_BK)
+        dg_part = (torch.zeros(nk_max, b, n, h, dtype=torch.float32, device=q.device)
+                   if g is not None else ds0)
+        _launch(_la_bwd_dqdk_kernel, _dqdk_tuned,
+                lambda m: (triton.cdiv(dk, m["BK"]), n_chunks, b * h),
+                q, k, v, do, g_t, hs, dhs, dq, dk_, dg_part, *strides,
+                dg_part.stride(0) if g is not None else 0, h, n, dk, dv_dim, n_chunks, scale,
+                HAS_DECAY=g is not None, C=C, DOT_PREC=prec)
+        _launch(_la_bwd_dv_kernel, _dv_tuned,
+                lambda m: (triton.cdiv(dv_dim, m["BV"]), n_chunks, b * h),
+                q, k, do, g_t, dhs, dv, *strides, h, n, dk, dv_dim, n_chunks, scale,
+                HAS_DECAY=g is not None, C=C, DOT_PREC=prec)
         dg = None
         if g is not None and ctx.needs_input_grad[3]:
-            dG = (q.float() * dq).sum(-1) - (k.float() * dk_).sum(-1)  # (b, n, h)
+            dG = dg_part.sum(0)  # (b, n, h): q·dq − k·dk
             if ds_final is not None:
                 dG[:, -1] += (ds_final.float() * s_final).sum((-1, -2))
             dg = dG.flip(1).cumsum(1).flip(1)
         ds0_out = ds0 if s0 is not None else None
-        return dq.to(q.dtype), dk_.to(k.dtype), dv.to(v.dtype), dg, ds0_out, None, None
+        return dq, dk_, dv, dg, ds0_out, None, None
 
 
 def supports(q, k, v, *, log_decay=None, scale=None, initial_state=None,
@@ -310,8 +454,8 @@ def linear_attention(q, k, v, *, log_decay=None, scale=None, initial_state=None,
     g = None
     if log_decay is not None:
         g = log_decay.view(1, 1, h).expand(b, n, h) if log_decay.dim() == 1 else log_decay
-        g = g.float()
-    s0 = initial_state.float() if initial_state is not None else None
+        g = g.float().contiguous()
+    s0 = initial_state.float().contiguous() if initial_state is not None else None
     o, s_final = _LinearAttention.apply(q, k, v, g, s0, scale, return_final_state)
     return (o, s_final) if return_final_state else o
 

@@ -89,3 +89,23 @@ def test_supports(device):
     assert supports(q.float(), k.float(), v.float())
     assert not supports(q, k, v)  # float64 runs on the PyTorch paths
     assert not supports(q.float(), k.float()[:, :, :2], v.float())
+
+
+def test_float16_inputs_use_low_precision_products(device):
+    """float16 inputs: the products read float16 operands (the intra-chunk scores and states are
+    rounded to float16 first) and accumulate in float32. Against the float64 oracle on the same
+    float16-rounded inputs, each rounding costs a relative 2^-11 ≈ 4.9e-4 of a term; a sum of
+    such terms with random signs stays within a few of those relative to the largest entry, so
+    we allow 2e-3 (4 roundings) for o and the final state and 4e-3 for the gradients (one more
+    rounded product each); measured: 1e-4 to 8e-4. A float32 computation would give ~1e-6, which
+    the first assertion rules out."""
+    q, k, v, ld, s0 = _inputs("token", device, n=45, h=2, dk=32, dv=16)
+    q, k, v = (t.half().double() for t in (q, k, v))  # the oracle sees the rounded inputs
+    ref = _run(linear_attention_recurrent, q, k, v, ld, s0, torch.float64)
+    out = _run(la_triton, q, k, v, ld, s0, torch.float16)
+    assert out[0].dtype == torch.float16 and out[1].dtype == torch.float32
+    assert _rel(out[0], ref[0]) > 2e-5  # not a float32 computation in disguise
+    names = ["o", "final_state", "dq", "dk", "dv", "dinitial_state", "dlog_decay"]
+    for name, a, r in zip(names, out, ref):
+        tol = 2e-3 if name in ("o", "final_state") else 4e-3
+        assert _rel(a, r) <= tol, f"{name}: relative error {_rel(a, r):.2e} > {tol}"

@@ -19,7 +19,8 @@ pytest.importorskip("triton")
 REPO = Path(__file__).resolve().parents[2]
 EXPECTED = {
     "attention": {"_fwd_kernel", "_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"},
-    "linear_attention": {"_la_fwd_kernel", "_la_bwd_dq_kernel", "_la_bwd_dkdv_kernel"},
+    "linear_attention": {"_la_states_kernel", "_la_out_kernel", "_la_dstates_kernel",
+                         "_la_bwd_dqdk_kernel", "_la_bwd_dv_kernel"},
     "selective_scan": {"_ss_fwd_kernel", "_ss_bwd_kernel"},
     "rms_norm": {"_rms_fwd_kernel", "_rms_bwd_kernel"},
     "cross_entropy": {"_ce_rows_kernel"},
@@ -78,3 +79,13 @@ def test_attention_uses_hopper_tensor_cores(sm90):
     assert "wgmma" in dq and dq <= {"wgmma", "mma.sync"}, dq
     # the fixed-size delta pre-pass has no dot product
     assert {r["mma"] for r in att if r["kernel"] == "_bwd_delta_kernel"} == {"-"}
+
+
+def test_linear_attention_uses_hopper_tensor_cores(sm90):
+    """bf16 linear attention: every product runs on tensor cores (no float32 FMA path). The
+    chunk-parallel kernels use wgmma in every config; the state sweeps' 32-row blocks (there for
+    parallelism when batch·heads is small) are below wgmma's 64-row minimum and use mma.sync."""
+    rows = [r for r in sm90 if r["op"] == "linear_attention"]
+    for r in rows:
+        want = {"mma.sync"} if r["config"].startswith("C=64, BK=32") else {"wgmma"}
+        assert r["mma"] in want, (r["kernel"], r["config"], r["mma"])
