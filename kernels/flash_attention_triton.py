@@ -13,7 +13,8 @@ with log2 e). Key tiles that are fully visible run without masks; only the causa
 ragged last tile are masked. Backward (recomputation, no stored probabilities): a pre-pass forms
 `D_i = do_i · o_i − dlse_i`; a key-major kernel owns BLOCK_N keys of one key/value head and loops
 over the query heads of its group and the query tiles that see them, accumulating dk and dv in
-registers (no atomics, GQA without repeating k/v); a query-major kernel accumulates dq. With
+registers (no atomics, GQA without repeating k/v); a query-major kernel accumulates dq. As in the
+forward, only the tiles that straddle the causal diagonal are masked. With
 p_ij = exp(s_ij − lse_i): dv_j = Σ_i p_ij do_i, ds_ij = p_ij (do_i · v_j − D_i),
 dq_i = scale Σ_j ds_ij k_j, dk_j = scale Σ_i ds_ij q_i.
 
@@ -28,7 +29,8 @@ o = e^{lse_prev − lse} o_prev + e^{lse_blk − lse} o_blk; and `flash_attentio
 GLOBAL o and lse, returning this key block's contribution to (dq, dk, dv).
 
 On CUDA the tile sizes come from a small `triton.autotune` sweep; under the CPU interpreter
-(`TRITON_INTERPRET=1`, read when this module is imported) fixed 16 x 16 tiles keep tests fast.
+(`TRITON_INTERPRET=1`, read when this module is imported) fixed 16 x 16 tiles keep tests fast
+(`INTERPRET_TILES`; the tests also run unequal tiles, whose diagonal bounds differ).
 """
 
 from __future__ import annotations
@@ -184,6 +186,37 @@ def _bwd_delta_kernel(Out, DO, DLSE, DELTA, stride_ob, stride_os, stride_oh,
 
 
 @triton.jit
+def _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, row_base, LSE, DELTA, stride_qs, stride_ds,
+                    offs_n, lo, hi, seq_q, head_dim, offset, qk_scale,
+                    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                    DOT_PREC: tl.constexpr):
+    """dk, dv of one key block over the query tiles [lo, hi). Only causal-diagonal tiles need
+    the mask (MASKED): a padded query row has lse = +inf so p = 0, and the rows of padded keys
+    are never stored."""
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        m_mask = offs_m < seq_q
+        qd_mask = m_mask[:, None] & d_mask[None, :]
+        q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=qd_mask, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_ds + offs_d[None, :], mask=qd_mask, other=0.0)
+        lse = tl.load(LSE + row_base + offs_m, mask=m_mask, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        delta = tl.load(DELTA + row_base + offs_m, mask=m_mask, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.math.exp2(s_t - lse[None, :])
+        if MASKED:
+            p_t = tl.where(offs_n[:, None] <= offs_m[None, :] + offset, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                      stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
@@ -196,7 +229,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     b = (bhk // kv_heads).to(tl.int64)
     hk = bhk % kv_heads
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
     n_mask = offs_n < seq_k
@@ -209,35 +241,53 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     offset = seq_k - seq_q
     lo = 0
-    if CAUSAL:  # the first query row that sees key start_n * BLOCK_N
+    mid = 0
+    if CAUSAL:
+        # the first query tile with a row that sees key start_n * BLOCK_N, and the first whose
+        # rows all see the block's last key: tiles in [lo, mid) straddle the diagonal
         lo = (tl.maximum(start_n * BLOCK_N - offset, 0) // BLOCK_M) * BLOCK_M
+        mid = tl.cdiv(tl.maximum(start_n * BLOCK_N + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M
+        mid = tl.minimum(mid, tl.cdiv(seq_q, BLOCK_M) * BLOCK_M)
     for g in range(group):
         h = hk * group + g
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_db + h * stride_dh
         row_base = (b * num_heads + h) * seq_q
-        for start_m in range(lo, seq_q, BLOCK_M):
-            offs_m = start_m + offs_m0
-            m_mask = offs_m < seq_q
-            qd_mask = m_mask[:, None] & d_mask[None, :]
-            q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=qd_mask, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_ds + offs_d[None, :], mask=qd_mask, other=0.0)
-            lse = tl.load(LSE + row_base + offs_m, mask=m_mask, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-            delta = tl.load(DELTA + row_base + offs_m, mask=m_mask, other=0.0)
-            s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
-            p_t = tl.math.exp2(s_t - lse[None, :])
-            visible = n_mask[:, None] & m_mask[None, :]
-            if CAUSAL:
-                visible = visible & (offs_n[:, None] <= offs_m[None, :] + offset)
-            p_t = tl.where(visible, p_t, 0.0)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+        if CAUSAL:
+            dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, row_base, LSE, DELTA,
+                                     stride_qs, stride_ds, offs_n, lo, mid, seq_q, head_dim,
+                                     offset, qk_scale, True, BLOCK_M, BLOCK_D, DOT_PREC)
+        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, q_base, do_base, row_base, LSE, DELTA,
+                                 stride_qs, stride_ds, offs_n, mid, seq_q, seq_q, head_dim,
+                                 offset, qk_scale, False, BLOCK_M, BLOCK_D, DOT_PREC)
     out_off = b * stride_gb + hk * stride_gh + offs_n[:, None] * stride_gs + offs_d[None, :]
     tl.store(DK + out_off, dk * sm_scale, mask=kv_mask)
     tl.store(DV + out_off, dv, mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, lo, hi,
+                  seq_k, head_dim, offset, qk_scale,
+                  MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+    """dq of one query tile over the key blocks [lo, hi). Only causal-diagonal blocks need the
+    mask (MASKED): a padded key has k = v = 0, so its ds · k adds nothing."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        kv_mask = (offs_n < seq_k)[:, None] & d_mask[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            p = tl.where(offs_n[None, :] <= offs_m[:, None] + offset, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
 
 
 @triton.jit
@@ -254,7 +304,6 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     h = bh % num_heads
     hk = h // group
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < seq_q
     d_mask = offs_d < head_dim
@@ -270,25 +319,20 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     offset = seq_k - seq_q
-    hi = seq_k
-    if CAUSAL:
-        hi = tl.minimum(seq_k, (start_m + 1) * BLOCK_M + offset)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_mask = offs_n < seq_k
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
-        visible = m_mask[:, None] & n_mask[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
-        p = tl.where(visible, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    if CAUSAL:
+        # keys [0, full_hi) are visible to every row of this tile; [full_hi, hi) need the mask
+        hi = tl.minimum(seq_k, (start_m + 1) * BLOCK_M + offset)
+        full_hi = tl.minimum(seq_k, start_m * BLOCK_M + offset + 1)
+        full_hi = (tl.maximum(full_hi, 0) // BLOCK_N) * BLOCK_N
+        dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m,
+                           full_hi, hi, seq_k, head_dim, offset, qk_scale,
+                           True, BLOCK_N, BLOCK_D, DOT_PREC)
+    else:
+        full_hi = seq_k
+    dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m,
+                       0, full_hi, seq_k, head_dim, offset, qk_scale,
+                       False, BLOCK_N, BLOCK_D, DOT_PREC)
     tl.store(DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :],
              dq * sm_scale, mask=qd_mask)
 
@@ -301,10 +345,14 @@ _dq_tuned = triton.autotune(_bwd_configs(), key=["seq_q", "seq_k", "head_dim", "
                             prune_configs_by={"early_config_prune": _prune_by_head_dim})(_bwd_dq_kernel)
 
 
+# (BLOCK_M, BLOCK_N) under the interpreter; tests also set unequal tiles, as the GPU configs have
+INTERPRET_TILES = (16, 16)
+
+
 def _launch(kernel, tuned, grid_fn, *args, **kwargs):
-    """Interpreter: the plain kernel with 16 x 16 tiles. CUDA: the autotuned kernel."""
+    """Interpreter: the plain kernel with INTERPRET_TILES. CUDA: the autotuned kernel."""
     if _INTERPRET:
-        meta = {"BLOCK_M": 16, "BLOCK_N": 16}
+        meta = {"BLOCK_M": INTERPRET_TILES[0], "BLOCK_N": INTERPRET_TILES[1]}
         kernel[grid_fn(meta)](*args, **kwargs, **meta)
     else:
         tuned[grid_fn](*args, **kwargs)

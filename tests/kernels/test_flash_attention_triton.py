@@ -44,9 +44,20 @@ def _loss(o, lse, w, wl):
     return (o.double() * w).sum() + (torch.where(fin, lse.double(), 0) * wl).sum()
 
 
+@pytest.fixture(params=[(16, 16), (16, 32), (32, 16)], ids=lambda t: f"tiles{t[0]}x{t[1]}")
+def tiles(request, monkeypatch, device):
+    """Interpreter tiles (BLOCK_M, BLOCK_N): the GPU configs have BLOCK_M != BLOCK_N, where the
+    causal bounds of the masked and unmasked tile ranges differ from the square case."""
+    if device.type == "cpu":  # on a GPU the autotuned configs set the tiles
+        import ctxscale.kernels.flash_attention_triton as fat
+
+        monkeypatch.setattr(fat, "INTERPRET_TILES", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_flash_attention_matches_reference(shape, causal, device):
+def test_flash_attention_matches_reference(shape, causal, device, tiles):
     q64, k64, v64 = (t.requires_grad_() for t in _inputs(*shape, device))
     o_ref, lse_ref = attention_reference(q64, k64, v64, causal=causal)
     q, k, v = (t.detach().float().requires_grad_() for t in (q64, k64, v64))
