@@ -422,6 +422,9 @@ def run(args) -> str:
                 lines.append(f"| {seq} | (inputs) | out of memory | | | | |")
                 continue
             not_run.update(dict(skipped))
+            skip = lambda c: bool(args.skip) and c.path.startswith(tuple(args.skip)) and not c.baseline
+            not_run.update({c.path: "skipped by --skip" for c in cases if skip(c)})
+            cases = [c for c in cases if not skip(c)]
             rows = []
             for case in cases:
                 row = Row(op, seq, case.path)
@@ -471,6 +474,8 @@ def main(argv=None):
                    help="longest seq for the token-by-token references (default 2048 CUDA, 512 CPU)")
     p.add_argument("--reference-budget", type=float, default=None,
                    help="bytes the full-score reference may use (default 8 GiB CUDA, 1 GiB CPU)")
+    p.add_argument("--skip", nargs="+", default=[], metavar="PATH",
+                   help="paths (name prefixes, e.g. blockwise reference) not to run; baselines always run")
     p.add_argument("--out", default=None, help="markdown file (default benchmarks/results/kernels_<device>.md)")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
