@@ -39,9 +39,20 @@ DEFAULT_CHUNK = 4096
 
 
 # ----------------------------------------------------------------------------- validation
+TP_FAMILY_MESSAGE = (
+    "parallel.tp={tp} with model.family={family}: tensor parallelism shards the Transformer "
+    "family only (its blocks are softmax attention + MLP). The {family} blocks carry per-head and "
+    "per-channel parameters (convolution taps, gates, SSM and memory weights) that the tp plan "
+    "does not shard, so their local heads would not match. Set parallel.tp=1 and scale with "
+    "parallel.dp_shard (FSDP), parallel.cp (context parallelism) and parallel.pp instead."
+)
+
+
 def check_tensor_parallel(model: nn.Module, tp: int) -> None:
     """Raise a ValueError naming the fix when `model` cannot be split over `tp` ranks."""
     cfg = model.cfg
+    if tp > 1 and cfg.family != "transformer":
+        raise ValueError(TP_FAMILY_MESSAGE.format(family=cfg.family, tp=tp))
     if cfg.num_heads % tp or cfg.kv_heads % tp:
         raise ValueError(
             f"tensor parallelism splits attention heads: model.num_heads={cfg.num_heads} and "

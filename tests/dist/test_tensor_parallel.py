@@ -102,3 +102,18 @@ def test_tensor_parallel_validation_messages():
     cfg.vocab_size = 11
     with pytest.raises(ValueError, match="vocab_size=11 divisible by parallel.tp=2"):
         check_tensor_parallel(Transformer(cfg), 2)
+
+
+@pytest.mark.parametrize("family", ["linear", "hybrid", "mamba", "titans"])
+def test_tensor_parallel_refuses_non_transformer_families(family):
+    """The tp plan shards softmax-attention blocks; other blocks have per-head parameters it
+    does not shard, so tp > 1 is refused with the fix (tp=1) instead of failing in a step."""
+    import dataclasses
+
+    from ctxscale.dist.tensor_parallel import check_tensor_parallel
+    from ctxscale.models import build_model
+
+    model = build_model(dataclasses.replace(_cfg(), family=family))
+    with pytest.raises(ValueError, match=rf"model.family={family}.*Set parallel.tp=1"):
+        check_tensor_parallel(model, 2)
+    check_tensor_parallel(model, 1)  # tp=1 is no split: nothing to refuse
