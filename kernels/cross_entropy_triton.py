@@ -21,15 +21,13 @@ The PyTorch path and dispatcher are `kernels/cross_entropy.py`.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ctxscale.kernels.dispatch import triton_runnable
+from ctxscale.kernels.triton_launch import INTERPRET
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEFAULT_CHUNK = 4096
 
 
@@ -68,7 +66,7 @@ def _ce_rows_kernel(Z, LABELS, LOSS, stride_z, vocab, ignore_index, grad_scale,
 
 
 def _block_v(vocab: int) -> int:
-    if _INTERPRET:
+    if INTERPRET:
         return min(64, triton.next_power_of_2(vocab))
     return min(4096, triton.next_power_of_2(vocab))
 
@@ -83,7 +81,7 @@ def _rows_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, gr
         _ce_rows_kernel[(rows,)](
             logits, labels, loss, logits.stride(0), vocab, ignore_index, grad_scale,
             COMPUTE_GRAD=compute_grad, BLOCK_V=block_v,
-            num_warps=1 if _INTERPRET else (16 if block_v >= 4096 else 8))
+            num_warps=1 if INTERPRET else (16 if block_v >= 4096 else 8))
     return loss
 
 

@@ -35,16 +35,14 @@ On CUDA the tile sizes come from a small `triton.autotune` sweep; under the CPU 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ctxscale.kernels.attention import _check_shapes
 from ctxscale.kernels.dispatch import triton_runnable
+from ctxscale.kernels.triton_launch import INTERPRET, dot_precision, launch
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -350,19 +348,8 @@ INTERPRET_TILES = (16, 16)
 
 
 def _launch(kernel, tuned, grid_fn, *args, **kwargs):
-    """Interpreter: the plain kernel with INTERPRET_TILES. CUDA: the autotuned kernel."""
-    if _INTERPRET:
-        meta = {"BLOCK_M": INTERPRET_TILES[0], "BLOCK_N": INTERPRET_TILES[1]}
-        kernel[grid_fn(meta)](*args, **kwargs, **meta)
-    else:
-        tuned[grid_fn](*args, **kwargs)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs follow torch's TF32 switch for matmuls (off by default: exact float32).
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    meta = {"BLOCK_M": INTERPRET_TILES[0], "BLOCK_N": INTERPRET_TILES[1]}
+    launch(kernel, tuned, grid_fn, meta, *args, **kwargs)
 
 
 def _head_block(head_dim: int) -> int:
@@ -436,7 +423,7 @@ def _forward(q, k, v, causal, softmax_scale, out_dtype, o_prev=None, lse_prev=No
             o_prev.stride(0), o_prev.stride(1), o_prev.stride(2),
             h, h // hk, sq, sk, d, scale * _LOG2E,
             CAUSAL=bool(causal), HAS_PREV=has_prev, BLOCK_D=_head_block(d),
-            DOT_PREC=_dot_precision(q.dtype))
+            DOT_PREC=dot_precision(q.dtype))
     return o, lse
 
 
@@ -450,7 +437,7 @@ def _backward(do, q, k, v, o, lse, causal, softmax_scale, dlse=None):
     delta = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
     has_dlse = dlse is not None
     dlse_t = dlse.float().contiguous() if has_dlse else delta
-    pre_block = 16 if _INTERPRET else 64
+    pre_block = 16 if INTERPRET else 64
     _bwd_delta_kernel[(triton.cdiv(sq, pre_block), b * h)](
         o, do, dlse_t, delta, o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2), h, sq, d,
@@ -460,7 +447,7 @@ def _backward(do, q, k, v, o, lse, causal, softmax_scale, dlse=None):
     dv = torch.empty_like(dk)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    meta = dict(CAUSAL=bool(causal), BLOCK_D=block_d, DOT_PREC=_dot_precision(q.dtype))
+    meta = dict(CAUSAL=bool(causal), BLOCK_D=block_d, DOT_PREC=dot_precision(q.dtype))
     grid_kv = lambda m: (triton.cdiv(sk, m["BLOCK_N"]), b * hk)
     _launch(_bwd_dkdv_kernel, _dkdv_tuned, grid_kv, q, k, v, do, lse, delta, dk, dv, *common,
             dk.stride(0), dk.stride(1), dk.stride(2), h, hk, h // hk, sq, sk, d,

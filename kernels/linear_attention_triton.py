@@ -41,15 +41,13 @@ dim_k ** -0.5. Reference and dispatcher: `kernels/linear_attention.py`.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ctxscale.kernels.dispatch import triton_runnable
+from ctxscale.kernels.triton_launch import INTERPRET, dot_precision, launch
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_DIM = 256
 
 
@@ -308,23 +306,11 @@ _MIN_BK = min(bk for bk, *_ in _PAR_BLOCKS)
 
 
 def _chunk() -> int:
-    return 16 if _INTERPRET else CHUNK
+    return 16 if INTERPRET else CHUNK
 
 
 def _launch(kernel, tuned, grid_fn, *args, **kwargs):
-    """Interpreter: the plain kernel with 16-wide blocks. CUDA: the autotuned kernel."""
-    if _INTERPRET:
-        meta = {"BK": 16, "BV": 16}
-        kernel[grid_fn(meta)](*args, **kwargs, **meta, num_warps=1)
-    else:
-        tuned[grid_fn](*args, **kwargs)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs follow torch's TF32 switch for matmuls (off by default: exact float32).
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    launch(kernel, tuned, grid_fn, {"BK": 16, "BV": 16, "num_warps": 1}, *args, **kwargs)
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -344,7 +330,7 @@ def _chunk_states(k, v, g, s0, n_chunks, C, store_final):
     _launch(_la_states_kernel, _states_tuned, grid, k, v, g_t, s0 if s0 is not None else s_out,
             hs, s_out, *_strides(k, v), h, n, dk, dv, n_chunks,
             HAS_DECAY=g is not None, HAS_S0=s0 is not None, STORE_FINAL=store_final, C=C,
-            DOT_PREC=_dot_precision(k.dtype))
+            DOT_PREC=dot_precision(k.dtype))
     return hs, s_out
 
 
@@ -366,7 +352,7 @@ class _LinearAttention(torch.autograd.Function):
         grid = lambda m: (triton.cdiv(dv, m["BV"]), n_chunks, b * h)
         _launch(_la_out_kernel, _out_tuned, grid, q, k, v, g if g is not None else s_out, hs, o,
                 *_strides(q, v), h, n, dk, dv, n_chunks, float(scale),
-                HAS_DECAY=g is not None, C=C, DOT_PREC=_dot_precision(q.dtype))
+                HAS_DECAY=g is not None, C=C, DOT_PREC=dot_precision(q.dtype))
         ctx.save_for_backward(q, k, v, g, s0, s_out)
         ctx.scale = scale
         return o, s_out
@@ -380,7 +366,7 @@ class _LinearAttention(torch.autograd.Function):
         do = do.contiguous().to(q.dtype)
         C = _chunk()
         n_chunks = triton.cdiv(n, C)
-        prec = _dot_precision(q.dtype)
+        prec = dot_precision(q.dtype)
         # the entering states are recomputed (one sweep) rather than kept from the forward
         hs, _ = _chunk_states(k, v, g, s0, n_chunks, C, store_final=False)
         dhs = torch.empty_like(hs)
@@ -394,7 +380,7 @@ class _LinearAttention(torch.autograd.Function):
                 HAS_DS_FINAL=ds_final is not None, C=C, DOT_PREC=prec)
         dq, dk_ = torch.empty_like(q), torch.empty_like(k)
         dv = torch.empty_like(v)
-        nk_max = triton.cdiv(dk, 16 if _INTERPRET else _MIN_BK)
+        nk_max = triton.cdiv(dk, 16 if INTERPRET else _MIN_BK)
         dg_part = (torch.zeros(nk_max, b, n, h, dtype=torch.float32, device=q.device)
                    if g is not None else ds0)
         _launch(_la_bwd_dqdk_kernel, _dqdk_tuned,

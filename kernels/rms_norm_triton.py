@@ -19,15 +19,13 @@ writing dx and a float32 partial dweight per program, summed afterwards (no atom
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ctxscale.kernels.dispatch import multiprocessor_count, triton_runnable
+from ctxscale.kernels.triton_launch import INTERPRET
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_DIM = 65536
 
 
@@ -76,7 +74,7 @@ def _rms_bwd_kernel(X, W, DY, RSTD, DX, DW_PARTIAL, n_rows, dim, rows_per_progra
 
 
 def _num_warps(block_d: int) -> int:
-    return 1 if _INTERPRET else min(16, max(1, block_d // 256))
+    return 1 if INTERPRET else min(16, max(1, block_d // 256))
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -104,7 +102,7 @@ class _RMSNorm(torch.autograd.Function):
         y = torch.empty(n_rows, dim, dtype=out_dtype, device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block_d = triton.next_power_of_2(dim)
-        rows = 1 if _INTERPRET else (4 if dim <= 1024 else 1)
+        rows = 1 if INTERPRET else (4 if dim <= 1024 else 1)
         if n_rows > 0:
             _rms_fwd_kernel[(triton.cdiv(n_rows, rows),)](
                 x2, weight.contiguous(), y, rstd, n_rows, dim, float(eps),
@@ -119,7 +117,7 @@ class _RMSNorm(torch.autograd.Function):
         n_rows, dim = x2.shape
         dy2 = dy.reshape(n_rows, dim).contiguous()
         dx = torch.empty_like(x2)
-        if _INTERPRET:
+        if INTERPRET:
             programs = min(n_rows, 4)
         else:
             programs = min(n_rows, 4 * multiprocessor_count(x2.device))

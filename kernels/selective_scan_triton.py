@@ -31,15 +31,12 @@ float32. Reference and dispatcher: `kernels/selective_scan.py`.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ctxscale.kernels.dispatch import triton_runnable
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ctxscale.kernels.triton_launch import INTERPRET
 
 
 @triton.jit
@@ -219,7 +216,7 @@ def _ss_bwd_kernel(U, DELTA, A, B, C, D, Z, DBIAS, DOUT, DLAST, XCHUNK,
 def _blocks(chans_per_group: int, dstate: int):
     """(BD channels, T tokens, N padded dstate, num_warps). BD divides chans_per_group so that a
     program's channels share one B/C group (dB, dC are reduced inside the program)."""
-    bd_max, T, warps = (4, 16, 1) if _INTERPRET else (16, 128, 4)
+    bd_max, T, warps = (4, 16, 1) if INTERPRET else (16, 128, 4)
     bd = 1
     while bd * 2 <= bd_max and chans_per_group % (bd * 2) == 0:
         bd *= 2

@@ -1,0 +1,31 @@
+"""What the autotuned Triton kernel modules share: the launch rule and the dot-product precision.
+
+Under the CPU interpreter (`TRITON_INTERPRET=1`, which Triton reads when a kernel is decorated)
+a kernel runs with fixed small blocks, so tests are fast and still split their shapes into
+several blocks; on CUDA the `triton.autotune` wrapper picks the blocks by timing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch(kernel, tuned, grid_fn, interpret_meta: dict, *args, **kwargs) -> None:
+    """Run `kernel[grid]` with `interpret_meta` (block sizes, num_warps) under the interpreter,
+    else the autotuned `tuned[grid]`. `grid_fn(meta)` maps the chosen block sizes to the grid."""
+    if INTERPRET:
+        kernel[grid_fn(interpret_meta)](*args, **kwargs, **interpret_meta)
+    else:
+        tuned[grid_fn](*args, **kwargs)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`input_precision` of tl.dot: float32 inputs follow torch's TF32 switch for matmuls (off by
+    default: exact IEEE float32); 16-bit inputs ignore it (tensor cores, float32 accumulation)."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
