@@ -58,22 +58,33 @@ def triton_runnable(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     if device.type == "meta":
-        return _compile_only_sms is not None
+        return _compile_only_gpu is not None
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Set by ctxscale.kernels.triton_compile while it compiles without launching: the streaming
-# multiprocessor count of the GPU it compiles for (None otherwise).
-_compile_only_sms: int | None = None
+# Set by ctxscale.kernels.triton_compile while it compiles without launching: the properties of
+# the GPU it compiles for, {"sms": ..., "smem_block": ...} (None otherwise).
+_compile_only_gpu: dict | None = None
 
 
 def multiprocessor_count(device: torch.device) -> int:
     """Streaming multiprocessors of `device` (kernels size persistent grids by it); 4 on CPU."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    if device.type == "meta" and _compile_only_sms is not None:
-        return _compile_only_sms
+    if device.type == "meta" and _compile_only_gpu is not None:
+        return _compile_only_gpu["sms"]
     return 4
+
+
+def shared_memory_per_block(device: torch.device) -> int:
+    """The most shared memory one thread block may use on `device` (the opt-in maximum, 1 KiB
+    under the per-SM size: 227 KiB on H100 / H200, 163 KiB on A100), in bytes; autotuned
+    kernels drop the configs that would not fit. Unlimited off CUDA (the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor - 1024
+    if device.type == "meta" and _compile_only_gpu is not None:
+        return _compile_only_gpu["smem_block"]
+    return 1 << 30
 
 
 def want_triton(device: torch.device) -> bool:

@@ -28,7 +28,9 @@ key block into a previous (o, lse) exactly: lse = logaddexp(lse_prev, lse_blk),
 o = e^{lse_prev − lse} o_prev + e^{lse_blk − lse} o_blk; and `flash_attention_backward` accepts the
 GLOBAL o and lse, returning this key block's contribution to (dq, dk, dv).
 
-On CUDA the tile sizes come from a small `triton.autotune` sweep; under the CPU interpreter
+On CUDA the tile sizes come from a small `triton.autotune` sweep (configs whose tiles would not
+fit the device's shared memory are pruned first; causal query tiles run last-first, the longest
+first, as in flash-attn); under the CPU interpreter
 (`TRITON_INTERPRET=1`, read when this module is imported) fixed 16 x 16 tiles keep tests fast
 (`INTERPRET_TILES`; the tests also run unequal tiles, whose diagonal bounds differ).
 """
@@ -52,7 +54,8 @@ MAX_HEAD_DIM = 256
 def _fwd_configs():
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)]
+        for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3),
+                             (128, 128, 8, 2)]
     ]
 
 
@@ -63,11 +66,33 @@ def _bwd_configs():
     ]
 
 
-def _prune_by_head_dim(configs, named_args, **kwargs):
-    """Large head dims leave no shared memory for 128 x 128 tiles: drop those configs."""
-    d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
-    kept = [c for c in configs if d <= 64 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 8192]
-    return kept or configs[:1]
+def _tile_smem(kind: str, bm: int, bn: int, stages: int, d: int, elem: int) -> int:
+    """Shared memory of one program (bytes), as Triton lays the tiles out: the tiles a loop
+    streams are buffered `stages` deep (forward: k, v; dk/dv: q, do; dq: k, v), the ones a
+    program keeps are staged once. Matches the compiled sizes in
+    benchmarks/results/kernels_sm90_compile.md to within 1 KiB."""
+    if kind == "fwd":
+        tiles = bm + 2 * stages * bn
+    elif kind == "dkdv":
+        tiles = 2 * stages * bm + 2 * bn
+    else:
+        tiles = 2 * bm + 2 * stages * bn
+    return tiles * d * elem
+
+
+def _pruner(kind: str):
+    def prune(configs, named_args, **kwargs):
+        """Drop the configs whose tiles would not fit the device's shared memory."""
+        from ctxscale.kernels.dispatch import shared_memory_per_block
+
+        q = named_args["Q"]
+        d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+        limit = shared_memory_per_block(q.device)
+        kept = [c for c in configs if _tile_smem(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                                                 c.num_stages, d, q.element_size()) <= limit]
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+    return prune
 
 
 @triton.jit
@@ -108,6 +133,8 @@ def _fwd_kernel(Q, K, V, Out, LSE, O_PREV, LSE_PREV,
                 CAUSAL: tl.constexpr, HAS_PREV: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     start_m = tl.program_id(0)
+    if CAUSAL:  # the last query tiles see the most keys: schedule them first
+        start_m = tl.num_programs(0) - 1 - start_m
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
     h = bh % num_heads
@@ -297,6 +324,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     start_m = tl.program_id(0)
+    if CAUSAL:  # the last query tiles see the most keys: schedule them first
+        start_m = tl.num_programs(0) - 1 - start_m
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
     h = bh % num_heads
@@ -335,12 +364,13 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
              dq * sm_scale, mask=qd_mask)
 
 
-_fwd_tuned = triton.autotune(_fwd_configs(), key=["seq_q", "seq_k", "head_dim", "CAUSAL"],
-                             prune_configs_by={"early_config_prune": _prune_by_head_dim})(_fwd_kernel)
-_dkdv_tuned = triton.autotune(_bwd_configs(), key=["seq_q", "seq_k", "head_dim", "CAUSAL"],
-                              prune_configs_by={"early_config_prune": _prune_by_head_dim})(_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_bwd_configs(), key=["seq_q", "seq_k", "head_dim", "CAUSAL"],
-                            prune_configs_by={"early_config_prune": _prune_by_head_dim})(_bwd_dq_kernel)
+_KEY = ["seq_q", "seq_k", "head_dim", "CAUSAL"]
+_fwd_tuned = triton.autotune(_fwd_configs(), key=_KEY,
+                             prune_configs_by={"early_config_prune": _pruner("fwd")})(_fwd_kernel)
+_dkdv_tuned = triton.autotune(_bwd_configs(), key=_KEY,
+                              prune_configs_by={"early_config_prune": _pruner("dkdv")})(_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(_bwd_configs(), key=_KEY,
+                            prune_configs_by={"early_config_prune": _pruner("dq")})(_bwd_dq_kernel)
 
 
 # (BLOCK_M, BLOCK_N) under the interpreter; tests also set unequal tiles, as the GPU configs have

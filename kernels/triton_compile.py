@@ -195,16 +195,16 @@ def compile_only(arch: int):
     def compile_all_configs(self, *args, warmup=False, **kwargs):
         return self.warmup(*args, **kwargs)
 
-    saved = (Autotuner.run, knobs.runtime.jit_cache_hook, dispatch._compile_only_sms)
+    saved = (Autotuner.run, knobs.runtime.jit_cache_hook, dispatch._compile_only_gpu)
     saved_driver = driver._active  # None until a real driver was first asked for
     driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32)))
     Autotuner.run = compile_all_configs
     knobs.runtime.jit_cache_hook = recorder.hook
-    dispatch._compile_only_sms = ARCHS[arch]["sms"]
+    dispatch._compile_only_gpu = {"sms": ARCHS[arch]["sms"], "smem_block": ARCHS[arch]["smem_block"]}
     try:
         yield recorder
     finally:
-        Autotuner.run, knobs.runtime.jit_cache_hook, dispatch._compile_only_sms = saved
+        Autotuner.run, knobs.runtime.jit_cache_hook, dispatch._compile_only_gpu = saved
         driver._active = saved_driver
 
 

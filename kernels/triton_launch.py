@@ -14,13 +14,26 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def autotune_enabled() -> bool:
+    """`CTXSCALE_TRITON_AUTOTUNE=0` runs each kernel with the first config its pruning keeps
+    instead of timing them all: one compile per specialization (GPU test runs, quick jobs)."""
+    return os.environ.get("CTXSCALE_TRITON_AUTOTUNE", "1").strip() != "0"
+
+
 def launch(kernel, tuned, grid_fn, interpret_meta: dict, *args, **kwargs) -> None:
     """Run `kernel[grid]` with `interpret_meta` (block sizes, num_warps) under the interpreter,
     else the autotuned `tuned[grid]`. `grid_fn(meta)` maps the chosen block sizes to the grid."""
     if INTERPRET:
         kernel[grid_fn(interpret_meta)](*args, **kwargs, **interpret_meta)
-    else:
+    elif autotune_enabled():
         tuned[grid_fn](*args, **kwargs)
+    else:
+        tuned.nargs = dict(zip(tuned.arg_names, args))
+        try:
+            config = tuned.prune_configs(kwargs)[0]
+        finally:
+            tuned.nargs = None
+        kernel[grid_fn(config.kwargs)](*args, **kwargs, **config.all_kwargs())
 
 
 def dot_precision(dtype: torch.dtype) -> str:
