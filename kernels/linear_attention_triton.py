@@ -26,7 +26,8 @@ Schedule (the "chunk" form of flash-linear-attention, parallel over chunks): a s
 program per (dim_k block, dim_v block, batch·head), walks the chunks in order and stores the state
 entering each chunk (S_{c−1}); the output kernel then runs every (dim_v block, chunk, batch·head)
 at once. Backward recomputes the entering states (one sweep; nothing but q, k, v, the decay and
-the final state is kept from the forward), a reverse sweep stores each chunk's dS, and two
+the final state is kept from the forward), the same sweep kernel run backwards stores each
+chunk's dS, and two
 chunk-parallel kernels form dq, dk (with q·dq − k·dk for the decay gradient) and dv. Dot products
 read their operands in the input dtype with float32 accumulation, so bfloat16 / float16 inputs
 run on tensor cores (the intra-chunk scores and the states are rounded to the input dtype before
@@ -65,13 +66,19 @@ def _chunk_decay(G_PTR, offs_t, t_mask, HAS_DECAY: tl.constexpr, C: tl.constexpr
 
 
 @triton.jit
-def _la_states_kernel(K, V, G_LOG, S0, HS, S_OUT,
-                      stride_qb, stride_qs, stride_qh, stride_vb, stride_vs, stride_vh,
-                      stride_gb, stride_gs, num_heads, seq, dim_k, dim_v, n_chunks,
-                      HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, STORE_FINAL: tl.constexpr,
-                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      DOT_PREC: tl.constexpr):
-    """Forward sweep over the chunks: HS[bh, c] = S_{c-1} (the state entering chunk c)."""
+def _la_sweep_kernel(A, B, G_LOG, INIT, STATES, FINAL,
+                     stride_ab, stride_as, stride_ah, stride_bb, stride_bs, stride_bh,
+                     stride_gb, stride_gs, num_heads, seq, dim_k, dim_v, n_chunks, scale,
+                     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+                     REVERSE: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
+    """The sequential part, one (BK, BV) block of the state per program, over the chunks:
+
+    forward (A = K, B = V):   STATES[c] = S_{c−1};  S_c = e^{G_C} S_{c−1} + (e^{G_C − G} ⊙ K)ᵀ V
+    reverse (A = Q, B = dO):  STATES[c] = dS_c;     dS_{c−1} = e^{G_C} dS_c + scale (e^G ⊙ Q)ᵀ dO
+
+    walking the chunks backwards for REVERSE; INIT is S0 (or dS_N, the final state's gradient),
+    FINAL receives S_N (or dS_{−1}, the initial state's gradient)."""
     i_k, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (bh // num_heads).to(tl.int64)
     h = bh % num_heads
@@ -79,28 +86,30 @@ def _la_states_kernel(K, V, G_LOG, S0, HS, S_OUT,
     offs_v = i_v * BV + tl.arange(0, BV)
     kv_mask = (offs_k < dim_k)[:, None] & (offs_v < dim_v)[None, :]
     state_off = bh.to(tl.int64) * dim_k * dim_v + offs_k[:, None] * dim_v + offs_v[None, :]
-    hs_base = HS + bh.to(tl.int64) * n_chunks * dim_k * dim_v
-    if HAS_S0:
-        S = tl.load(S0 + state_off, mask=kv_mask, other=0.0).to(tl.float32)
+    states_base = STATES + bh.to(tl.int64) * n_chunks * dim_k * dim_v
+    if HAS_INIT:
+        S = tl.load(INIT + state_off, mask=kv_mask, other=0.0).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
-    k_base = K + b * stride_qb + h * stride_qh
-    v_base = V + b * stride_vb + h * stride_vh
+    a_base = A + b * stride_ab + h * stride_ah
+    b_base = B + b * stride_bb + h * stride_bh
     g_base = G_LOG + b * stride_gb + h
-    for c in range(n_chunks):
-        hs_off = c * dim_k * dim_v + offs_k[:, None] * dim_v + offs_v[None, :]
-        tl.store(hs_base + hs_off, S.to(HS.dtype.element_ty), mask=kv_mask)
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i if REVERSE else i
+        chunk_off = c * dim_k * dim_v + offs_k[:, None] * dim_v + offs_v[None, :]
+        tl.store(states_base + chunk_off, S.to(STATES.dtype.element_ty), mask=kv_mask)
         offs_t = c * C + tl.arange(0, C)
         t_mask = offs_t < seq
-        k = tl.load(k_base + offs_t[:, None] * stride_qs + offs_k[None, :],
+        a = tl.load(a_base + offs_t[:, None] * stride_as + offs_k[None, :],
                     mask=t_mask[:, None] & (offs_k < dim_k)[None, :], other=0.0)
-        v = tl.load(v_base + offs_t[:, None] * stride_vs + offs_v[None, :],
-                    mask=t_mask[:, None] & (offs_v < dim_v)[None, :], other=0.0)
+        bv = tl.load(b_base + offs_t[:, None] * stride_bs + offs_v[None, :],
+                     mask=t_mask[:, None] & (offs_v < dim_v)[None, :], other=0.0)
         G, G_end = _chunk_decay(g_base, offs_t * stride_gs, t_mask, HAS_DECAY, C)
-        k_dec = (k.to(tl.float32) * tl.exp(G_end - G)[:, None]).to(k.dtype)
-        S = S * tl.exp(G_end) + tl.dot(tl.trans(k_dec), v, input_precision=DOT_PREC)
+        weight = tl.exp(G) * scale if REVERSE else tl.exp(G_end - G)
+        a_dec = (a.to(tl.float32) * weight[:, None]).to(bv.dtype)
+        S = S * tl.exp(G_end) + tl.dot(tl.trans(a_dec), bv, input_precision=DOT_PREC)
     if STORE_FINAL:
-        tl.store(S_OUT + state_off, S, mask=kv_mask)
+        tl.store(FINAL + state_off, S, mask=kv_mask)
 
 
 @triton.jit
@@ -140,46 +149,6 @@ def _la_out_kernel(Q, K, V, G_LOG, HS, OUT,
     o = tl.dot(scores.to(v.dtype), v, input_precision=DOT_PREC) + o_inter * tl.exp(G)[:, None]
     tl.store(OUT + b * stride_vb + h * stride_vh + offs_t[:, None] * stride_vs + offs_v[None, :],
              (o * scale).to(OUT.dtype.element_ty), mask=tv_mask)
-
-
-@triton.jit
-def _la_dstates_kernel(Q, DO, G_LOG, DS_FINAL, DHS, DS0,
-                       stride_qb, stride_qs, stride_qh, stride_vb, stride_vs, stride_vh,
-                       stride_gb, stride_gs, num_heads, seq, dim_k, dim_v, n_chunks, scale,
-                       HAS_DECAY: tl.constexpr, HAS_DS_FINAL: tl.constexpr,
-                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       DOT_PREC: tl.constexpr):
-    """Reverse sweep: DHS[bh, c] = dS_c, the gradient reaching the state after chunk c from the
-    later chunks (and the final state); DS0 = the gradient of the initial state."""
-    i_k, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b = (bh // num_heads).to(tl.int64)
-    h = bh % num_heads
-    offs_k = i_k * BK + tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    kv_mask = (offs_k < dim_k)[:, None] & (offs_v < dim_v)[None, :]
-    state_off = bh.to(tl.int64) * dim_k * dim_v + offs_k[:, None] * dim_v + offs_v[None, :]
-    dhs_base = DHS + bh.to(tl.int64) * n_chunks * dim_k * dim_v
-    if HAS_DS_FINAL:
-        dS = tl.load(DS_FINAL + state_off, mask=kv_mask, other=0.0).to(tl.float32)
-    else:
-        dS = tl.zeros([BK, BV], dtype=tl.float32)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_vb + h * stride_vh
-    g_base = G_LOG + b * stride_gb + h
-    for i in range(n_chunks):
-        c = n_chunks - 1 - i
-        hs_off = c * dim_k * dim_v + offs_k[:, None] * dim_v + offs_v[None, :]
-        tl.store(dhs_base + hs_off, dS.to(DHS.dtype.element_ty), mask=kv_mask)
-        offs_t = c * C + tl.arange(0, C)
-        t_mask = offs_t < seq
-        q = tl.load(q_base + offs_t[:, None] * stride_qs + offs_k[None, :],
-                    mask=t_mask[:, None] & (offs_k < dim_k)[None, :], other=0.0)
-        do = tl.load(do_base + offs_t[:, None] * stride_vs + offs_v[None, :],
-                     mask=t_mask[:, None] & (offs_v < dim_v)[None, :], other=0.0)
-        G, G_end = _chunk_decay(g_base, offs_t * stride_gs, t_mask, HAS_DECAY, C)
-        q_dec = (q.to(tl.float32) * (tl.exp(G) * scale)[:, None]).to(do.dtype)
-        dS = dS * tl.exp(G_end) + tl.dot(tl.trans(q_dec), do, input_precision=DOT_PREC)
-    tl.store(DS0 + state_off, dS, mask=kv_mask)
 
 
 @triton.jit
@@ -297,8 +266,7 @@ def _tuned(kernel, blocks, reset=()):
                            prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
-_states_tuned = _tuned(_la_states_kernel, _SEQ_BLOCKS)
-_dstates_tuned = _tuned(_la_dstates_kernel, _SEQ_BLOCKS)
+_sweep_tuned = _tuned(_la_sweep_kernel, _SEQ_BLOCKS)
 _out_tuned = _tuned(_la_out_kernel, _PAR_BLOCKS)
 _dqdk_tuned = _tuned(_la_bwd_dqdk_kernel, _PAR_BLOCKS, reset=("DG_PART",))
 _dv_tuned = _tuned(_la_bwd_dv_kernel, _PAR_BLOCKS)
@@ -319,19 +287,19 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
-def _chunk_states(k, v, g, s0, n_chunks, C, store_final):
-    """(per-chunk entering states (b·h, n_chunks, dk, dv), final state (b, h, dk, dv) float32)."""
-    b, n, h, dk = k.shape
-    dv = v.shape[-1]
-    hs = torch.empty(b * h, n_chunks, dk, dv, dtype=_state_dtype(k.dtype), device=k.device)
-    s_out = torch.empty(b, h, dk, dv, dtype=torch.float32, device=k.device)
-    g_t = g if g is not None else s_out
-    grid = lambda m: (triton.cdiv(dk, m["BK"]), triton.cdiv(dv, m["BV"]), b * h)
-    _launch(_la_states_kernel, _states_tuned, grid, k, v, g_t, s0 if s0 is not None else s_out,
-            hs, s_out, *_strides(k, v), h, n, dk, dv, n_chunks,
-            HAS_DECAY=g is not None, HAS_S0=s0 is not None, STORE_FINAL=store_final, C=C,
-            DOT_PREC=dot_precision(k.dtype))
-    return hs, s_out
+def _sweep(a, b_, g, init, n_chunks, C, *, reverse, store_final, scale=1.0):
+    """Run the sweep kernel: returns (per-chunk states (b·h, n_chunks, dk, dv), final (b, h, dk,
+    dv) float32). Forward: a, b_ = k, v and init = S0; reverse: q, dO and the final-state grad."""
+    bsz, n, h, dk = a.shape
+    dv = b_.shape[-1]
+    states = torch.empty(bsz * h, n_chunks, dk, dv, dtype=_state_dtype(a.dtype), device=a.device)
+    final = torch.empty(bsz, h, dk, dv, dtype=torch.float32, device=a.device)
+    grid = lambda m: (triton.cdiv(dk, m["BK"]), triton.cdiv(dv, m["BV"]), bsz * h)
+    _launch(_la_sweep_kernel, _sweep_tuned, grid, a, b_, g if g is not None else final,
+            init if init is not None else final, states, final, *_strides(a, b_), h, n, dk, dv,
+            n_chunks, float(scale), HAS_DECAY=g is not None, HAS_INIT=init is not None,
+            STORE_FINAL=store_final, REVERSE=reverse, C=C, DOT_PREC=dot_precision(a.dtype))
+    return states, final
 
 
 def _strides(q, v):
@@ -347,7 +315,7 @@ class _LinearAttention(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         C = _chunk()
         n_chunks = triton.cdiv(n, C)
-        hs, s_out = _chunk_states(k, v, g, s0, n_chunks, C, store_final=True)
+        hs, s_out = _sweep(k, v, g, s0, n_chunks, C, reverse=False, store_final=True)
         o = torch.empty(b, n, h, dv, dtype=q.dtype, device=q.device)
         grid = lambda m: (triton.cdiv(dv, m["BV"]), n_chunks, b * h)
         _launch(_la_out_kernel, _out_tuned, grid, q, k, v, g if g is not None else s_out, hs, o,
@@ -368,16 +336,11 @@ class _LinearAttention(torch.autograd.Function):
         n_chunks = triton.cdiv(n, C)
         prec = dot_precision(q.dtype)
         # the entering states are recomputed (one sweep) rather than kept from the forward
-        hs, _ = _chunk_states(k, v, g, s0, n_chunks, C, store_final=False)
-        dhs = torch.empty_like(hs)
-        ds0 = torch.empty(b, h, dk, dv_dim, dtype=torch.float32, device=q.device)
+        hs, _ = _sweep(k, v, g, s0, n_chunks, C, reverse=False, store_final=False)
+        dsf = ds_final.contiguous().float() if ds_final is not None else None
+        dhs, ds0 = _sweep(q, do, g, dsf, n_chunks, C, reverse=True, store_final=True, scale=scale)
         g_t = g if g is not None else ds0
-        dsf = ds_final.contiguous().float() if ds_final is not None else ds0
         strides = _strides(q, v)
-        seq_grid = lambda m: (triton.cdiv(dk, m["BK"]), triton.cdiv(dv_dim, m["BV"]), b * h)
-        _launch(_la_dstates_kernel, _dstates_tuned, seq_grid, q, do, g_t, dsf, dhs, ds0, *strides,
-                h, n, dk, dv_dim, n_chunks, scale, HAS_DECAY=g is not None,
-                HAS_DS_FINAL=ds_final is not None, C=C, DOT_PREC=prec)
         dq, dk_ = torch.empty_like(q), torch.empty_like(k)
         dv = torch.empty_like(v)
         nk_max = triton.cdiv(dk, 16 if INTERPRET else _MIN_BK)

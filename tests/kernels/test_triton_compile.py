@@ -19,8 +19,8 @@ pytest.importorskip("triton")
 REPO = Path(__file__).resolve().parents[2]
 EXPECTED = {
     "attention": {"_fwd_kernel", "_bwd_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"},
-    "linear_attention": {"_la_states_kernel", "_la_out_kernel", "_la_dstates_kernel",
-                         "_la_bwd_dqdk_kernel", "_la_bwd_dv_kernel"},
+    "linear_attention": {"_la_sweep_kernel", "_la_out_kernel", "_la_bwd_dqdk_kernel",
+                         "_la_bwd_dv_kernel"},
     "selective_scan": {"_ss_fwd_kernel", "_ss_bwd_kernel"},
     "rms_norm": {"_rms_fwd_kernel", "_rms_bwd_kernel"},
     "cross_entropy": {"_ce_rows_kernel"},
