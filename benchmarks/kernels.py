@@ -24,7 +24,9 @@ selective_scan are memory bound: we report GB/s of their compulsory traffic inst
 is `torch.cuda.max_memory_allocated` on CUDA, and on CPU the peak resident-set growth during the
 call sampled every millisecond, with glibc told to mmap (and unmap on free) every allocation of
 64 KiB or more (an approximation that misses peaks shorter than the sampling period). Times are medians of `--repeats` runs after a
-warm-up. Ratios ("x base") are baseline time / path time in the same run.
+warm-up. Ratios ("x base") are baseline time / path time in the same run. Every path's forward
+output is also compared with the baseline's on the same inputs ("diff vs base"), so a fast but
+wrong kernel shows in the same table.
 """
 
 from __future__ import annotations
@@ -166,6 +168,7 @@ class Row:
     rate: str = "-"
     peak_bytes: int | None = None
     note: str = ""
+    diff: str = "-"
 
 
 @dataclass
@@ -360,6 +363,18 @@ def _torch_chunked_ce(ce, h, w, y):
         set_kernel_mode(None)
 
 
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _rel_diff(out: torch.Tensor, base: torch.Tensor) -> str:
+    """max |out − base| / max |base| of the forward outputs: a path that is fast but wrong shows."""
+    if out.shape != base.shape:
+        return f"shape {tuple(out.shape)}"
+    scale = base.abs().max().clamp_min(1e-30)
+    return f"{((out - base).abs().max() / scale).item():.1e}"
+
+
 def _nograd(fn):
     with torch.no_grad():
         return fn()
@@ -407,12 +422,14 @@ def run(args) -> str:
         f"{args.hidden}, vocab {args.vocab}",
         f"- median of {args.repeats} runs after a warm-up; 'x base' = baseline time / path time "
         "(forward+backward); throughput of the forward+backward pass; peak mem = extra memory "
-        "of one forward+backward",
+        "of one forward+backward; diff vs base = max |out − baseline out| / max |baseline out| "
+        "of the forward outputs (same inputs; bf16 paths differ by rounding, ~1e-2)",
         "",
     ]
     for op in args.ops:
-        lines += [f"## {op}", "", "| seq | path | fwd | fwd+bwd | x base | throughput | peak mem |",
-                  "|---:|---|---:|---:|---:|---:|---:|"]
+        lines += [f"## {op}", "",
+                  "| seq | path | fwd | fwd+bwd | x base | throughput | peak mem | diff vs base |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
         not_run: dict[str, str] = {}
         for seq in args.seq:
             torch.manual_seed(0)
@@ -426,11 +443,18 @@ def run(args) -> str:
             not_run.update({c.path: "skipped by --skip" for c in cases if skip(c)})
             cases = [c for c in cases if not skip(c)]
             rows = []
+            base_out = None
             for case in cases:
                 row = Row(op, seq, case.path)
                 try:
                     row.fwd_s, _ = _measure(case.fwd, device, args.repeats)
                     row.fwd_bwd_s, row.peak_bytes = _measure(case.fwd_bwd, device, args.repeats)
+                    out = _first(case.fwd()).detach().float()
+                    if case.baseline:
+                        base_out = out
+                    elif base_out is not None:
+                        row.diff = _rel_diff(out, base_out)
+                    del out
                 except (torch.OutOfMemoryError, RuntimeError) as e:
                     row.note = f"failed: {str(e).splitlines()[0][:80]}"
                 if row.fwd_bwd_s:
@@ -446,8 +470,9 @@ def run(args) -> str:
                 ratio = f"{base / row.fwd_bwd_s:.2f}" if base and row.fwd_bwd_s else "-"
                 path = f"{row.path} (baseline)" if is_base else row.path
                 lines.append(f"| {seq} | {path} | {_fmt_s(row.fwd_s)} | {_fmt_s(row.fwd_bwd_s)} | "
-                             f"{ratio} | {row.rate} | {_fmt_b(row.peak_bytes)} {row.note} |")
-            del cases
+                             f"{ratio} | {row.rate} | {_fmt_b(row.peak_bytes)} {row.note} | "
+                             f"{row.diff} |")
+            del cases, base_out
         if not_run:
             lines += ["", "Not run: " + "; ".join(f"{p} ({why})" for p, why in not_run.items())]
         lines.append("")
