@@ -329,6 +329,13 @@ def _unique(launches: list[Launch]) -> list[Launch]:
     return rows
 
 
+def _count(items) -> dict:
+    counts: dict = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return counts
+
+
 def markdown(launches: list[Launch], arch: int, dtype: torch.dtype, command: str) -> str:
     import triton
 
@@ -344,6 +351,11 @@ def markdown(launches: list[Launch], arch: int, dtype: torch.dtype, command: str
         "(wgmma: Hopper warp-group tensor cores; mma.sync: Ampere-style tensor cores; fma: no "
         "tensor cores); 'blocks/SM' is the occupancy the registers, shared memory and warps allow. "
         "Autotuned kernels list every config the pruning keeps; a GPU run picks one by timing.",
+        f"- {len(launches)} launches compiled ({len(_unique(launches))} distinct rows below): "
+        f"{sum(bool(r.error) for r in launches)} compile errors, "
+        f"{sum(not r.fits and not r.error for r in launches)} over the limits, "
+        f"{sum(r.local_bytes > 0 for r in launches)} with local memory (spills); products: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(_count(r.mma for r in launches if r.mma != "-").items())),
         "",
         "| op | kernel | first case | config | warps | stages | regs | local B | shared KiB | mma | blocks/SM | fits |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---|",
@@ -362,7 +374,8 @@ def markdown(launches: list[Launch], arch: int, dtype: torch.dtype, command: str
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, default=90, help=f"compute capability x10: {sorted(ARCHS)}")
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(ARCHS),
+                        help="compute capability x 10: 80 A100, 89 L4/L40S, 90 H100/H200")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--seq", type=int, default=8192)
@@ -372,6 +385,9 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", type=Path, help="write the table as markdown here")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("TRITON_INTERPRET=1 makes Triton interpret the kernels instead of compiling "
+                     "them; unset it (or set 0) for this command")
     launches = compile_all(args.arch, dtype=dtype, head_dims=tuple(args.head_dims), seq=args.seq,
                            batch=args.batch, ops=tuple(args.ops))
     command = "python -m ctxscale.kernels.triton_compile " + " ".join(argv if argv is not None
