@@ -149,13 +149,32 @@ def _cpu_flash_backward(do, q, k, v, o, lse, causal, scale):
 
 
 @torch.no_grad()
+def _triton_block_kernel(q, k, v):
+    """The Triton module when a ring / LightSeq block should run on it: where `attention()`
+    would take Triton (CUDA by default, `CTXSCALE_KERNELS[_ATTENTION]=triton` anywhere it runs)
+    and the kernel supports the inputs; else None (the blockwise PyTorch path)."""
+    forced = forced_path("attention")
+    if forced not in (None, "triton") or not (forced == "triton" or want_triton(q.device)):
+        return None
+    from ctxscale.kernels import flash_attention_triton as fat
+
+    return fat if fat.supports(q, k, v) else None
+
+
 def attention_forward(q, k, v, *, causal=True, softmax_scale=None, block_size=DEFAULT_BLOCK):
     """Blockwise forward. Returns `(o, lse)`: o in the compute dtype (float32, or float64 for
-    float64 inputs) so callers can merge partial results exactly, lse `(batch, heads, seq_q)`."""
+    float64 inputs) so callers can merge partial results exactly, lse `(batch, heads, seq_q)`.
+    On CUDA this is the Triton kernel's block entry point (`flash_attention_forward`)."""
     _check_shapes(q, k, v)
+    fat = _triton_block_kernel(q, k, v)
+    if fat is not None:
+        log_choice("attention_block", "triton")
+        return fat.flash_attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
     if _cpu_flash_ok(q, k, causal):
+        log_choice("attention_block", "cpu_flash")
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
         return _cpu_flash_forward(q, k, v, causal, scale)
+    log_choice("attention_block", "blockwise")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     cdt = _compute_dtype(q.dtype)
     b, sq, h, d = q.shape
@@ -202,9 +221,15 @@ def attention_backward(
     (q, k, v) is one block (ring attention): the result is then this block's contribution to the
     gradients. `dlse` (optional, `(batch, heads, seq_q)`) is the gradient flowing into lse.
     Returns (dq, dk, dv) in the compute dtype (float32, or float64); dk/dv summed over the query
-    heads that share a key/value head.
+    heads that share a key/value head. On CUDA this is the Triton kernel's
+    `flash_attention_backward`.
     """
     _check_shapes(q, k, v)
+    fat = _triton_block_kernel(q, k, v)
+    if fat is not None:
+        log_choice("attention_block", "triton")
+        return fat.flash_attention_backward(do, q, k, v, o, lse, causal=causal,
+                                            softmax_scale=softmax_scale, dlse=dlse)
     if dlse is None and _cpu_flash_ok(q, k, causal):
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
         return _cpu_flash_backward(do, q, k, v, o, lse, causal, scale)

@@ -460,7 +460,8 @@ def _forward(q, k, v, causal, softmax_scale, out_dtype, o_prev=None, lse_prev=No
 def _backward(do, q, k, v, o, lse, causal, softmax_scale, dlse=None):
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
-    q, k, v, o, do = (t.contiguous() for t in (q, k, v, o, do))
+    # do in q's dtype: the kernels multiply it with v (and p) in the input precision
+    q, k, v, o, do = (t.contiguous() for t in (q, k, v, o, do.to(q.dtype)))
     lse = lse.float().contiguous()
     scale = _scale(q, softmax_scale)
     block_d = _head_block(d)

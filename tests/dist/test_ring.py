@@ -123,6 +123,35 @@ def test_ring_oracle_p2_p4_and_error_does_not_grow():
     assert_oracle_and_growth("ring")
 
 
+def _triton_sweep(rank, world, method, cases):
+    """The oracle sweep with attention forced onto the Triton kernel in this (persistent) worker;
+    the interpreter flag must be set before the kernel module is first imported here."""
+    import os
+
+    from ctxscale.kernels import chosen_paths
+
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["CTXSCALE_KERNELS_ATTENTION"] = "triton"
+    try:
+        return _oracle_sweep(rank, world, method, cases), chosen_paths().get("attention_block")
+    finally:
+        del os.environ["CTXSCALE_KERNELS_ATTENTION"]
+
+
+@pytest.mark.parametrize("method", ["ring", "cp:lightseq"])
+def test_ring_and_lightseq_steps_on_the_triton_kernel(method):
+    """The ring and LightSeq block steps on the Triton FlashAttention kernel (what CUDA runs by
+    default; forced here, in the interpreter on CPU) match the float64 oracle at P=2 with the
+    kernel's float32 tolerance."""
+    layout = "zigzag" if method == "ring" else "contiguous"  # LightSeq shards contiguously
+    cases = [dict(layout=layout, causal=True, heads=6, kv_heads=2, seq_len=56),
+             dict(layout="contiguous", causal=False, heads=5, kv_heads=1, seq_len=56)]
+    for errs, path in run_distributed(_triton_sweep, 2, args=(method, cases)):
+        assert path == "triton"
+        for case, e in zip(cases, errs):
+            assert max(e.values()) < 1e-4, (case, e)
+
+
 def test_ring_oracle_p8():
     cases = [dict(layout=layout, causal=True, heads=6, kv_heads=2, seq_len=112)
              for layout in LAYOUTS] + [dict(layout="zigzag", causal=False, heads=5, kv_heads=5,

@@ -80,6 +80,45 @@ def test_global_lse_backward_splits_over_key_blocks():
     torch.testing.assert_close(torch.cat([a[2], b[2]], 1), full[2], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_entry_points_run_triton_where_attention_does(causal, monkeypatch, device):
+    """attention_forward / attention_backward (the ring and LightSeq block steps) take the Triton
+    kernel wherever attention() would (CUDA by default; forced here so the interpreter runs it on
+    CPU), with the same contract: float32 (o, lse), and a backward from a global (o, lse) and a
+    dlse split over two key blocks. Against the float64 blockwise path: the kernel's float32
+    tolerances (1e-5 forward, 1e-4 gradients relative to the largest entry)."""
+    from ctxscale.kernels import chosen_paths
+
+    q64, k64, v64 = (t.to(device) for t in _inputs(29, 45, 6, 2, 40, torch.float64))
+    do64 = torch.randn(q64.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    dlse64 = torch.randn(q64.shape[0], q64.shape[2], q64.shape[1],
+                         generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    do64, dlse64 = do64.to(device), dlse64.to(device)
+    o_ref, lse_ref = attention_forward(q64, k64, v64, causal=causal)
+    ref = attention_backward(do64, q64, k64, v64, o_ref, lse_ref, causal=causal, dlse=dlse64)
+    monkeypatch.setenv("CTXSCALE_KERNELS_ATTENTION", "triton")
+    q, k, v, do, dlse = (t.float() for t in (q64, k64, v64, do64, dlse64))
+    o, lse = attention_forward(q, k, v, causal=causal)
+    assert chosen_paths()["attention_block"] == "triton"
+    assert o.dtype == lse.dtype == torch.float32
+    fin = torch.isfinite(lse_ref)
+    assert torch.equal(fin, torch.isfinite(lse))
+    torch.testing.assert_close(o.double(), o_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double()[fin], lse_ref[fin], rtol=1e-5, atol=1e-5)
+    got = attention_backward(do, q, k, v, o, lse, causal=causal, dlse=dlse)
+    assert chosen_paths()["attention_block"] == "triton"
+    for name, a, r in zip(("dq", "dk", "dv"), got, ref):
+        assert a.dtype == torch.float32, name
+        err = (a.double() - r).abs().max().item()
+        assert err <= 1e-4 * r.abs().max().item(), (name, err)
+    if not causal:  # two key blocks' backwards from the global (o, lse) add up to the whole
+        a, b = (attention_backward(do, q, k[:, sl], v[:, sl], o, lse, causal=False, dlse=dlse)
+                for sl in (slice(0, 20), slice(20, None)))
+        torch.testing.assert_close(a[0] + b[0], got[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.cat([a[1], b[1]], 1), got[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.cat([a[2], b[2]], 1), got[2], rtol=1e-5, atol=1e-5)
+
+
 def test_default_path_on_cpu_is_sdpa_without_lse_and_blockwise_with_lse():
     from ctxscale.kernels import chosen_paths
 
