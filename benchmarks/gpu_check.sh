@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The GPU check of the Triton kernels, as one run that fits a short lease of one H100 / H200
-# (about 9 minutes after the machine starts): versions, the kernel tests compiled for real
-# (TRITON_INTERPRET=0), then the kernel benchmark against PyTorch SDPA and, when its wheels
-# travel along, flash-linear-attention. Logs and tables go to $OUT (default benchmarks/results/):
+# (at most 7 minutes after the machine starts, leaving a lease of 15 minutes room to rerun one
+# part): versions, the issue's target rows of the kernel benchmark against PyTorch SDPA and, when
+# its wheels travel along, flash-linear-attention; the kernel tests compiled for real
+# (TRITON_INTERPRET=0); then every op from 1K to 64K. Most important first, each step
+# time-limited, so a step that runs out still leaves the earlier results. Logs and tables go to
+# $OUT (default benchmarks/results/):
 #   gpu_check.log            versions and each step's exit status
 #   gpu_kernel_tests.log     pytest tests/kernels on the GPU
 #   kernels_cuda_targets.md  attention and linear attention, bf16, head dim 128, 8K-32K
-#   kernels_cuda.md          every op from 1K to 64K
+#   kernels_cuda.md          every op at 1K and 64K
 #   kernels_cuda*.log        the benchmarks' own output (errors included)
 #
 # Nothing is installed: the package is put on PYTHONPATH through links (ctxscale is a namespace
@@ -19,8 +22,10 @@
 # and carry .whl with the run. flash-attn has no wheel on PyPI (it compiles for an hour), so the
 # attention target is then SDPA.
 #
-#   bash benchmarks/gpu_check.sh            # PYTHON=... to pick the interpreter
+#   bash benchmarks/gpu_check.sh [targets] [tests] [sweep]   # default all three, in this order
+#   PYTHON=... picks the interpreter
 set -u
+PARTS=${*:-targets tests sweep}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 PY=${PYTHON:-python3}
@@ -62,18 +67,23 @@ step() {  # step NAME SECONDS LOGFILE CMD...: run with a time limit into LOGFILE
   tail -n 4 "$logfile" | tee -a "$LOG"
 }
 
-# the compile-for-sm_90 test is for machines without a GPU: here every test compiles for real.
-# The tests run each kernel with its first fitting config (one compile per specialization, not
-# one per autotune config); the benchmarks autotune.
-CTXSCALE_TRITON_AUTOTUNE=0 step "kernel tests" 240 "$OUT/gpu_kernel_tests.log" "$PY" -m pytest \
-  -q -p no:cacheprovider --maxfail=20 tests/kernels --deselect tests/kernels/test_triton_compile.py
-
-step "benchmark targets" 150 "$OUT/kernels_cuda_targets.log" "$PY" benchmarks/kernels.py \
-  --device cuda --dtype bfloat16 --ops attention linear_attention --seq 8192 16384 32768 \
-  --head-dim 128 --repeats 5 --skip blockwise reference recurrent \
-  --out "$OUT/kernels_cuda_targets.md"
-
-step "benchmark sweep" 170 "$OUT/kernels_cuda.log" "$PY" benchmarks/kernels.py --device cuda \
-  --dtype bfloat16 --seq 1024 4096 65536 --repeats 5 --skip blockwise \
-  --out "$OUT/kernels_cuda.md"
+for part in $PARTS; do
+  case $part in
+    targets)  # bf16, head dim 128, 8K-32K: the rows the issue's targets are read from
+      step "benchmark targets" 180 "$OUT/kernels_cuda_targets.log" "$PY" benchmarks/kernels.py \
+        --device cuda --dtype bfloat16 --ops attention linear_attention --seq 8192 16384 32768 \
+        --head-dim 128 --repeats 5 --skip blockwise reference recurrent \
+        --out "$OUT/kernels_cuda_targets.md" ;;
+    tests)  # compile-for-sm_90 is for machines without a GPU: here every test compiles for real.
+      # Each kernel runs its first fitting config (one compile per specialization).
+      CTXSCALE_TRITON_AUTOTUNE=0 step "kernel tests" 150 "$OUT/gpu_kernel_tests.log" "$PY" -m \
+        pytest -q -p no:cacheprovider --maxfail=20 tests/kernels \
+        --deselect tests/kernels/test_triton_compile.py ;;
+    sweep)
+      step "benchmark sweep" 90 "$OUT/kernels_cuda.log" "$PY" benchmarks/kernels.py \
+        --device cuda --dtype bfloat16 --seq 1024 65536 --repeats 3 \
+        --skip blockwise reference recurrent --out "$OUT/kernels_cuda.md" ;;
+    *) note "unknown part '$part' (targets, tests, sweep)"; rm -rf "$PKG"; exit 2 ;;
+  esac
+done
 rm -rf "$PKG"
