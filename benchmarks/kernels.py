@@ -210,6 +210,11 @@ def attention_cases(seq, args, device, dtype):
                           baseline=baseline))
 
     add("sdpa", lambda: att._sdpa(q, k, v, True, None), baseline=True)
+    if hk != h:  # the baseline repeats k/v for GQA (what ctxscale's SDPA path does); SDPA's own
+        # enable_gqa may be faster, or fall back to a slower backend: both rows, read the faster
+        add("sdpa enable_gqa", lambda: torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+            enable_gqa=True).transpose(1, 2))
     why = _triton_ok(device)
     if why is None:
         fat = importlib.import_module("ctxscale.kernels.flash_attention_triton")
