@@ -344,8 +344,10 @@ class _LinearAttention(torch.autograd.Function):
         dq, dk_ = torch.empty_like(q), torch.empty_like(k)
         dv = torch.empty_like(v)
         nk_max = triton.cdiv(dk, 16 if INTERPRET else _MIN_BK)
-        dg_part = (torch.zeros(nk_max, b, n, h, dtype=torch.float32, device=q.device)
-                   if g is not None else ds0)
+        # its own buffer even without decay: the autotuner zeroes DG_PART before timing configs,
+        # so a stand-in must not alias a result (ds0 did: d initial_state came back zero)
+        dg_part = torch.zeros(nk_max if g is not None else 1, b, n if g is not None else 1, h,
+                              dtype=torch.float32, device=q.device)
         _launch(_la_bwd_dqdk_kernel, _dqdk_tuned,
                 lambda m: (triton.cdiv(dk, m["BK"]), n_chunks, b * h),
                 q, k, v, do, g_t, hs, dhs, dq, dk_, dg_part, *strides,

@@ -20,9 +20,28 @@ def autotune_enabled() -> bool:
     return os.environ.get("CTXSCALE_TRITON_AUTOTUNE", "1").strip() != "0"
 
 
+def check_reset_buffers(tuned, args) -> None:
+    """The autotuner zeroes its `reset_to_zero` arguments before it times each config: such a
+    buffer must not share memory with any other tensor argument, or a result (or an input) is
+    wiped on a GPU's first call. Checked on every launch, so the interpreter tests catch it."""
+    named = dict(zip(tuned.arg_names, args))
+    for name in getattr(tuned, "reset_to_zero", ()):
+        buf = named.get(name)
+        if not isinstance(buf, torch.Tensor) or buf.device.type == "meta":
+            continue
+        lo = buf.untyped_storage().data_ptr()
+        hi = lo + buf.untyped_storage().nbytes()
+        for other_name, other in named.items():
+            if other_name != name and isinstance(other, torch.Tensor) and other.numel():
+                start = other.untyped_storage().data_ptr()
+                assert not (start < hi and lo < start + other.untyped_storage().nbytes()), (
+                    f"autotune reset buffer {name} aliases argument {other_name}")
+
+
 def launch(kernel, tuned, grid_fn, interpret_meta: dict, *args, **kwargs) -> None:
     """Run `kernel[grid]` with `interpret_meta` (block sizes, num_warps) under the interpreter,
     else the autotuned `tuned[grid]`. `grid_fn(meta)` maps the chosen block sizes to the grid."""
+    check_reset_buffers(tuned, args)
     if INTERPRET:
         kernel[grid_fn(interpret_meta)](*args, **kwargs, **interpret_meta)
     elif autotune_enabled():

@@ -1,6 +1,8 @@
 """kernels/triton_launch.py: the launch rule (interpreter tiles, autotune, or the first config
 the pruning keeps when CTXSCALE_TRITON_AUTOTUNE=0), with stand-in kernels that record calls."""
 
+import pytest
+import torch
 import triton
 
 from ctxscale.kernels import triton_launch
@@ -59,3 +61,15 @@ def test_interpreter_uses_the_fixed_meta(monkeypatch):
     kernel, tuned, grid = _setup()
     triton_launch.launch(kernel, tuned, grid, {"BLOCK": 16, "num_warps": 1}, "x", 64)
     assert tuned.calls == [] and kernel.calls == [((6,), ("x", 64), {"BLOCK": 16, "num_warps": 1})]
+
+
+def test_reset_buffer_must_not_alias_another_argument():
+    """The autotuner zeroes reset_to_zero buffers before timing: a stand-in buffer that shares
+    memory with a result would wipe it on a GPU's first call (it did: linear attention's decay
+    gradient buffer stood in for the initial-state gradient when there was no decay)."""
+    tuned = _Tuned([])
+    tuned.arg_names, tuned.reset_to_zero = ["OUT", "PART"], ["PART"]
+    out = torch.zeros(8)
+    triton_launch.check_reset_buffers(tuned, (out, torch.zeros(4)))
+    with pytest.raises(AssertionError, match="PART aliases argument OUT"):
+        triton_launch.check_reset_buffers(tuned, (out, out[2:]))
