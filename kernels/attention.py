@@ -148,19 +148,23 @@ def _cpu_flash_backward(do, q, k, v, o, lse, causal, scale):
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
-@torch.no_grad()
+def _triton_wanted(forced: str | None, device: torch.device) -> bool:
+    """Whether attention should take the Triton kernel: forced by `CTXSCALE_KERNELS_ATTENTION`, or
+    asked for by the kernel family (`CTXSCALE_KERNELS`; CUDA by default)."""
+    return forced == "triton" or (forced is None and want_triton(device))
+
+
 def _triton_block_kernel(q, k, v):
     """The Triton module when a ring / LightSeq block should run on it: where `attention()`
-    would take Triton (CUDA by default, `CTXSCALE_KERNELS[_ATTENTION]=triton` anywhere it runs)
-    and the kernel supports the inputs; else None (the blockwise PyTorch path)."""
-    forced = forced_path("attention")
-    if forced not in (None, "triton") or not (forced == "triton" or want_triton(q.device)):
+    would take Triton and the kernel supports the inputs; else None (the blockwise path)."""
+    if not _triton_wanted(forced_path("attention"), q.device):
         return None
     from ctxscale.kernels import flash_attention_triton as fat
 
     return fat if fat.supports(q, k, v) else None
 
 
+@torch.no_grad()
 def attention_forward(q, k, v, *, causal=True, softmax_scale=None, block_size=DEFAULT_BLOCK):
     """Blockwise forward. Returns `(o, lse)`: o in the compute dtype (float32, or float64 for
     float64 inputs) so callers can merge partial results exactly, lse `(batch, heads, seq_q)`.
@@ -346,7 +350,7 @@ def attention(q, k, v, *, causal=True, softmax_scale=None, return_lse=False):
         log_choice("attention", "reference", "forced")
         o, lse = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale)
         return (o, lse.float() if lse.dtype != torch.float64 else lse) if return_lse else o
-    if forced == "triton" or (forced is None and want_triton(q.device)):
+    if _triton_wanted(forced, q.device):
         from ctxscale.kernels import flash_attention_triton as fat
 
         if fat.supports(q, k, v):

@@ -119,6 +119,15 @@ def test_block_entry_points_run_triton_where_attention_does(causal, monkeypatch,
         torch.testing.assert_close(torch.cat([a[2], b[2]], 1), got[2], rtol=1e-5, atol=1e-5)
 
 
+def test_block_entry_points_build_no_autograd_graph():
+    """attention_forward / attention_backward are the inside of autograd Functions (ring,
+    LightSeq): on inputs that require grad they must not record a graph (memory per ring step)."""
+    q, k, v = (t.requires_grad_() for t in _inputs(21, 21, 2, 2, 8, torch.float64))
+    o, lse = attention_forward(q, k, v)
+    grads = attention_backward(torch.ones_like(o), q, k, v, o, lse)
+    assert not any(t.requires_grad for t in (o, lse, *grads))
+
+
 def test_default_path_on_cpu_is_sdpa_without_lse_and_blockwise_with_lse():
     from ctxscale.kernels import chosen_paths
 
