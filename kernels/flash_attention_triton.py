@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ctxscale.kernels.attention import _check_shapes
-from ctxscale.kernels.dispatch import triton_runnable
+from ctxscale.kernels.dispatch import shared_memory_per_block, triton_runnable
 from ctxscale.kernels.triton_launch import INTERPRET, dot_precision, launch
 
 _LOG2E = 1.4426950408889634
@@ -83,8 +83,6 @@ def _tile_smem(kind: str, bm: int, bn: int, stages: int, d: int, elem: int) -> i
 def _pruner(kind: str):
     def prune(configs, named_args, **kwargs):
         """Drop the configs whose tiles would not fit the device's shared memory."""
-        from ctxscale.kernels.dispatch import shared_memory_per_block
-
         q = named_args["Q"]
         d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
         limit = shared_memory_per_block(q.device)

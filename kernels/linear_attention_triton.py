@@ -277,8 +277,11 @@ def _chunk() -> int:
     return 16 if INTERPRET else CHUNK
 
 
+_INTERPRET_META = {"BK": 16, "BV": 16, "num_warps": 1}
+
+
 def _launch(kernel, tuned, grid_fn, *args, **kwargs):
-    launch(kernel, tuned, grid_fn, {"BK": 16, "BV": 16, "num_warps": 1}, *args, **kwargs)
+    launch(kernel, tuned, grid_fn, _INTERPRET_META, *args, **kwargs)
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -343,7 +346,7 @@ class _LinearAttention(torch.autograd.Function):
         strides = _strides(q, v)
         dq, dk_ = torch.empty_like(q), torch.empty_like(k)
         dv = torch.empty_like(v)
-        nk_max = triton.cdiv(dk, 16 if INTERPRET else _MIN_BK)
+        nk_max = triton.cdiv(dk, _INTERPRET_META["BK"] if INTERPRET else _MIN_BK)
         # its own buffer even without decay: the autotuner zeroes DG_PART before timing configs,
         # so a stand-in must not alias a result (ds0 did: d initial_state came back zero)
         dg_part = torch.zeros(nk_max if g is not None else 1, b, n if g is not None else 1, h,

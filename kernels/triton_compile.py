@@ -75,6 +75,14 @@ class Launch:
     error: str = ""
 
 
+_INTERPRET_REFUSAL = ("TRITON_INTERPRET=1 makes Triton interpret the kernels instead of "
+                      "compiling them; unset it (or set 0) to compile")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 class _TargetDriver:
     """Just enough of a Triton driver to compile for `target` without a GPU."""
 
@@ -177,9 +185,8 @@ class _Recorder:
 def compile_only(arch: int):
     """Within the block, Triton launches compile for `arch` and record a `Launch` instead of
     running; kernels take `meta` tensors. Yields the recorder (`.launches`, `.op`, `.case`)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("TRITON_INTERPRET=1 makes Triton interpret kernels instead of compiling "
-                           "them: run ctxscale.kernels.triton_compile with TRITON_INTERPRET unset")
+    if _interpreting():
+        raise RuntimeError(_INTERPRET_REFUSAL)
     if arch not in ARCHS:
         raise ValueError(f"--arch {arch} is not one of {sorted(ARCHS)} (sm_80 A100, sm_89 L4/L40S, "
                          "sm_90 H100/H200)")
@@ -385,9 +392,8 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", type=Path, help="write the table as markdown here")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        parser.error("TRITON_INTERPRET=1 makes Triton interpret the kernels instead of compiling "
-                     "them; unset it (or set 0) for this command")
+    if _interpreting():
+        parser.error(_INTERPRET_REFUSAL)
     launches = compile_all(args.arch, dtype=dtype, head_dims=tuple(args.head_dims), seq=args.seq,
                            batch=args.batch, ops=tuple(args.ops))
     command = "python -m ctxscale.kernels.triton_compile " + " ".join(argv if argv is not None

@@ -24,8 +24,11 @@ def check_reset_buffers(tuned, args) -> None:
     """The autotuner zeroes its `reset_to_zero` arguments before it times each config: such a
     buffer must not share memory with any other tensor argument, or a result (or an input) is
     wiped on a GPU's first call. Checked on every launch, so the interpreter tests catch it."""
+    resets = getattr(tuned, "reset_to_zero", ())
+    if not resets:
+        return
     named = dict(zip(tuned.arg_names, args))
-    for name in getattr(tuned, "reset_to_zero", ()):
+    for name in resets:
         buf = named.get(name)
         if not isinstance(buf, torch.Tensor) or buf.device.type == "meta":
             continue
