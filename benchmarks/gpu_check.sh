@@ -8,7 +8,8 @@
 # $OUT (default benchmarks/results/):
 #   gpu_check.log            versions and each step's exit status
 #   gpu_kernel_tests.log     pytest tests/kernels on the GPU
-#   kernels_cuda_targets.md  attention and linear attention, bf16, head dim 128, 8K-32K
+#   kernels_cuda_targets.md  attention, linear attention (and the ring step's in-kernel
+#                            merge), bf16, head dim 128, 8K-32K
 #   kernels_cuda.md          every op at 1K and 64K
 #   kernels_cuda*.log        the benchmarks' own output (errors included)
 #
@@ -71,7 +72,7 @@ for part in $PARTS; do
   case $part in
     targets)  # bf16, head dim 128, 8K-32K: the rows the issue's targets are read from
       step "benchmark targets" 180 "$OUT/kernels_cuda_targets.log" "$PY" benchmarks/kernels.py \
-        --device cuda --dtype bfloat16 --ops attention linear_attention --seq 8192 16384 32768 \
+        --device cuda --dtype bfloat16 --ops attention linear_attention ring_step --seq 8192 16384 32768 \
         --head-dim 128 --repeats 5 --skip blockwise reference recurrent \
         --out "$OUT/kernels_cuda_targets.md" ;;
     tests)  # compile-for-sm_90 is for machines without a GPU: here every test compiles for real.

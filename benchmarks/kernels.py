@@ -9,6 +9,10 @@ Paths compared (a path that cannot run here is listed once under "not run" with 
 - attention: ours Triton FlashAttention-2 (CUDA), PyTorch SDPA (always; the baseline),
   flash-attn `flash_attn_func` (when installed), the blockwise PyTorch FA-2 path, and the
   full-score reference (while its seq² scores fit in memory).
+- ring_step (forward only): one ring / LightSeq step, a key block of the same length merged
+  into a running (o, lse): the block kernel then the PyTorch log-sum-exp merge (baseline; on CPU
+  the fused CPU kernel, on CUDA ours Triton) against ours Triton with the merge inside the kernel,
+  in place (CUDA). Both clone the running result first, so each call starts from the same state.
 - linear_attention: ours Triton chunked kernel (CUDA), the PyTorch chunked (Lightning-2) path
   (baseline), flash-linear-attention `chunk_simple_gla` (when installed), the token-by-token
   recurrence (short sequences only).
@@ -49,7 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-OPS = ("attention", "linear_attention", "selective_scan", "rms_norm", "cross_entropy")
+OPS = ("attention", "ring_step", "linear_attention", "selective_scan", "rms_norm", "cross_entropy")
 
 
 # ---------------------------------------------------------------- measurement
@@ -235,6 +239,43 @@ def attention_cases(seq, args, device, dtype):
     return cases, skipped
 
 
+def ring_step_cases(seq, args, device, dtype):
+    att = importlib.import_module("ctxscale.kernels.attention")
+
+    b, h, hk, d = args.batch, args.heads, args.kv_heads, args.head_dim
+    q = torch.randn(b, seq, h, d, device=device, dtype=dtype)
+    k = torch.randn(b, 2 * seq, hk, d, device=device, dtype=dtype)
+    v = torch.randn(b, 2 * seq, hk, d, device=device, dtype=dtype)
+    # the running result over the first key block (an earlier ring step), kept in float32
+    o_prev, lse_prev = att.attention_forward(q, k[:, :seq], v[:, :seq], causal=False)
+    o_prev, lse_prev = o_prev.float(), lse_prev.float()
+    kb, vb = k[:, seq:], v[:, seq:]
+    fl = att.attention_flops(b, seq, seq, h, d, causal=False)
+    cases, skipped = [], []
+
+    def separate():
+        out, lse = o_prev.clone(), lse_prev.clone()
+        o_b, lse_b = att.attention_forward(q, kb, vb, causal=False)
+        att.merge_attention(out, lse, o_b, lse_b)
+        return out
+
+    cases.append(Case("block kernel + PyTorch merge", separate, None, fl, baseline=True))
+    why = _triton_ok(device)
+    if why is None:
+        fat = importlib.import_module("ctxscale.kernels.flash_attention_triton")
+
+        def in_kernel():
+            out, lse = o_prev.clone(), lse_prev.clone()
+            fat.flash_attention_forward(q, kb, vb, causal=False, o_prev=out, lse_prev=lse,
+                                        inplace=True)
+            return out
+
+        cases.append(Case("triton (ours), merge in kernel", in_kernel, None, fl))
+    else:
+        skipped.append(("triton (ours), merge in kernel", why))
+    return cases, skipped
+
+
 def linear_attention_cases(seq, args, device, dtype):
     la = importlib.import_module("ctxscale.kernels.linear_attention")
 
@@ -387,6 +428,7 @@ def _nograd(fn):
 
 BUILDERS = {
     "attention": attention_cases,
+    "ring_step": ring_step_cases,
     "linear_attention": linear_attention_cases,
     "selective_scan": selective_scan_cases,
     "rms_norm": rms_norm_cases,
@@ -426,7 +468,8 @@ def run(args) -> str:
         f"softplus; rms_norm hidden {args.hidden}; cross-entropy tokens = batch·seq, hidden "
         f"{args.hidden}, vocab {args.vocab}",
         f"- median of {args.repeats} runs after a warm-up; 'x base' = baseline time / path time "
-        "(forward+backward); throughput of the forward+backward pass; peak mem = extra memory "
+        "(forward+backward; the forward for the forward-only ring_step, likewise throughput and "
+        "peak mem); throughput of the forward+backward pass; peak mem = extra memory "
         "of one forward+backward; diff vs base = max |out − baseline out| / max |baseline out| "
         "of the forward outputs (same inputs; bf16 paths differ by rounding, ~1e-2)",
         "",
@@ -452,8 +495,10 @@ def run(args) -> str:
             for case in cases:
                 row = Row(op, seq, case.path)
                 try:
-                    row.fwd_s, _ = _measure(case.fwd, device, args.repeats)
-                    row.fwd_bwd_s, row.peak_bytes = _measure(case.fwd_bwd, device, args.repeats)
+                    row.fwd_s, row.peak_bytes = _measure(case.fwd, device, args.repeats)
+                    if case.fwd_bwd is not None:  # forward-only ops keep the forward's peak
+                        row.fwd_bwd_s, row.peak_bytes = _measure(case.fwd_bwd, device,
+                                                                 args.repeats)
                     out = _first(case.fwd()).detach().float()
                     if case.baseline:
                         base_out = out
@@ -467,12 +512,15 @@ def run(args) -> str:
                         row.rate = _fmt_rate(case.flops_fwd_bwd / row.fwd_bwd_s, "FLOP/s")
                     elif case.bytes_fwd_bwd:
                         row.rate = _fmt_rate(case.bytes_fwd_bwd / row.fwd_bwd_s, "B/s")
+                elif case.fwd_bwd is None and row.fwd_s and case.flops_fwd:
+                    row.rate = _fmt_rate(case.flops_fwd / row.fwd_s, "FLOP/s") + " (fwd)"
                 rows.append((row, case.baseline))
                 print(f"{op:17s} seq {seq:6d} {case.path:32s} fwd {_fmt_s(row.fwd_s):>10s} "
                       f"fwd+bwd {_fmt_s(row.fwd_bwd_s):>10s} {row.rate} {row.note}", flush=True)
-            base = next((r.fwd_bwd_s for r, is_base in rows if is_base), None)
+            timed = lambda r: r.fwd_bwd_s if r.fwd_bwd_s is not None else r.fwd_s  # fwd-only ops
+            base = next((timed(r) for r, is_base in rows if is_base), None)
             for row, is_base in rows:
-                ratio = f"{base / row.fwd_bwd_s:.2f}" if base and row.fwd_bwd_s else "-"
+                ratio = f"{base / timed(row):.2f}" if base and timed(row) else "-"
                 path = f"{row.path} (baseline)" if is_base else row.path
                 lines.append(f"| {seq} | {path} | {_fmt_s(row.fwd_s)} | {_fmt_s(row.fwd_bwd_s)} | "
                              f"{ratio} | {row.rate} | {_fmt_b(row.peak_bytes)} {row.note} | "

@@ -42,7 +42,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from ctxscale.dist import comm
-from ctxscale.kernels import attention, attention_backward, attention_forward
+from ctxscale.kernels import (
+    attention,
+    attention_backward,
+    attention_forward,
+    attention_forward_merge,
+    merge_attention,
+)
 from ctxscale.kernels.attention import attention_flops
 
 
@@ -85,15 +91,6 @@ def _check_even(world_size: int) -> None:
 
 
 # ---------------------------------------------------------------- helpers
-def _merge(o, lse, o2, lse2):
-    """Exact log-sum-exp merge of two partial results; o (b, s, h, d) and lse (b, h, s), f32."""
-    new = torch.logaddexp(lse, lse2)
-    safe = torch.where(torch.isinf(new), 0.0, new)
-    w1 = torch.exp(lse - safe).transpose(1, 2).unsqueeze(-1)
-    w2 = torch.exp(lse2 - safe).transpose(1, 2).unsqueeze(-1)
-    return o * w1 + o2 * w2, new
-
-
 def _block_backward(do, q, k, v, lse, delta, *, causal, scale):
     """Gradients of one block given the global lse and D = rowsum(do ∘ o), without shipping o.
 
@@ -176,14 +173,13 @@ def _forward(q, k, v, group, causal, scale, overlap):
             diag = causal and own_kv == rank
             q_own = q[:, own_rows]
             comm.trace("compute", f"fwd{t}")
-            o_t, lse_t = attention_forward(q_own, kk, vv, causal=diag, softmax_scale=scale)
-            comm.record_attention_work(blocks=1, flops=_flops(q_own, kk, diag))
-            o_t = o_t.float()
             if o_acc is None:  # step 0 (the diagonal, or kv_r when non-causal) covers all rows
-                o_acc, lse_acc = o_t, lse_t.float()
-            else:
-                o_acc[:, own_rows], lse_acc[:, :, own_rows] = _merge(
-                    o_acc[:, own_rows], lse_acc[:, :, own_rows], o_t, lse_t)
+                o_t, lse_t = attention_forward(q_own, kk, vv, causal=diag, softmax_scale=scale)
+                o_acc, lse_acc = o_t.float(), lse_t.float()
+            else:  # merged in place (inside the kernel on Triton)
+                attention_forward_merge(q_own, kk, vv, o_acc[:, own_rows],
+                                        lse_acc[:, :, own_rows], causal=diag, softmax_scale=scale)
+            comm.record_attention_work(blocks=1, flops=_flops(q_own, kk, diag))
         if help_q is not None:
             comm.trace("compute", f"fwd{t}-help")
             o_h, lse_h = attention_forward(bufs["q"], k, v, causal=False, softmax_scale=scale)
@@ -203,12 +199,12 @@ def _forward(q, k, v, group, causal, scale, overlap):
         for h_prev, prev in returned:  # results of the previous step: merge now
             h_prev.wait()
             for o_b, l_b, hr in prev:
-                o_acc[:, hr], lse_acc[:, :, hr] = _merge(o_acc[:, hr], lse_acc[:, :, hr], o_b, l_b)
+                merge_attention(o_acc[:, hr], lse_acc[:, :, hr], o_b, l_b)
         returned = [(h_ret, ret_bufs)] if ret_bufs else []
     for h_prev, prev in returned:
         h_prev.wait()
         for o_b, l_b, hr in prev:
-            o_acc[:, hr], lse_acc[:, :, hr] = _merge(o_acc[:, hr], lse_acc[:, :, hr], o_b, l_b)
+            merge_attention(o_acc[:, hr], lse_acc[:, :, hr], o_b, l_b)
     for h, _ in sent:
         h.wait()
     return o_acc, lse_acc

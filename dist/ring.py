@@ -7,8 +7,8 @@ zigzag schedule of ring-flash-attention / Llama 3 context parallelism.
 
 Math. Rank r holds queries Q_r and, at ring step t = 0..P-1, the keys/values K_s, V_s of source
 rank s = (r - t) mod P (K/V move one hop to rank r+1 per step). Each step computes one block
-(o_s, lse_s) = attention(Q_r, K_s, V_s) with `attention_forward` and merges it into the running
-result in float32 with log-sum-exp:
+(o_s, lse_s) = attention(Q_r, K_s, V_s) and merges it into the running result in float32 with
+log-sum-exp (`attention_forward_merge`: inside the flash kernel on Triton, in place):
 
     lse = log(exp(lse) + exp(lse_s)),   o = o·exp(lse_old − lse) + o_s·exp(lse_s − lse)
 
@@ -51,7 +51,12 @@ import torch
 import torch.distributed as dist
 from ctxscale.dist import comm
 from ctxscale.dist.layout import LAYOUTS, check_divisible
-from ctxscale.kernels.attention import attention_backward, attention_flops, attention_forward
+from ctxscale.kernels.attention import (
+    attention_backward,
+    attention_flops,
+    attention_forward_merge,
+    merge_attention,
+)
 
 
 def group_rank_world(group) -> tuple[int, int]:
@@ -108,13 +113,7 @@ def merge_block(out, lse, block_out, block_lse, rows: slice) -> None:
     """Merge a partial attention result into (out, lse) for query `rows`, in place.
 
     out `(b, n, h, d)`, lse `(b, h, n)` in the compute dtype; -inf lse means "no key yet"."""
-    lse_old = lse[:, :, rows]
-    lse_new = torch.logaddexp(lse_old, block_lse)
-    lse_safe = torch.where(torch.isinf(lse_new), torch.zeros_like(lse_new), lse_new)
-    w_old = torch.exp(lse_old - lse_safe).transpose(1, 2).unsqueeze(-1)
-    w_new = torch.exp(block_lse - lse_safe).transpose(1, 2).unsqueeze(-1)
-    out[:, rows] = out[:, rows] * w_old + block_out * w_new
-    lse[:, :, rows] = lse_new
+    merge_attention(out[:, rows], lse[:, :, rows], block_out, block_lse)
 
 
 class RotatingBuffer:
@@ -224,9 +223,9 @@ def _ring_forward(q, k, v, *, group, layout, causal, scale, overlap):
             rows, krows, blk_causal = plan
             qb = _rows(q, rows)
             comm.trace("compute", f"ring_fwd{step}")
-            o_b, lse_b = attention_forward(qb, kv_s[0][:, krows], kv_s[1][:, krows],
-                                           causal=blk_causal, softmax_scale=scale)
-            merge_block(out, lse, o_b, lse_b, rows)
+            # merged into the running (out, lse) rows in place: inside the kernel on Triton
+            attention_forward_merge(qb, kv_s[0][:, krows], kv_s[1][:, krows], out[:, rows],
+                                    lse[:, :, rows], causal=blk_causal, softmax_scale=scale)
             comm.record_attention_work(
                 blocks=1, flops=_block_flops(b, h, d, _len(rows, n), _len(krows, n), blk_causal)
             )

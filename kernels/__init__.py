@@ -9,7 +9,9 @@ from ctxscale.kernels.attention import (
     attention_backward,
     attention_blockwise,
     attention_forward,
+    attention_forward_merge,
     attention_reference,
+    merge_attention,
 )
 from ctxscale.kernels.dispatch import chosen_paths, set_kernel_mode
 
@@ -18,7 +20,9 @@ __all__ = [
     "attention_backward",
     "attention_blockwise",
     "attention_forward",
+    "attention_forward_merge",
     "attention_reference",
+    "merge_attention",
     "chosen_paths",
     "set_kernel_mode",
 ]

@@ -216,6 +216,44 @@ def attention_forward(q, k, v, *, causal=True, softmax_scale=None, block_size=DE
 
 
 @torch.no_grad()
+def merge_attention(out, lse, block_out, block_lse) -> None:
+    """Merge a partial result `(block_out, block_lse)` over more keys into the running
+    `(out (b, s, h, d), lse (b, h, s))`, in place (views allowed), exactly:
+
+        lse' = log(e^lse + e^lse_blk),   out' = e^(lse − lse') out + e^(lse_blk − lse') block_out
+
+    lse = −inf means "no key yet" (a row that neither side has seen stays 0, −inf)."""
+    lse_new = torch.logaddexp(lse, block_lse.to(lse.dtype))
+    lse_safe = torch.where(torch.isinf(lse_new), torch.zeros_like(lse_new), lse_new)
+    w_old = torch.exp(lse - lse_safe).transpose(1, 2).unsqueeze(-1)
+    w_new = torch.exp(block_lse.to(lse.dtype) - lse_safe).transpose(1, 2).unsqueeze(-1)
+    out.mul_(w_old).add_(block_out.to(out.dtype) * w_new)
+    lse.copy_(lse_new)
+
+
+@torch.no_grad()
+def attention_forward_merge(q, k, v, out, lse, *, causal=True, softmax_scale=None,
+                            block_size=DEFAULT_BLOCK) -> None:
+    """One block step of ring / LightSeq attention: attention of q against this key block,
+    merged in place into the running `(out (b, sq, h, d), lse (b, h, sq))` (compute dtype;
+    views such as a row slice of a larger buffer are allowed). On the Triton kernel the merge
+    happens inside the kernel, which reads and rewrites `out` and `lse` once; elsewhere it is
+    `attention_forward` followed by `merge_attention`."""
+    _check_shapes(q, k, v)
+    fat = _triton_block_kernel(q, k, v)
+    if fat is not None and fat.inplace_ok(out, lse):
+        log_choice("attention_block", "triton")
+        log_choice("attention_merge", "in_kernel")
+        fat.flash_attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                    o_prev=out, lse_prev=lse, inplace=True)
+        return
+    o_b, lse_b = attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                   block_size=block_size)
+    log_choice("attention_merge", "pytorch")
+    merge_attention(out, lse, o_b, lse_b)
+
+
+@torch.no_grad()
 def attention_backward(
     do, q, k, v, o, lse, *, causal=True, softmax_scale=None, dlse=None, block_size=DEFAULT_BLOCK
 ):
@@ -387,6 +425,8 @@ __all__ = [
     "attention",
     "attention_reference",
     "attention_forward",
+    "attention_forward_merge",
+    "merge_attention",
     "attention_backward",
     "attention_blockwise",
     "attention_flops",

@@ -23,10 +23,12 @@ Layout: q `(batch, seq_q, heads, head_dim)`, k/v `(batch, seq_k, kv_heads, head_
 sees key j iff j <= i + seq_k − seq_q); a row that sees no key gets o = 0, lse = −inf. head_dim is
 padded to the next power of two (>= 16) by masked loads; the default scale uses the true dim.
 
-Ring / LightSeq steps use `flash_attention_forward(..., o_prev=, lse_prev=)`, which merges the new
-key block into a previous (o, lse) exactly: lse = logaddexp(lse_prev, lse_blk),
-o = e^{lse_prev − lse} o_prev + e^{lse_blk − lse} o_blk; and `flash_attention_backward` accepts the
-GLOBAL o and lse, returning this key block's contribution to (dq, dk, dv).
+Ring / LightSeq steps use `flash_attention_forward(..., o_prev=, lse_prev=, inplace=True)`, which
+merges the new key block into the running (o, lse) exactly, inside the kernel and in place (each
+program reads its rows of o_prev/lse_prev before it writes them; they may be row-slice views):
+lse = logaddexp(lse_prev, lse_blk), o = e^{lse_prev − lse} o_prev + e^{lse_blk − lse} o_blk; and
+`flash_attention_backward` accepts the GLOBAL o and lse, returning this key block's contribution
+to (dq, dk, dv).
 
 On CUDA the tile sizes come from a small `triton.autotune` sweep (configs whose tiles would not
 fit the device's shared memory are pruned first; causal query tiles run last-first, the longest
@@ -126,7 +128,7 @@ def _fwd_tile_loop(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_
 def _fwd_kernel(Q, K, V, Out, LSE, O_PREV, LSE_PREV,
                 stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                 stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
-                stride_pb, stride_ps, stride_ph,
+                stride_pb, stride_ps, stride_ph, stride_lb, stride_lh, stride_ls,
                 num_heads, group, seq_q, seq_k, head_dim, qk_scale,
                 CAUSAL: tl.constexpr, HAS_PREV: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -168,9 +170,11 @@ def _fwd_kernel(Q, K, V, Out, LSE, O_PREV, LSE_PREV,
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    lse_ptrs = LSE + bh.to(tl.int64) * seq_q + offs_m
-    if HAS_PREV:
-        lse_p = tl.load(LSE_PREV + bh.to(tl.int64) * seq_q + offs_m, mask=m_mask, other=float("-inf"))
+    # LSE and LSE_PREV share strides (the same tensor when merging in place)
+    lse_off = b * stride_lb + h * stride_lh + offs_m * stride_ls
+    lse_ptrs = LSE + lse_off
+    if HAS_PREV:  # read before the stores below: Out/LSE may be O_PREV/LSE_PREV (in place)
+        lse_p = tl.load(LSE_PREV + lse_off, mask=m_mask, other=float("-inf"))
         p_ptrs = O_PREV + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_ps + offs_d[None, :]
         o_p = tl.load(p_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
         lse_max = tl.maximum(lse_p, lse)
@@ -363,7 +367,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 
 
 _KEY = ["seq_q", "seq_k", "head_dim", "CAUSAL"]
-_fwd_tuned = triton.autotune(_fwd_configs(), key=_KEY,
+# Out and LSE may be the running result itself (an in-place merge reads them first): the
+# autotuner must restore them after timing each config, or the first call per shape on a GPU
+# would merge the block once per timed run.
+_fwd_tuned = triton.autotune(_fwd_configs(), key=_KEY, restore_value=["Out", "LSE"],
                              prune_configs_by={"early_config_prune": _pruner("fwd")})(_fwd_kernel)
 _dkdv_tuned = triton.autotune(_bwd_configs(), key=_KEY,
                               prune_configs_by={"early_config_prune": _pruner("dkdv")})(_bwd_dkdv_kernel)
@@ -431,24 +438,29 @@ def _check(q, k, v):
     _require_runnable(q)
 
 
-def _forward(q, k, v, causal, softmax_scale, out_dtype, o_prev=None, lse_prev=None):
+def _forward(q, k, v, causal, softmax_scale, out_dtype, o_prev=None, lse_prev=None,
+             inplace=False):
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o = torch.empty(b, sq, h, d, dtype=out_dtype, device=q.device)
-    lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
     has_prev = o_prev is not None
-    if has_prev:
-        o_prev = o_prev.contiguous()
-        lse_prev = lse_prev.float().contiguous()
+    if inplace:  # Out is O_PREV and LSE is LSE_PREV: strided views, checked by the caller
+        o, lse = o_prev, lse_prev
     else:
-        o_prev, lse_prev = o, lse  # never read
+        o = torch.empty(b, sq, h, d, dtype=out_dtype, device=q.device)
+        lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
+        if has_prev:
+            o_prev = o_prev.contiguous()
+            lse_prev = lse_prev.float().contiguous()
+        else:
+            o_prev, lse_prev = o, lse  # never read
     scale = _scale(q, softmax_scale)
     grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h)
     _launch(_fwd_kernel, _fwd_tuned, grid, q, k, v, o, lse, o_prev, lse_prev,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
             o_prev.stride(0), o_prev.stride(1), o_prev.stride(2),
+            lse.stride(0), lse.stride(1), lse.stride(2),
             h, h // hk, sq, sk, d, scale * _LOG2E,
             CAUSAL=bool(causal), HAS_PREV=has_prev, BLOCK_D=_head_block(d),
             DOT_PREC=dot_precision(q.dtype))
@@ -511,17 +523,28 @@ def flash_attention(q, k, v, *, causal=True, softmax_scale=None):
     return _FlashAttention.apply(q, k, v, bool(causal), softmax_scale)
 
 
+def inplace_ok(o_prev: torch.Tensor, lse_prev: torch.Tensor) -> bool:
+    """Whether a running result can be merged into in place: float32 tensors (views allowed,
+    e.g. a row slice of a larger buffer) whose last dimension is contiguous."""
+    return (o_prev.dtype == lse_prev.dtype == torch.float32 and o_prev.stride(-1) == 1
+            and o_prev.device == lse_prev.device)
+
+
 @torch.no_grad()
 def flash_attention_forward(q, k, v, *, causal=True, softmax_scale=None, o_prev=None,
-                            lse_prev=None):
+                            lse_prev=None, inplace=False):
     """One attention block, no autograd. Returns `(o float32 (b, sq, h, d), lse (b, h, sq))`.
 
     With `o_prev` `(b, sq, h, d)` and `lse_prev` `(b, h, sq)` (the running result over earlier
     key blocks) the block is merged into them exactly (online softmax), so the result is the
-    attention over all keys seen so far."""
+    attention over all keys seen so far. With `inplace=True` the merged result is written into
+    `o_prev` and `lse_prev` themselves (which may be strided views, see `inplace_ok`) and they
+    are returned: a ring step then costs no extra pass over the running output."""
     _check(q, k, v)
     if (o_prev is None) != (lse_prev is None):
         raise ValueError("pass both o_prev and lse_prev (the running result), or neither")
+    if inplace and o_prev is None:
+        raise ValueError("inplace=True merges into o_prev and lse_prev: pass them")
     if o_prev is not None:
         b, sq, h, d = q.shape
         if o_prev.shape != q.shape or lse_prev.shape != (b, h, sq):
@@ -529,7 +552,15 @@ def flash_attention_forward(q, k, v, *, causal=True, softmax_scale=None, o_prev=
                 f"o_prev must be {tuple(q.shape)} and lse_prev {(b, h, sq)}; got "
                 f"{tuple(o_prev.shape)} and {tuple(lse_prev.shape)}"
             )
-    return _forward(q, k, v, causal, softmax_scale, torch.float32, o_prev, lse_prev)
+        if inplace and not inplace_ok(o_prev, lse_prev):
+            raise ValueError(
+                "inplace=True needs float32 o_prev and lse_prev on one device with a contiguous "
+                f"last dimension; got {o_prev.dtype} stride {o_prev.stride()} and "
+                f"{lse_prev.dtype}; pass contiguous float32 buffers or inplace=False"
+            )
+        if o_prev.device != q.device:
+            raise ValueError(f"o_prev is on {o_prev.device}, q on {q.device}: use one device")
+    return _forward(q, k, v, causal, softmax_scale, torch.float32, o_prev, lse_prev, inplace)
 
 
 @torch.no_grad()
@@ -546,4 +577,4 @@ def flash_attention_backward(do, q, k, v, o, lse, *, causal=True, softmax_scale=
     return _backward(do, q, k, v, o, lse, causal, softmax_scale, dlse)
 
 
-__all__ = ["supports", "flash_attention", "flash_attention_forward", "flash_attention_backward"]
+__all__ = ["supports", "inplace_ok", "flash_attention", "flash_attention_forward", "flash_attention_backward"]

@@ -119,6 +119,35 @@ def test_block_entry_points_run_triton_where_attention_does(causal, monkeypatch,
         torch.testing.assert_close(torch.cat([a[2], b[2]], 1), got[2], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("path,dtype,merge", [
+    (None, torch.float32, "pytorch"),  # the fused CPU kernel, then merge_attention
+    ("blockwise", torch.float64, "pytorch"),
+    ("triton", torch.float32, "in_kernel"),  # the kernel merges in place (interpreter on CPU)
+])
+def test_forward_merge_into_row_slices(path, dtype, merge, monkeypatch, device):
+    """attention_forward_merge (the ring / LightSeq step) merges a key block into the running
+    (out, lse) rows it is given, in place, on every path: the result is attention over both key
+    blocks; the rows outside the slice are untouched."""
+    from ctxscale.kernels import attention_forward_merge, chosen_paths
+
+    if path is not None:
+        monkeypatch.setenv("CTXSCALE_KERNELS_ATTENTION", path)
+    q, k, v = (t.detach().to(device) for t in _inputs(24, 50, 6, 2, 24, dtype))
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    out = torch.randn(2, 30, 6, 24, dtype=cdt, device=device)
+    lse = torch.randn(2, 6, 30, dtype=cdt, device=device)
+    o1, l1 = attention_forward(q, k[:, :26], v[:, :26], causal=False)
+    out[:, 6:], lse[:, :, 6:] = o1, l1
+    keep_o, keep_l = out[:, :6].clone(), lse[:, :, :6].clone()
+    attention_forward_merge(q, k[:, 26:], v[:, 26:], out[:, 6:], lse[:, :, 6:], causal=True)
+    assert chosen_paths()["attention_merge"] == merge
+    o_ref, lse_ref = attention_reference(q.double(), k.double(), v.double(), causal=True)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out[:, 6:].double(), o_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse[:, :, 6:].double(), lse_ref, rtol=tol, atol=tol)
+    assert torch.equal(out[:, :6], keep_o) and torch.equal(lse[:, :, :6], keep_l)
+
+
 def test_block_entry_points_build_no_autograd_graph():
     """attention_forward / attention_backward are the inside of autograd Functions (ring,
     LightSeq): on inputs that require grad they must not record a graph (memory per ring step)."""

@@ -133,6 +133,62 @@ def test_merge_with_empty_previous_rows(device):
     torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-5, atol=1e-5)
 
 
+def _inplace_merge_case(device):
+    """A running result over keys [0, 29) stored in rows 3: of larger float32 buffers (rows 0..2
+    hold other data), and the next key block [29, 61): the ring step's in-place merge."""
+    q, k, v = (t.float() for t in _inputs(32, 61, 5, 5, 24, device))
+    o1, lse1 = flash_attention_forward(q, k[:, :29], v[:, :29], causal=False)
+    out = torch.randn(2, 35, 5, 24, device=device)
+    lse = torch.randn(2, 5, 35, device=device)
+    out[:, 3:], lse[:, :, 3:] = o1, lse1
+    return q, k, v, out, lse
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_inplace_merge_into_strided_views(causal, device):
+    """inplace=True writes the merged result into o_prev / lse_prev themselves, here views of a
+    row slice (non-contiguous lse), and leaves the rest of the buffers alone."""
+    q, k, v, out, lse = _inplace_merge_case(device)
+    keep_o, keep_l = out[:, :3].clone(), lse[:, :, :3].clone()
+    o_full, lse_full = attention_reference(q.double(), k.double(), v.double(), causal=causal)
+    o2, lse2 = flash_attention_forward(q, k[:, 29:], v[:, 29:], causal=causal,
+                                       o_prev=out[:, 3:], lse_prev=lse[:, :, 3:], inplace=True)
+    assert o2.data_ptr() == out[:, 3:].data_ptr() and lse2.data_ptr() == lse[:, :, 3:].data_ptr()
+    torch.testing.assert_close(out[:, 3:].double(), o_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse[:, :, 3:].double(), lse_full, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[:, :3], keep_o) and torch.equal(lse[:, :, :3], keep_l)
+
+
+def test_inplace_merge_survives_autotuning(real_autotune, device):
+    """Triton's autotuner runs every config several times on the first call per shape: the
+    in-place merge must be undone after each timed run (restore_value), or the block would be
+    merged once per run. Through the real Autotuner, with the interpreter as the "GPU"."""
+    q, k, v, out, lse = _inplace_merge_case(device)
+    o_full, lse_full = attention_reference(q.double(), k.double(), v.double(), causal=True)
+    flash_attention_forward(q, k[:, 29:], v[:, 29:], causal=True, o_prev=out[:, 3:],
+                            lse_prev=lse[:, :, 3:], inplace=True)
+    assert len(real_autotune) > 1  # several configs were timed
+    torch.testing.assert_close(out[:, 3:].double(), o_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse[:, :, 3:].double(), lse_full, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_and_backward_survive_autotuning(real_autotune, device):
+    """flash_attention's forward and both backward kernels through the real Autotuner (several
+    configs timed by repeated runs): the results equal the float64 reference."""
+    q64, k64, v64 = (t.requires_grad_() for t in _inputs(45, 45, 6, 2, 40, device))
+    o_ref, lse_ref = attention_reference(q64, k64, v64, causal=True)
+    w = torch.randn_like(o_ref)
+    g_ref = torch.autograd.grad((o_ref * w).sum(), (q64, k64, v64))
+    q, k, v = (t.detach().float().requires_grad_() for t in (q64, k64, v64))
+    o, lse = flash_attention(q, k, v, causal=True)
+    grads = torch.autograd.grad((o.double() * w).sum(), (q, k, v))
+    assert len(real_autotune) >= 3 * 2  # forward, dk/dv and dq each timed several configs
+    _rel_close(o, o_ref, 1e-5)
+    _rel_close(lse, lse_ref, 1e-5)
+    for a, b in zip(grads, g_ref):
+        _rel_close(a, b, 1e-4)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_global_lse_backward_sums_over_key_blocks(causal, device):
     """Backward with the GLOBAL (o, lse) of two key blocks: dq sums, dk/dv concatenate."""
@@ -174,3 +230,9 @@ def test_supports_and_errors(device):
         flash_attention(q, k[:, :, :1].expand(1, 8, 3, 24), v[:, :, :1].expand(1, 8, 3, 24))
     with pytest.raises(ValueError, match="both o_prev and lse_prev"):
         flash_attention_forward(q, k, v, o_prev=torch.zeros_like(q))
+    lse_prev = torch.zeros(1, 4, 8, device=device)
+    with pytest.raises(ValueError, match="inplace=True merges into o_prev"):
+        flash_attention_forward(q, k, v, inplace=True)
+    with pytest.raises(ValueError, match="inplace=True needs float32"):
+        flash_attention_forward(q.half(), k.half(), v.half(), o_prev=q.half(), lse_prev=lse_prev,
+                                inplace=True)
