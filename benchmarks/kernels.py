@@ -213,12 +213,19 @@ def attention_cases(seq, args, device, dtype):
         cases.append(Case(path, lambda: _nograd(fn), _fwd_bwd(fn, ins), fl, 3.5 * fl,
                           baseline=baseline))
 
-    add("sdpa", lambda: att._sdpa(q, k, v, True, None), baseline=True)
-    if hk != h:  # the baseline repeats k/v for GQA (what ctxscale's SDPA path does); SDPA's own
-        # enable_gqa may be faster, or fall back to a slower backend: both rows, read the faster
-        add("sdpa enable_gqa", lambda: torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-            enable_gqa=True).transpose(1, 2))
+    def sdpa(gqa):
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if hk != h and not gqa:
+            kt, vt = kt.repeat_interleave(h // hk, 1), vt.repeat_interleave(h // hk, 1)
+        return torch.nn.functional.scaled_dot_product_attention(
+            qt, kt, vt, is_causal=True, **({"enable_gqa": True} if gqa else {})).transpose(1, 2)
+
+    # the baseline repeats k/v for GQA (ctxscale's SDPA path does so on CUDA); SDPA's own
+    # enable_gqa (ctxscale's choice on CPU) may be faster, or fall back to a slower backend:
+    # both rows, read the faster against the target
+    add("sdpa", lambda: sdpa(False), baseline=True)
+    if hk != h:
+        add("sdpa enable_gqa", lambda: sdpa(True))
     why = _triton_ok(device)
     if why is None:
         fat = importlib.import_module("ctxscale.kernels.flash_attention_triton")
