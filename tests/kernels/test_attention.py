@@ -120,7 +120,7 @@ def test_block_entry_points_run_triton_where_attention_does(causal, monkeypatch,
 
 
 @pytest.mark.parametrize("path,dtype,merge", [
-    (None, torch.float32, "pytorch"),  # the fused CPU kernel, then merge_attention
+    (None, torch.float32, "pytorch"),  # CPU: the fused CPU kernel, then merge_attention
     ("blockwise", torch.float64, "pytorch"),
     ("triton", torch.float32, "in_kernel"),  # the kernel merges in place (interpreter on CPU)
 ])
@@ -140,6 +140,8 @@ def test_forward_merge_into_row_slices(path, dtype, merge, monkeypatch, device):
     out[:, 6:], lse[:, :, 6:] = o1, l1
     keep_o, keep_l = out[:, :6].clone(), lse[:, :, :6].clone()
     attention_forward_merge(q, k[:, 26:], v[:, 26:], out[:, 6:], lse[:, :, 6:], causal=True)
+    if path is None and device.type == "cuda":
+        merge = "in_kernel"  # the default on CUDA is the Triton kernel
     assert chosen_paths()["attention_merge"] == merge
     o_ref, lse_ref = attention_reference(q.double(), k.double(), v.double(), causal=True)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
