@@ -321,6 +321,9 @@ def attention_backward(
 class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, softmax_scale, block_size):
+        # an unused lse then arrives as dlse=None rather than zeros, so the backward can take
+        # the fused CPU kernel (which has no dlse input) instead of the PyTorch tile loop
+        ctx.set_materialize_grads(False)
         o, lse = attention_forward(
             q, k, v, causal=causal, softmax_scale=softmax_scale, block_size=block_size
         )
@@ -333,6 +336,8 @@ class _BlockwiseAttention(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         causal, softmax_scale, block_size = ctx.args
+        if do is None:  # only lse was used
+            do = torch.zeros_like(o)
         dq, dk, dv = attention_backward(
             do, q, k, v, o, lse, causal=causal, softmax_scale=softmax_scale, dlse=dlse,
             block_size=block_size,
@@ -408,7 +413,7 @@ def attention(q, k, v, *, causal=True, softmax_scale=None, return_lse=False):
         log_choice("attention", "flash_attn")
         return _flash_attn(q, k, v, causal, softmax_scale, return_lse)
     sdpa_ok = not return_lse and (not causal or sq == sk)
-    if forced == "sdpa" or (forced is None and sdpa_ok):
+    if forced == "sdpa" or (forced in (None, "torch") and sdpa_ok):
         if not sdpa_ok:
             raise ValueError(
                 "CTXSCALE_KERNELS_ATTENTION=sdpa cannot return lse or run causal attention with "

@@ -25,9 +25,9 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from ctxscale.kernels.dispatch import forced_path, log_choice, module_available
+from ctxscale.kernels.dispatch import OP_PATHS, forced_path, log_choice, module_available
 
-PATHS = ("reference", "torch", "causal_conv1d")
+PATHS = OP_PATHS["conv1d"]
 ACTIVATIONS = (None, "silu", "swish")
 
 
@@ -103,8 +103,6 @@ def causal_conv1d(
     set; else the `causal_conv1d` CUDA kernel on CUDA when installed and no states are asked for;
     else `F.conv1d`."""
     path = forced_path("conv1d")
-    if path is not None and path not in PATHS:
-        raise ValueError(f"CTXSCALE_KERNELS_CONV1D={path!r} is not one of {PATHS}; unset it or pick one")
     kwargs = dict(activation=activation, initial_state=initial_state, return_final_state=return_final_state)
     if path == "reference":
         log_choice("conv1d", "reference", "forced")

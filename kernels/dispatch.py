@@ -3,7 +3,9 @@
 `CTXSCALE_KERNELS=torch|triton|auto` picks the family of paths for every op (default `auto`:
 Triton on CUDA, PyTorch on CPU). `CTXSCALE_KERNELS_<OP>=<path>` (for example
 `CTXSCALE_KERNELS_ATTENTION=blockwise`) forces one named path of one op, for tests and
-comparisons. `set_kernel_mode()` does the same from a training config. Every dispatcher logs the
+comparisons. `set_kernel_mode()` does the same from a training config (`kernels.<op>`), and wins
+over the environment. The ops and their paths are `OP_PATHS`; any other name is a ValueError that
+lists them. Every dispatcher logs the
 path it chose once per (op, path, reason), so a run says which code actually ran.
 """
 
@@ -18,20 +20,45 @@ import torch
 logger = logging.getLogger("ctxscale.kernels")
 
 MODES = ("auto", "torch", "triton")
+# The paths each op's dispatcher can be forced onto (`CTXSCALE_KERNELS_<OP>` or config
+# `kernels.<op>`). `torch` means "the PyTorch paths, chosen as on CPU" for every op.
+OP_PATHS: dict[str, tuple[str, ...]] = {
+    "attention": ("reference", "blockwise", "sdpa", "flash_attn", "triton", "torch"),
+    "linear_attention": ("recurrent", "chunked", "triton", "torch"),
+    "selective_scan": ("reference", "chunked", "triton", "mamba_ssm", "torch"),
+    "conv1d": ("reference", "torch", "causal_conv1d"),
+    "rms_norm": ("torch", "triton"),
+    "cross_entropy": ("torch", "triton"),
+}
 _mode_override: str | None = None
 _op_overrides: dict[str, str] = {}
 _logged: set[tuple[str, str]] = set()
 _chosen: dict[str, str] = {}
 
 
-def set_kernel_mode(mode: str | None = None, **per_op: str) -> None:
-    """Set the kernel family (`auto`, `torch`, `triton`) and per-op paths from code or config."""
+def check_op_path(op: str, path: str, source: str) -> str:
+    """`path` normalized, or a ValueError naming `source` (where the value came from) and the
+    choices when `op` has no such path or there is no such op."""
+    if op not in OP_PATHS:
+        raise ValueError(f"{source}: no kernel op {op!r}; the ops are {sorted(OP_PATHS)}")
+    value = path.strip().lower()
+    if value not in OP_PATHS[op]:
+        raise ValueError(
+            f"{source}={path!r} is not a path of {op}; choose one of {OP_PATHS[op]} or unset it"
+        )
+    return value
+
+
+def set_kernel_mode(mode: str | None = None, **per_op: str | None) -> None:
+    """Set the kernel family (`auto`, `torch`, `triton`) and per-op paths from code or config
+    (`set_kernel_mode("auto", attention="sdpa")`); None leaves an op to the family rule."""
     global _mode_override
     if mode is not None and mode not in MODES:
         raise ValueError(f"kernel mode {mode!r} is not one of {MODES}")
+    checked = {op: check_op_path(op, v, f"kernels.{op}") for op, v in per_op.items() if v}
     _mode_override = mode
     _op_overrides.clear()
-    _op_overrides.update({k: v for k, v in per_op.items() if v})
+    _op_overrides.update(checked)
 
 
 def kernel_mode() -> str:
@@ -44,9 +71,13 @@ def kernel_mode() -> str:
 
 
 def forced_path(op: str) -> str | None:
-    """The path forced for `op` by `CTXSCALE_KERNELS_<OP>` or `set_kernel_mode(op=...)`."""
-    value = _op_overrides.get(op) or os.environ.get(f"CTXSCALE_KERNELS_{op.upper()}")
-    return value.strip().lower() if value else None
+    """The path forced for `op` by `set_kernel_mode(op=...)` (a config's `kernels.<op>`) or else
+    `CTXSCALE_KERNELS_<OP>`; a ValueError for a value that is not one of `OP_PATHS[op]`."""
+    if op in _op_overrides:
+        return _op_overrides[op]
+    var = f"CTXSCALE_KERNELS_{op.upper()}"
+    value = os.environ.get(var, "").strip()
+    return check_op_path(op, value, var) if value else None
 
 
 def triton_runnable(device: torch.device) -> bool:

@@ -38,11 +38,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ctxscale.kernels.dispatch import forced_path, log_choice, module_available, want_triton
+from ctxscale.kernels.dispatch import (
+    OP_PATHS,
+    forced_path,
+    log_choice,
+    module_available,
+    want_triton,
+)
 
 DEFAULT_CHUNK = 64
 DEFAULT_SEGMENT_CHUNKS = 16
-PATHS = ("recurrent", "chunked", "triton", "torch")
+PATHS = OP_PATHS["linear_attention"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -244,10 +250,6 @@ def linear_attention(
         return_final_state=return_final_state,
     )
     path = forced_path("linear_attention")
-    if path is not None and path not in PATHS:
-        raise ValueError(
-            f"CTXSCALE_KERNELS_LINEAR_ATTENTION={path!r} is not one of {PATHS}; unset it or pick one"
-        )
     if path == "recurrent":
         log_choice("linear_attention", "recurrent", "forced")
         return linear_attention_recurrent(q, k, v, **kwargs)

@@ -43,13 +43,19 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ctxscale.kernels.dispatch import forced_path, log_choice, module_available, want_triton
+from ctxscale.kernels.dispatch import (
+    OP_PATHS,
+    forced_path,
+    log_choice,
+    module_available,
+    want_triton,
+)
 
 DEFAULT_CHUNK = 32
 DEFAULT_SEGMENT_CHUNKS = 32
 # |G| up to which e^{±G} is used directly: e^60 ~ 1e26 leaves float32 headroom for the inputs
 CUMSUM_LIMIT = {torch.float32: 60.0, torch.float64: 600.0}
-PATHS = ("reference", "chunked", "triton", "mamba_ssm", "torch")
+PATHS = OP_PATHS["selective_scan"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -336,10 +342,6 @@ def selective_scan(
     mamba-ssm's CUDA kernel on CUDA when installed (and no initial_state); else chunked."""
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     path = forced_path("selective_scan")
-    if path is not None and path not in PATHS:
-        raise ValueError(
-            f"CTXSCALE_KERNELS_SELECTIVE_SCAN={path!r} is not one of {PATHS}; unset it or pick one"
-        )
     if path == "reference":
         log_choice("selective_scan", "reference", "forced")
         return selective_scan_reference(*args, initial_state=initial_state)

@@ -10,6 +10,7 @@ from typing import Literal
 
 from ctxscale.dist.layout import required_multiple
 from ctxscale.dist.tensor_parallel import TP_FAMILY_MESSAGE
+from ctxscale.kernels.dispatch import OP_PATHS, check_op_path
 from ctxscale.launch.config_loader import ConfigError, dump, load
 from ctxscale.launch.data import DataConfig
 from ctxscale.models.config import ModelConfig
@@ -155,8 +156,28 @@ class CheckpointConfig:
 class KernelConfig:
     # Kernel family: auto (Triton on CUDA, PyTorch on CPU), torch, or triton.
     mode: Literal["auto", "torch", "triton"] = "auto"
-    # Force one path of the attention op (e.g. blockwise, sdpa, flash_attn, triton).
+    # Force one path of one op (null: the family rule). The paths of each op are listed in
+    # ctxscale.kernels.dispatch.OP_PATHS; these win over CTXSCALE_KERNELS_<OP>.
+    # attention: reference | blockwise | sdpa | flash_attn | triton | torch
     attention: str | None = None
+    # linear_attention: recurrent | chunked | triton | torch
+    linear_attention: str | None = None
+    # selective_scan: reference | chunked | triton | mamba_ssm | torch
+    selective_scan: str | None = None
+    # conv1d: reference | torch | causal_conv1d
+    conv1d: str | None = None
+    # rms_norm, cross_entropy: torch | triton
+    rms_norm: str | None = None
+    cross_entropy: str | None = None
+
+    def per_op(self) -> dict[str, str | None]:
+        """The per-op paths, keyword arguments of `set_kernel_mode`."""
+        return {op: getattr(self, op) for op in OP_PATHS}
+
+    def validate(self) -> None:
+        for op, path in self.per_op().items():
+            if path is not None:
+                check_op_path(op, path, f"kernels.{op}")
 
 
 @dataclass
@@ -176,6 +197,7 @@ class JobConfig:
         self.train.validate()
         self.optim.validate()
         self.checkpoint.validate()
+        self.kernels.validate()
         par, model = self.parallel, self.model
         par.check_seq_len(self.data.seq_len)
         if self.data.seq_len > model.max_seq_len:

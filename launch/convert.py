@@ -188,6 +188,7 @@ class ConvertJob:
         self.data.validate()
         self.parallel.validate()
         self.checkpoint.validate()
+        self.kernels.validate()
         c = self.convert
         if c.init == "teacher" and not c.teacher:
             raise ValueError("convert.teacher is empty; give a teacher folder or set convert.init=scratch")
@@ -325,7 +326,7 @@ class Converter:
         self.parallel = parallel_context(self.dims, self.mesh, cfg.parallel)
         from ctxscale.kernels.dispatch import set_kernel_mode
 
-        set_kernel_mode(cfg.kernels.mode, attention=cfg.kernels.attention)
+        set_kernel_mode(cfg.kernels.mode, **cfg.kernels.per_op())
         torch.manual_seed(cfg.run.seed)
         self.out = Path(cfg.run.output_dir)
         cache = str(self.out / "cache") if cfg.data.cache_dir is None else None

@@ -65,7 +65,7 @@ class TrainState:
         self.mesh = self.dims.build_mesh(self.device.type)
         self.dp_rank, self.dp_size = axis_rank(self.mesh, "dp"), axis_size(self.mesh, "dp")
         self.dp_cp_group = axis_group(self.mesh, "dp_cp")
-        set_kernel_mode(cfg.kernels.mode, attention=cfg.kernels.attention)
+        set_kernel_mode(cfg.kernels.mode, **cfg.kernels.per_op())
         torch.manual_seed(cfg.train.seed)
         out = Path(cfg.train.output_dir)
         self.output_dir = out

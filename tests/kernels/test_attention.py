@@ -66,6 +66,27 @@ def test_float32_paths_match_float64_reference(causal, monkeypatch):
             torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("used", ["o", "lse"])
+def test_blockwise_backward_when_only_one_output_is_used(used):
+    """A loss on o alone (dlse None: the fused CPU kernel's backward) or on lse alone (do None)
+    gives the reference gradients."""
+    for dtype, tol in ((torch.float64, 1e-11), (torch.float32, 1e-5)):
+        q, k, v = _inputs(37, 37, 6, 2, 24, dtype)
+        o, lse = attention_blockwise(q, k, v, causal=True)
+        o_ref, lse_ref = attention_reference(*(t.double() for t in (q, k, v)), causal=True)
+        w = torch.randn(o_ref.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        wl = torch.randn(lse_ref.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        got = torch.autograd.grad((o.double() * w).sum() if used == "o" else (lse.double() * wl).sum(),
+                                  (q, k, v))
+        qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+        o_ref, lse_ref = attention_reference(qr, kr, vr, causal=True)
+        ref = torch.autograd.grad((o_ref * w).sum() if used == "o" else (lse_ref * wl).sum(),
+                                  (qr, kr, vr), allow_unused=True)  # lse does not depend on v
+        for a, b, x in zip(got, ref, (qr, kr, vr)):
+            b = torch.zeros_like(x) if b is None else b
+            torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+
+
 def test_global_lse_backward_splits_over_key_blocks():
     """Backward with the *global* (o, lse) summed over two key blocks equals the full backward:
     the identity ring attention relies on."""
