@@ -458,7 +458,9 @@ def _fmt_b(b):
     return "-" if b is None else f"{max(b, 0) / 2**20:.1f} MiB"
 
 
-def run(args) -> str:
+def run(args, flush=None) -> str:
+    """The markdown report. `flush(text)` (optional) receives the report so far after every row
+    group, so a run cut short by a time limit still leaves its finished rows."""
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     if device.type == "cpu":
@@ -533,6 +535,9 @@ def run(args) -> str:
                              f"{ratio} | {row.rate} | {_fmt_b(row.peak_bytes)} {row.note} | "
                              f"{row.diff} |")
             del cases, base_out
+            if flush is not None:
+                flush("\n".join(lines + ["", f"(partial report: the run was still going, after "
+                                              f"{op} at seq {seq})"]))
         if not_run:
             lines += ["", "Not run: " + "; ".join(f"{p} ({why})" for p, why in not_run.items())]
         lines.append("")
@@ -577,10 +582,10 @@ def main(argv=None):
     args.repeats = pick(args.repeats, 10, 3)
     args.recurrent_max_seq = pick(args.recurrent_max_seq, 2048, 512)
     args.reference_budget = pick(args.reference_budget, 8 * 2**30, 2**30)
-    text = run(args)
     device_name = torch.device(args.device).type
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"kernels_{device_name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
+    text = run(args, flush=lambda partial: out.write_text(partial + "\n"))
     out.write_text(text + "\n")
     print(f"wrote {out}")
 

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from ctxscale.dist import comm
 from ctxscale.kernels import (
     attention,
-    attention_backward,
+    attention_backward_into,
     attention_forward,
     attention_forward_merge,
     merge_attention,
@@ -91,18 +91,21 @@ def _check_even(world_size: int) -> None:
 
 
 # ---------------------------------------------------------------- helpers
-def _block_backward(do, q, k, v, lse, delta, *, causal, scale):
+def _block_backward(do, q, k, v, lse, delta, grads, *, causal, scale):
     """Gradients of one block given the global lse and D = rowsum(do ∘ o), without shipping o.
 
     attention_backward uses o only through D = rowsum(do ∘ o), so any stand-in o with that row
     sum gives the same gradients; o' = do · D / |do|² is one (o' = 0 where do = 0, where D = 0
-    too). Unlike passing D through `dlse`, this keeps the fast fused kernel available."""
+    too). Unlike passing D through `dlse`, this keeps the fast fused kernel available.
+    `grads` (dq, dk, dv; None entries returned fresh) are added into in place, inside the
+    kernel on Triton (`attention_backward_into`)."""
     cdt = torch.float64 if do.dtype == torch.float64 else torch.float32
     dd = do.to(cdt)
     d = delta.to(cdt).transpose(1, 2).unsqueeze(-1)  # (b, n, h, 1)
     norm = (dd * dd).sum(-1, keepdim=True)
     stand_in = torch.where(norm > 0, dd * (d / norm.clamp_min(torch.finfo(cdt).tiny)), 0.0)
-    return attention_backward(do, q, k, v, stand_in, lse, causal=causal, softmax_scale=scale)
+    return attention_backward_into(do, q, k, v, stand_in, lse, grads, causal=causal,
+                                   softmax_scale=scale)
 
 
 def _flops(q, k, causal):
@@ -263,25 +266,20 @@ def _backward(do, q, k, v, o, lse, group, causal, scale, overlap):
             diag = causal and own_kv == rank
             q_o, do_o, lse_o, delta_o = query_side(own_rows)
             comm.trace("compute", f"bwd{t}")
-            dq_t, dk_t, dv_t = _block_backward(do_o, q_o, kk, vv, lse_o, delta_o, causal=diag,
-                                               scale=scale)
+            own = (dk, dv) if own_kv == rank else (None, None)  # else sent to their owner
+            _, dk_t, dv_t = _block_backward(do_o, q_o, kk, vv, lse_o, delta_o,
+                                            (dq[:, own_rows], *own), causal=diag, scale=scale)
             comm.record_attention_work(blocks=1, flops=2.5 * _flops(q_o, kk, diag),
                                        kind="attention_backward")
-            dq[:, own_rows] += dq_t
-            if own_kv == rank:
-                dk += dk_t
-                dv += dv_t
-            else:
+            if own_kv != rank:
                 ret_sends += [(dk_t.contiguous(), own_kv), (dv_t.contiguous(), own_kv)]
         if help_q is not None:
             hq, hdo, hlse, hdelta = bufs["q"]
             comm.trace("compute", f"bwd{t}-help")
-            dq_h, dk_h, dv_h = _block_backward(hdo, hq, k, v, hlse, hdelta, causal=False,
-                                               scale=scale)
+            dq_h, _, _ = _block_backward(hdo, hq, k, v, hlse, hdelta, (None, dk, dv),
+                                         causal=False, scale=scale)
             comm.record_attention_work(blocks=1, flops=2.5 * _flops(hq, k, False),
                                        kind="attention_backward")
-            dk += dk_h
-            dv += dv_h
             ret_sends.append((dq_h.contiguous(), help_q))
         recvs, targets = [], []
         for s, (own_kv_s, help_q_s) in enumerate(steps[t]):

@@ -13,8 +13,9 @@ log-sum-exp (`attention_forward_merge`: inside the flash kernel on Triton, in pl
     lse = log(exp(lse) + exp(lse_s)),   o = o·exp(lse_old − lse) + o_s·exp(lse_s − lse)
 
 so after P steps (o, lse) is exact softmax attention of Q_r against the whole sequence. The
-backward pass runs the same ring: every block's (dq, dk, dv) comes from `attention_backward` with
-the GLOBAL o and lse (the softmax of a block uses the global normalizer), dq accumulates locally,
+backward pass runs the same ring: every block's (dq, dk, dv) comes from `attention_backward_into`
+(which adds dq, and at step 0 the own dK/dV, into the running sums inside the kernel) with the
+GLOBAL o and lse (the softmax of a block uses the global normalizer), dq accumulates locally,
 and the dK/dV contributions for source s travel with an accumulator that reaches rank s after
 P−1 hops (float32).
 
@@ -52,7 +53,7 @@ import torch.distributed as dist
 from ctxscale.dist import comm
 from ctxscale.dist.layout import LAYOUTS, check_divisible
 from ctxscale.kernels.attention import (
-    attention_backward,
+    attention_backward_into,
     attention_flops,
     attention_forward_merge,
     merge_attention,
@@ -251,20 +252,24 @@ def _ring_backward(do, q, k, v, out, lse, *, group, layout, causal, scale, overl
         if plan is not None:
             rows, krows, blk_causal = plan
             comm.trace("compute", f"ring_bwd{step}")
-            grads = attention_backward(
+            # dq is local: added into in place (inside the kernel on Triton), as are this rank's
+            # own dK/dV at step 0; later steps' dK/dV join the travelling accumulator after it
+            # arrives, so waiting for it never delays the block's compute
+            own = (dkv_own[0][:, krows], dkv_own[1][:, krows]) if step == 0 else (None, None)
+            grads = attention_backward_into(
                 _rows(do, rows), _rows(q, rows), kv_s[0][:, krows], kv_s[1][:, krows],
-                _rows(out, rows), lse[:, :, rows], causal=blk_causal, softmax_scale=scale,
+                _rows(out, rows), lse[:, :, rows], (dq[:, rows], *own), causal=blk_causal,
+                softmax_scale=scale,
             )
-            dq[:, rows] += grads[0]
             comm.record_attention_work(
                 blocks=1, flops=2.5 * _block_flops(b, h, d, _len(rows, n), _len(krows, n), blk_causal),
                 kind="attention_backward",
             )
-        acc = dkv_own if step == 0 else dkv.accumulator(step)
-        if grads is not None:
-            acc[0][:, krows] += grads[1]
-            acc[1][:, krows] += grads[2]
         if step > 0:
+            acc = dkv.accumulator(step)
+            if grads is not None:
+                acc[0][:, krows] += grads[1]
+                acc[1][:, krows] += grads[2]
             dkv.send(step)
         kv.end(step)
     others = dkv.result()

@@ -7,6 +7,7 @@ Every op has one dispatcher that honours `CTXSCALE_KERNELS=torch|triton|auto` (s
 from ctxscale.kernels.attention import (
     attention,
     attention_backward,
+    attention_backward_into,
     attention_blockwise,
     attention_forward,
     attention_forward_merge,
@@ -18,6 +19,7 @@ from ctxscale.kernels.dispatch import chosen_paths, set_kernel_mode
 __all__ = [
     "attention",
     "attention_backward",
+    "attention_backward_into",
     "attention_blockwise",
     "attention_forward",
     "attention_forward_merge",

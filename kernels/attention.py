@@ -318,6 +318,31 @@ def attention_backward(
     return _ungrouped(dq), _ungrouped(dk), _ungrouped(dv)
 
 
+@torch.no_grad()
+def attention_backward_into(do, q, k, v, o, lse, grads, *, causal=True, softmax_scale=None,
+                            dlse=None, block_size=DEFAULT_BLOCK):
+    """`attention_backward` that adds this block's gradients into running sums: `grads` is
+    (dq, dk, dv), each a compute-dtype buffer shaped like q, k, v (views allowed) or None for
+    a gradient to return fresh (dk and dv both or neither). Returns (dq, dk, dv) with the given
+    buffers in place of the accumulated ones. On the Triton kernel the addition happens inside
+    the kernel; elsewhere it is `attention_backward` followed by in-place additions."""
+    _check_shapes(q, k, v)
+    fat = _triton_block_kernel(q, k, v)
+    if fat is not None and fat.accumulate_ok(*grads):
+        log_choice("attention_block", "triton")
+        log_choice("attention_grad_sum", "in_kernel")
+        return fat.flash_attention_backward(do, q, k, v, o, lse, causal=causal,
+                                            softmax_scale=softmax_scale, dlse=dlse,
+                                            accumulate_into=tuple(grads))
+    fresh = attention_backward(do, q, k, v, o, lse, causal=causal, softmax_scale=softmax_scale,
+                               dlse=dlse, block_size=block_size)
+    log_choice("attention_grad_sum", "pytorch")
+    out = []
+    for buf, g in zip(grads, fresh):
+        out.append(g if buf is None else buf.add_(g.to(buf.dtype)))
+    return tuple(out)
+
+
 class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, softmax_scale, block_size):
@@ -441,6 +466,7 @@ __all__ = [
     "attention_forward_merge",
     "merge_attention",
     "attention_backward",
+    "attention_backward_into",
     "attention_blockwise",
     "attention_flops",
 ]

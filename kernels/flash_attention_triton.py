@@ -28,7 +28,9 @@ merges the new key block into the running (o, lse) exactly, inside the kernel an
 program reads its rows of o_prev/lse_prev before it writes them; they may be row-slice views):
 lse = logaddexp(lse_prev, lse_blk), o = e^{lse_prev − lse} o_prev + e^{lse_blk − lse} o_blk; and
 `flash_attention_backward` accepts the GLOBAL o and lse, returning this key block's contribution
-to (dq, dk, dv).
+to (dq, dk, dv), or adding it into the caller's running sums in place (`accumulate_into`). The
+autotuner restores every buffer a kernel may read back (`restore_value`), so the timed runs of
+the first call per shape leave no trace.
 
 On CUDA the tile sizes come from a small `triton.autotune` sweep (configs whose tiles would not
 fit the device's shared memory are pruned first; causal query tiles run last-first, the longest
@@ -249,8 +251,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
                      stride_gb, stride_gs, stride_gh,
                      num_heads, kv_heads, group, seq_q, seq_k, head_dim, qk_scale, sm_scale,
-                     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+                     CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     start_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = (bhk // kv_heads).to(tl.int64)
@@ -288,7 +290,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                                  stride_qs, stride_ds, offs_n, mid, seq_q, seq_q, head_dim,
                                  offset, qk_scale, False, BLOCK_M, BLOCK_D, DOT_PREC)
     out_off = b * stride_gb + hk * stride_gh + offs_n[:, None] * stride_gs + offs_d[None, :]
-    tl.store(DK + out_off, dk * sm_scale, mask=kv_mask)
+    dk = dk * sm_scale
+    if ACCUMULATE:  # add to the caller's running sums (a ring step's dK/dV accumulator)
+        dk += tl.load(DK + out_off, mask=kv_mask, other=0.0)
+        dv += tl.load(DV + out_off, mask=kv_mask, other=0.0)
+    tl.store(DK + out_off, dk, mask=kv_mask)
     tl.store(DV + out_off, dv, mask=kv_mask)
 
 
@@ -323,8 +329,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    stride_vb, stride_vs, stride_vh, stride_db, stride_ds, stride_dh,
                    stride_gb, stride_gs, stride_gh,
                    num_heads, group, seq_q, seq_k, head_dim, qk_scale, sm_scale,
-                   CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+                   CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     start_m = tl.program_id(0)
     if CAUSAL:  # the last query tiles see the most keys: schedule them first
         start_m = tl.num_programs(0) - 1 - start_m
@@ -362,8 +368,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     dq = _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m,
                        0, full_hi, seq_k, head_dim, offset, qk_scale,
                        False, BLOCK_N, BLOCK_D, DOT_PREC)
-    tl.store(DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :],
-             dq * sm_scale, mask=qd_mask)
+    dq_ptrs = DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :]
+    dq = dq * sm_scale
+    if ACCUMULATE:  # add to the caller's running dq (a ring step)
+        dq += tl.load(dq_ptrs, mask=qd_mask, other=0.0)
+    tl.store(dq_ptrs, dq, mask=qd_mask)
 
 
 _KEY = ["seq_q", "seq_k", "head_dim", "CAUSAL"]
@@ -372,9 +381,10 @@ _KEY = ["seq_q", "seq_k", "head_dim", "CAUSAL"]
 # would merge the block once per timed run.
 _fwd_tuned = triton.autotune(_fwd_configs(), key=_KEY, restore_value=["Out", "LSE"],
                              prune_configs_by={"early_config_prune": _pruner("fwd")})(_fwd_kernel)
-_dkdv_tuned = triton.autotune(_bwd_configs(), key=_KEY,
+# likewise the gradients when the backward accumulates into the caller's buffers
+_dkdv_tuned = triton.autotune(_bwd_configs(), key=_KEY, restore_value=["DK", "DV"],
                               prune_configs_by={"early_config_prune": _pruner("dkdv")})(_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_bwd_configs(), key=_KEY,
+_dq_tuned = triton.autotune(_bwd_configs(), key=_KEY, restore_value=["DQ"],
                             prune_configs_by={"early_config_prune": _pruner("dq")})(_bwd_dq_kernel)
 
 
@@ -467,7 +477,10 @@ def _forward(q, k, v, causal, softmax_scale, out_dtype, o_prev=None, lse_prev=No
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, causal, softmax_scale, dlse=None):
+def _backward(do, q, k, v, o, lse, causal, softmax_scale, dlse=None, grads=None):
+    """(dq, dk, dv) float32; with `grads` (dq or None, dk or None, dv or None) the kernels add
+    into the given buffers (strided views allowed, see `accumulate_ok`) and return them; the
+    None entries are returned fresh."""
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     # do in q's dtype: the kernels multiply it with v (and p) in the input precision
@@ -483,26 +496,31 @@ def _backward(do, q, k, v, o, lse, causal, softmax_scale, dlse=None):
         o, do, dlse_t, delta, o.stride(0), o.stride(1), o.stride(2),
         do.stride(0), do.stride(1), do.stride(2), h, sq, d,
         HAS_DLSE=has_dlse, BLOCK_M=pre_block, BLOCK_D=block_d)
-    dq = torch.empty(b, sq, h, d, dtype=torch.float32, device=q.device)
-    dk = torch.empty(b, sk, hk, d, dtype=torch.float32, device=q.device)
-    dv = torch.empty_like(dk)
+    dq, dk, dv = grads if grads is not None else (None, None, None)
+    acc_q, acc_kv = dq is not None, dk is not None
+    if not acc_q:
+        dq = torch.empty(b, sq, h, d, dtype=torch.float32, device=q.device)
+    if not acc_kv:
+        dk = torch.empty(b, sk, hk, d, dtype=torch.float32, device=q.device)
+        dv = torch.empty_like(dk)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     meta = dict(CAUSAL=bool(causal), BLOCK_D=block_d, DOT_PREC=dot_precision(q.dtype))
     grid_kv = lambda m: (triton.cdiv(sk, m["BLOCK_N"]), b * hk)
     _launch(_bwd_dkdv_kernel, _dkdv_tuned, grid_kv, q, k, v, do, lse, delta, dk, dv, *common,
             dk.stride(0), dk.stride(1), dk.stride(2), h, hk, h // hk, sq, sk, d,
-            scale * _LOG2E, scale, **meta)
+            scale * _LOG2E, scale, ACCUMULATE=acc_kv, **meta)
     grid_q = lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h)
     _launch(_bwd_dq_kernel, _dq_tuned, grid_q, q, k, v, do, lse, delta, dq, *common,
             dq.stride(0), dq.stride(1), dq.stride(2), h, h // hk, sq, sk, d,
-            scale * _LOG2E, scale, **meta)
+            scale * _LOG2E, scale, ACCUMULATE=acc_q, **meta)
     return dq, dk, dv
 
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, softmax_scale):
+        ctx.set_materialize_grads(False)  # an unused lse: dlse None, not a tensor of zeros
         o, lse = _forward(q, k, v, causal, softmax_scale, q.dtype)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.args = (causal, softmax_scale)
@@ -512,6 +530,8 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         causal, softmax_scale = ctx.args
+        if do is None:  # only lse was used
+            do = torch.zeros_like(o)
         dq, dk, dv = _backward(do, q, k, v, o, lse, causal, softmax_scale, dlse)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
@@ -563,18 +583,48 @@ def flash_attention_forward(q, k, v, *, causal=True, softmax_scale=None, o_prev=
     return _forward(q, k, v, causal, softmax_scale, torch.float32, o_prev, lse_prev, inplace)
 
 
+def accumulate_ok(dq, dk, dv) -> bool:
+    """Whether the backward can add into these gradient buffers in place (None: not
+    accumulated): float32, last dimension contiguous, dk and dv both given or both None and
+    with equal strides (views allowed)."""
+    if (dk is None) != (dv is None):
+        return False
+    given = [t for t in (dq, dk, dv) if t is not None]
+    return (all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in given)
+            and len({t.device for t in given}) <= 1
+            and (dk is None or dk.stride() == dv.stride()))
+
+
 @torch.no_grad()
-def flash_attention_backward(do, q, k, v, o, lse, *, causal=True, softmax_scale=None, dlse=None):
+def flash_attention_backward(do, q, k, v, o, lse, *, causal=True, softmax_scale=None, dlse=None,
+                             accumulate_into=None):
     """Backward of one block given the (possibly GLOBAL) output `o` and `lse`: returns this
     block's float32 contribution `(dq (b, sq, h, d), dk, dv (b, sk, h_kv, d))`; summing the
-    contributions of all key blocks gives the full gradient. `dlse` `(b, h, sq)` is optional."""
+    contributions of all key blocks gives the full gradient. `dlse` `(b, h, sq)` is optional.
+    With `accumulate_into=(dq, dk, dv)` (float32 buffers of those shapes, e.g. row slices of a
+    ring's running sums, or None for the ones to return fresh; see `accumulate_ok`) the kernels
+    add the contribution into the given buffers in place and return them: no separate addition
+    pass per ring step."""
     _check(q, k, v)
     if o.shape != q.shape or do.shape != q.shape or lse.shape != (q.shape[0], q.shape[2], q.shape[1]):
         raise ValueError(
             f"do and o must be {tuple(q.shape)} and lse {(q.shape[0], q.shape[2], q.shape[1])}; got "
             f"{tuple(do.shape)}, {tuple(o.shape)}, {tuple(lse.shape)}"
         )
-    return _backward(do, q, k, v, o, lse, causal, softmax_scale, dlse)
+    if accumulate_into is not None:
+        for name, buf, like in zip(("dq", "dk", "dv"), accumulate_into, (q, k, v)):
+            if buf is not None and (buf.shape != like.shape or buf.device != q.device):
+                raise ValueError(
+                    f"accumulate_into {name} must be shaped like {name[1]} {tuple(like.shape)} "
+                    f"on {q.device}; got {tuple(buf.shape)} on {buf.device}"
+                )
+        if not accumulate_ok(*accumulate_into):
+            raise ValueError(
+                "accumulate_into needs float32 buffers with a contiguous last dimension, and dk "
+                "and dv both given (with equal strides) or both None; pass such buffers or add "
+                "the returned gradients yourself"
+            )
+    return _backward(do, q, k, v, o, lse, causal, softmax_scale, dlse, accumulate_into)
 
 
-__all__ = ["supports", "inplace_ok", "flash_attention", "flash_attention_forward", "flash_attention_backward"]
+__all__ = ["supports", "inplace_ok", "accumulate_ok", "flash_attention", "flash_attention_forward", "flash_attention_backward"]

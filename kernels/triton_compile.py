@@ -235,14 +235,18 @@ def _attention(rec, dtype, head_dim, seq, batch):
         k = _meta(batch, seq, kv_heads, head_dim, dtype=dtype)
         v = _meta(batch, seq, kv_heads, head_dim, dtype=dtype)
         _backward(fat.flash_attention(q, k, v, causal=causal), q, k, v)
-    # the ring / LightSeq step: merge into a previous (o, lse), backward with a global lse
+    # the ring / LightSeq step: merge into the running (o, lse) in place, backward with a
+    # global lse adding into the running gradient sums
     rec.case = f"ring step b{batch} s{seq} d{head_dim} merge+dlse"
     q = _meta(batch, seq, heads, head_dim, dtype=dtype, grad=False)
     k = _meta(batch, seq, kv_heads, head_dim, dtype=dtype, grad=False)
     o_prev = _meta(batch, seq, heads, head_dim, dtype=torch.float32, grad=False)
     lse_prev = _meta(batch, heads, seq, dtype=torch.float32, grad=False)
-    fat.flash_attention_forward(q, k, k, causal=True, o_prev=o_prev, lse_prev=lse_prev)
-    fat.flash_attention_backward(q, q, k, k, q, lse_prev, causal=True, dlse=lse_prev)
+    fat.flash_attention_forward(q, k, k, causal=True, o_prev=o_prev, lse_prev=lse_prev,
+                                inplace=True)
+    dkv = _meta(2, batch, seq, kv_heads, head_dim, dtype=torch.float32, grad=False)
+    fat.flash_attention_backward(q, q, k, k, q, lse_prev, causal=True, dlse=lse_prev,
+                                 accumulate_into=(o_prev, dkv[0], dkv[1]))
 
 
 def _linear_attention(rec, dtype, head_dim, seq, batch):

@@ -135,7 +135,8 @@ def _triton_sweep(rank, world, method, cases):
     try:
         errs = _oracle_sweep(rank, world, method, cases)
         paths = chosen_paths()
-        return errs, (paths.get("attention_block"), paths.get("attention_merge"))
+        return errs, tuple(paths.get(op) for op in ("attention_block", "attention_merge",
+                                                   "attention_grad_sum"))
     finally:
         del os.environ["CTXSCALE_KERNELS_ATTENTION"]
 
@@ -145,7 +146,8 @@ def test_ring_and_lightseq_steps_on_the_triton_kernel(method):
     """The ring and LightSeq block steps on the Triton FlashAttention kernel (what CUDA runs by
     default; forced here, in the interpreter on CPU) match the float64 oracle at P=2 with the
     kernel's float32 tolerance. Each step merges into the running (o, lse) inside the kernel, in
-    place, also into the row slices that zigzag and stripe blocks cover."""
+    place, also into the row slices that zigzag and stripe blocks cover, and the backward adds
+    into the running gradient sums inside the kernel."""
     if method == "ring":
         cases = [dict(layout=layout, causal=True, heads=6, kv_heads=2, seq_len=56)
                  for layout in ("zigzag", "stripe")]
@@ -153,7 +155,7 @@ def test_ring_and_lightseq_steps_on_the_triton_kernel(method):
         cases = [dict(layout="contiguous", causal=True, heads=6, kv_heads=2, seq_len=56)]
     cases.append(dict(layout="contiguous", causal=False, heads=5, kv_heads=1, seq_len=56))
     for errs, paths in run_distributed(_triton_sweep, 2, args=(method, cases)):
-        assert paths == ("triton", "in_kernel")
+        assert paths == ("triton", "in_kernel", "in_kernel")
         for case, e in zip(cases, errs):
             assert max(e.values()) < 1e-4, (case, e)
 

@@ -171,6 +171,38 @@ def test_forward_merge_into_row_slices(path, dtype, merge, monkeypatch, device):
     assert torch.equal(out[:, :6], keep_o) and torch.equal(lse[:, :, :6], keep_l)
 
 
+@pytest.mark.parametrize("path,dtype,summed", [
+    (None, torch.float32, "pytorch"),  # CPU: the fused CPU kernel's backward, then add_
+    ("blockwise", torch.float64, "pytorch"),
+    ("triton", torch.float32, "in_kernel"),  # the kernels add in place (interpreter on CPU)
+])
+def test_backward_into_running_sums(path, dtype, summed, monkeypatch, device):
+    """attention_backward_into (the ring / LightSeq backward step) adds dq and dk/dv into the
+    given buffers (views) and returns a fresh gradient where it is given None, on every path."""
+    from ctxscale.kernels import attention_backward_into, chosen_paths
+
+    if path is not None:
+        monkeypatch.setenv("CTXSCALE_KERNELS_ATTENTION", path)
+    q, k, v = (t.detach().to(device) for t in _inputs(24, 40, 6, 2, 24, dtype))
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    o, lse = attention_forward(q, k, v, causal=True)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(2), dtype=dtype).to(device)
+    ref = attention_backward(do, q, k, v, o, lse, causal=True)
+    dq = torch.randn(2, 30, 6, 24, dtype=cdt, device=device)[:, 6:]
+    dkv = torch.randn(2, 2, 40, 2, 24, dtype=cdt, device=device)
+    dq0, dk0 = dq.clone(), dkv[0].clone()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    got = attention_backward_into(do, q, k, v, o, lse, (dq, dkv[0], dkv[1]), causal=True)
+    if path is None and device.type == "cuda":
+        summed = "in_kernel"  # the default on CUDA is the Triton kernel
+    assert chosen_paths()["attention_grad_sum"] == summed
+    assert got[0].data_ptr() == dq.data_ptr()
+    torch.testing.assert_close(dq - dq0, ref[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(dkv[0] - dk0, ref[1], rtol=tol, atol=tol)
+    fresh = attention_backward_into(do, q, k, v, o, lse, (None, dkv[0], dkv[1]), causal=True)
+    torch.testing.assert_close(fresh[0], ref[0], rtol=tol, atol=tol)
+
+
 def test_block_entry_points_build_no_autograd_graph():
     """attention_forward / attention_backward are the inside of autograd Functions (ring,
     LightSeq): on inputs that require grad they must not record a graph (memory per ring step)."""

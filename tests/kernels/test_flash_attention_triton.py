@@ -189,6 +189,53 @@ def test_forward_and_backward_survive_autotuning(real_autotune, device):
         _rel_close(a, b, 1e-4)
 
 
+def _accumulate_case(device, causal):
+    """Running gradient sums held in row slices of larger float32 buffers (a ring's dq and its
+    dK/dV accumulator of shape (2, ...)), and the reference block gradients to add."""
+    q64, k64, v64 = (t.requires_grad_() for t in _inputs(24, 50, 6, 2, 24, device))
+    o_ref, lse_ref = attention_reference(q64, k64, v64, causal=causal)
+    do = torch.randn_like(o_ref)
+    ref = torch.autograd.grad((o_ref * do).sum(), (q64, k64, v64))
+    q, k, v, do32 = (t.detach().float() for t in (q64, k64, v64, do))
+    o, lse = o_ref.detach().float(), lse_ref.detach().float()
+    dq_buf = torch.randn(2, 27, 6, 24, device=device)
+    dkv_buf = torch.randn(2, 2, 53, 2, 24, device=device)
+    views = (dq_buf[:, 3:], dkv_buf[0][:, 3:], dkv_buf[1][:, 3:])
+    return (do32, q, k, v, o, lse), ref, dq_buf, dkv_buf, views
+
+
+@pytest.mark.parametrize("which", ["all", "dq only", "dk/dv only"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_backward_accumulates_into_strided_views(causal, which, device):
+    """accumulate_into adds this block's gradients to the given buffers in place (row-slice
+    views), returns fresh tensors for the None entries, and leaves the rest untouched."""
+    args, ref, dq_buf, dkv_buf, views = _accumulate_case(device, causal)
+    before = [t.clone() for t in views]
+    keep = (dq_buf[:, :3].clone(), dkv_buf[:, :, :3].clone())
+    pick = {"all": (0, 1, 2), "dq only": (0,), "dk/dv only": (1, 2)}[which]
+    into = tuple(views[i] if i in pick else None for i in range(3))
+    got = flash_attention_backward(*args, causal=causal, accumulate_into=into)
+    for i, (g, r) in enumerate(zip(got, ref)):
+        if i in pick:
+            assert g.data_ptr() == views[i].data_ptr()
+            _rel_close(views[i] - before[i], r, 1e-4)
+        else:
+            _rel_close(g, r, 1e-4)
+            assert torch.equal(views[i], before[i])
+    assert torch.equal(dq_buf[:, :3], keep[0]) and torch.equal(dkv_buf[:, :, :3], keep[1])
+
+
+def test_backward_accumulation_survives_autotuning(real_autotune, device):
+    """The accumulating backward through the real Autotuner (configs timed by repeated runs):
+    without restore_value every timed run would add the gradients once more."""
+    args, ref, _, _, views = _accumulate_case(device, True)
+    before = [t.clone() for t in views]
+    flash_attention_backward(*args, causal=True, accumulate_into=views)
+    assert len(real_autotune) >= 2
+    for view, b0, r in zip(views, before, ref):
+        _rel_close(view - b0, r, 1e-4)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_global_lse_backward_sums_over_key_blocks(causal, device):
     """Backward with the GLOBAL (o, lse) of two key blocks: dq sums, dk/dv concatenate."""
@@ -233,6 +280,10 @@ def test_supports_and_errors(device):
     lse_prev = torch.zeros(1, 4, 8, device=device)
     with pytest.raises(ValueError, match="inplace=True merges into o_prev"):
         flash_attention_forward(q, k, v, inplace=True)
+    with pytest.raises(ValueError, match="dk and dv both given"):
+        flash_attention_backward(q, q, k, v, q, lse_prev, accumulate_into=(None, torch.zeros_like(k), None))
+    with pytest.raises(ValueError, match="accumulate_into dk must be shaped like k"):
+        flash_attention_backward(q, q, k, v, q, lse_prev, accumulate_into=(None, q, q))
     with pytest.raises(ValueError, match="inplace=True needs float32"):
         flash_attention_forward(q.half(), k.half(), v.half(), o_prev=q.half(), lse_prev=lse_prev,
                                 inplace=True)
