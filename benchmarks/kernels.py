@@ -9,10 +9,13 @@ Paths compared (a path that cannot run here is listed once under "not run" with 
 - attention: ours Triton FlashAttention-2 (CUDA), PyTorch SDPA (always; the baseline),
   flash-attn `flash_attn_func` (when installed), the blockwise PyTorch FA-2 path, and the
   full-score reference (while its seq² scores fit in memory).
-- ring_step (forward only): one ring / LightSeq step, a key block of the same length merged
-  into a running (o, lse): the block kernel then the PyTorch log-sum-exp merge (baseline; on CPU
-  the fused CPU kernel, on CUDA ours Triton) against ours Triton with the merge inside the kernel,
-  in place (CUDA). Both clone the running result first, so each call starts from the same state.
+- ring_step: one ring / LightSeq step on a key block of the same length (non-causal): forward =
+  the block merged into a running (o, lse); "fwd+bwd" = that plus the block's backward added into
+  running float32 (dq, dk, dv) sums. Baseline: the block kernel (on CPU the fused CPU kernel, on
+  CUDA ours Triton) then the PyTorch log-sum-exp merge and additions; against ours Triton with
+  the merge and the additions inside the kernels, in place (CUDA). Both clone the running
+  (o, lse) first, so each call starts from the same state (the lse of the backward is the
+  previous one: same work, it only has to be finite).
 - linear_attention: ours Triton chunked kernel (CUDA), the PyTorch chunked (Lightning-2) path
   (baseline), flash-linear-attention `chunk_simple_gla` (when installed), the token-by-token
   recurrence (short sequences only).
@@ -257,6 +260,9 @@ def ring_step_cases(seq, args, device, dtype):
     o_prev, lse_prev = att.attention_forward(q, k[:, :seq], v[:, :seq], causal=False)
     o_prev, lse_prev = o_prev.float(), lse_prev.float()
     kb, vb = k[:, seq:], v[:, seq:]
+    do = torch.randn_like(q)
+    # the backward step: this block's gradients added into running float32 sums
+    sums = [torch.zeros(t.shape, device=device) for t in (q, kb, vb)]
     fl = att.attention_flops(b, seq, seq, h, d, causal=False)
     cases, skipped = [], []
 
@@ -266,7 +272,15 @@ def ring_step_cases(seq, args, device, dtype):
         att.merge_attention(out, lse, o_b, lse_b)
         return out
 
-    cases.append(Case("block kernel + PyTorch merge", separate, None, fl, baseline=True))
+    def separate_step():
+        out = separate()
+        for acc, g in zip(sums, att.attention_backward(do, q, kb, vb, out, lse_prev,
+                                                        causal=False)):
+            acc.add_(g)
+        return out
+
+    cases.append(Case("block kernel + PyTorch merge / add", separate, separate_step, fl, 3.5 * fl,
+                      baseline=True))
     why = _triton_ok(device)
     if why is None:
         fat = importlib.import_module("ctxscale.kernels.flash_attention_triton")
@@ -277,9 +291,16 @@ def ring_step_cases(seq, args, device, dtype):
                                         inplace=True)
             return out
 
-        cases.append(Case("triton (ours), merge in kernel", in_kernel, None, fl))
+        def in_kernel_step():
+            out = in_kernel()
+            fat.flash_attention_backward(do, q, kb, vb, out, lse_prev, causal=False,
+                                         accumulate_into=tuple(sums))
+            return out
+
+        cases.append(Case("triton (ours), merge / add in kernel", in_kernel, in_kernel_step, fl,
+                          3.5 * fl))
     else:
-        skipped.append(("triton (ours), merge in kernel", why))
+        skipped.append(("triton (ours), merge / add in kernel", why))
     return cases, skipped
 
 
@@ -477,8 +498,7 @@ def run(args, flush=None) -> str:
         f"softplus; rms_norm hidden {args.hidden}; cross-entropy tokens = batch·seq, hidden "
         f"{args.hidden}, vocab {args.vocab}",
         f"- median of {args.repeats} runs after a warm-up; 'x base' = baseline time / path time "
-        "(forward+backward; the forward for the forward-only ring_step, likewise throughput and "
-        "peak mem); throughput of the forward+backward pass; peak mem = extra memory "
+        "(forward+backward); throughput of the forward+backward pass; peak mem = extra memory "
         "of one forward+backward; diff vs base = max |out − baseline out| / max |baseline out| "
         "of the forward outputs (same inputs; bf16 paths differ by rounding, ~1e-2)",
         "",
