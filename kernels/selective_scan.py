@@ -22,10 +22,12 @@ Paths:
   |G| of a segment is below `cumsum_limit` (60 in float32), the sum is computed as
   e^{G_t} · cumsum_s(e^{−G_s} Δ_s B_s u_s): O(chunk) work per state and no overflow (for
   monotone G every partial sum is bounded by e^{−G_t}, so the rounding stays relative to the
-  result). Otherwise (very strong decays) the chunk-by-chunk difference matrix e^{G_t−G_s},
-  masked to −∞ for s > t *before* the exponential, is used: every exponent is ≤ 0 for A ≤ 0,
-  nothing overflows however strong the decay, at O(chunk²) work. Chunk-end states are chained
-  chunk to chunk. Chunks are processed a segment at a time, recomputed in the backward when
+  result). Stronger decays halve the segment's chunk (down to 4 tokens) until |G| fits, so they
+  cost more chunk-to-chunk steps rather than chunk² work (forward+backward at 4K tokens, dim 64,
+  dstate 16 with the kernel benchmark's decays, 2-core CPU: 3.4 s at chunk 32 masked, 0.29 s). Only when even 4-token chunks exceed the
+  limit is the difference matrix e^{G_t−G_s}, masked to −∞ for s > t *before* the exponential,
+  used: every exponent is ≤ 0 for A ≤ 0, nothing overflows however strong the decay, at
+  O(chunk²) work. Chunk-end states are chained chunk to chunk. Chunks are processed a segment at a time, recomputed in the backward when
   gradients are needed so autograd memory stays O(seq · dim · dstate / chunk) + one segment;
   segment outputs and gradients go into preallocated full-length buffers (no per-segment
   allocation outlives its segment, which keeps glibc's heap from fragmenting, see
@@ -53,6 +55,8 @@ from ctxscale.kernels.dispatch import (
 
 DEFAULT_CHUNK = 32
 DEFAULT_SEGMENT_CHUNKS = 32
+# strong decays halve the chunk down to this before the O(chunk²) masked form is used
+MIN_ADAPTIVE_CHUNK = 4
 # |G| up to which e^{±G} is used directly: e^60 ~ 1e26 leaves float32 headroom for the inputs
 CUMSUM_LIMIT = {torch.float32: 60.0, torch.float64: 600.0}
 PATHS = OP_PATHS["selective_scan"]
@@ -160,25 +164,42 @@ def selective_scan_reference(
 
 
 # ---------------------------------------------------------------- chunked
+def _chunk_plan(dt, A, chunk: int, cumsum_limit: float):
+    """(chunk, padding, G `(b, d, nc, chunk, n)`, fits) for one segment: the largest chunk, from
+    `chunk` halving down to `MIN_ADAPTIVE_CHUNK`, whose within-chunk log decays G all have
+    |G| <= cumsum_limit (fits=True: the O(chunk) cumulative-sum form applies); when none does,
+    the smallest tried (fits=False: the masked-difference form, O(chunk²), cheapest at small
+    chunks). Strong decays thus cost more chunk-to-chunk steps, not chunk² work."""
+    b, d, T = dt.shape
+    c = chunk
+    while True:
+        nc = -(-T // c)
+        pad = nc * c - T
+        # Δ = 0 means decay 1 and no input: padded steps leave the state unchanged
+        dtp = F.pad(dt, (0, pad)) if pad else dt
+        G = (dtp.reshape(b, d, nc, c).unsqueeze(-1) * A[:, None, None, :]).cumsum(-2)
+        fits = bool(G.abs().amax() <= cumsum_limit)
+        if fits or c <= MIN_ADAPTIVE_CHUNK:
+            return c, pad, G, fits
+        c = max(MIN_ADAPTIVE_CHUNK, c // 2)
+
+
 def _scan_segment(dt, bu_scale, A, Bg, Cg, x, chunk: int, cumsum_limit: float):
     """One segment of the scan without D/z. dt, bu_scale (= Δ·u) `(b, d, T)`; A `(d, n)`;
     Bg, Cg `(b, g, n, T)`; x `(b, d, n)`. Returns (y `(b, d, T)`, state after the segment).
-    Uses the cumulative-sum form when every |G| in the segment is <= cumsum_limit, else the
-    masked-difference form."""
+    Uses the cumulative-sum form at the largest chunk (<= `chunk`) where every |G| is <=
+    cumsum_limit, else the masked-difference form (see `_chunk_plan`)."""
     b, d, T = dt.shape
     n = A.shape[1]
-    nc = -(-T // chunk)
-    pad = nc * chunk - T
+    chunk, pad, G, fits = _chunk_plan(dt, A, chunk, cumsum_limit)  # G: b d nc C n
+    nc = (T + pad) // chunk
     Bc = _per_channel(Bg, d)  # b d T n
     Cc = _per_channel(Cg, d)
     if pad:
-        # Δ = 0 means decay 1 and no input: padded steps leave the state unchanged
-        dt, bu_scale = F.pad(dt, (0, pad)), F.pad(bu_scale, (0, pad))
+        bu_scale = F.pad(bu_scale, (0, pad))
         Bc, Cc = F.pad(Bc, (0, 0, 0, pad)), F.pad(Cc, (0, 0, 0, pad))
-    dt = dt.reshape(b, d, nc, chunk)
-    G = (dt.unsqueeze(-1) * A[:, None, None, :]).cumsum(-2)  # b d nc C n
     bu = bu_scale.reshape(b, d, nc, chunk, 1) * Bc.reshape(b, d, nc, chunk, n)
-    if bool(G.abs().amax() <= cumsum_limit):
+    if fits:
         # e^{±G} cannot overflow: x_local_t = e^{G_t} Σ_{s≤t} e^{−G_s} bu_s, O(chunk) per state
         x_local = torch.exp(G) * (torch.exp(-G) * bu).cumsum(-2)
     else:
@@ -280,8 +301,9 @@ def selective_scan_chunked(
 ):
     """Chunked exact scan (see the module docstring); same returns as `selective_scan`.
     `recompute` recomputes each segment in the backward (default: when gradients are needed and there is more
-    than one segment). `cumsum_limit` bounds |G| for the cumulative-sum form (default 60 in
-    float32, 600 in float64; 0 forces the masked-difference form)."""
+    than one segment). `chunk_size` is the largest chunk; strong decays use smaller ones.
+    `cumsum_limit` bounds |G| for the cumulative-sum form (default 60 in float32, 600 in
+    float64; 0 forces the masked-difference form, at chunk min(chunk_size, 4))."""
     if chunk_size < 1 or segment_chunks < 1:
         raise ValueError(f"chunk_size ({chunk_size}) and segment_chunks ({segment_chunks}) must be >= 1")
     uc, dt, Ac, Bg, Cg = _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)

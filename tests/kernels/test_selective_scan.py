@@ -82,6 +82,31 @@ def test_masked_difference_form_matches_reference(dtype):
         assert _rel(a, r) <= TOL[dtype], (name, _rel(a, r))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_strong_decays_halve_the_chunk_and_stay_exact(dtype, monkeypatch):
+    """Δ·A down to ~-12 per token: chunk 32 would need |G| up to ~390 > the float32 limit 60, so the
+    segments halve their chunk until the cumulative-sum form fits (float64's limit 600 keeps 32)
+    instead of taking the O(chunk²) form; still exact."""
+    ss = importlib.import_module("ctxscale.kernels.selective_scan")
+
+    plans = []
+    orig = ss._chunk_plan
+    monkeypatch.setattr(ss, "_chunk_plan", lambda *a: plans.append(orig(*a)) or plans[-1])
+    inputs = _inputs("grouped", L=70)
+    inputs["A"] = inputs["A"] * 1.5
+    inputs["delta"] = inputs["delta"] + 0.5
+    ref = _run(selective_scan_reference, inputs, torch.float64)
+    got = _run(selective_scan_chunked, inputs, dtype, chunk_size=32, segment_chunks=1)
+    chunks = {(c, fits) for c, _, _, fits in plans}
+    assert all(fits for _, fits in chunks), chunks  # never the O(chunk²) form
+    if dtype == torch.float32:
+        assert min(c for c, _ in chunks) < 32, chunks
+    else:
+        assert chunks == {(32, True)}, chunks
+    for name, a, r in zip(NAMES, got, ref):
+        assert _rel(a, r) <= TOL[dtype], (name, _rel(a, r))
+
+
 def test_without_optional_terms():
     """No D, z, delta_bias, softplus: the bare scan and its gradients."""
     inputs = _inputs("plain", L=23)
