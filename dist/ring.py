@@ -56,7 +56,6 @@ from ctxscale.kernels.attention import (
     attention_backward_into,
     attention_flops,
     attention_forward_merge,
-    merge_attention,
 )
 
 
@@ -108,13 +107,6 @@ def block_plan(layout: str, causal: bool, rank: int, src: int, n: int):
 
 def _rows(x: torch.Tensor, rows: slice) -> torch.Tensor:
     return x[:, rows]
-
-
-def merge_block(out, lse, block_out, block_lse, rows: slice) -> None:
-    """Merge a partial attention result into (out, lse) for query `rows`, in place.
-
-    out `(b, n, h, d)`, lse `(b, h, n)` in the compute dtype; -inf lse means "no key yet"."""
-    merge_attention(out[:, rows], lse[:, :, rows], block_out, block_lse)
 
 
 class RotatingBuffer:
@@ -312,4 +304,4 @@ def ring_attention(q, k, v, *, group=None, layout="contiguous", causal=True, sof
     return _RingAttention.apply(q, k, v, group, layout, bool(causal), scale, bool(overlap))
 
 
-__all__ = ["ring_attention", "block_plan", "merge_block", "RotatingBuffer", "TravellingSum"]
+__all__ = ["ring_attention", "block_plan", "RotatingBuffer", "TravellingSum"]

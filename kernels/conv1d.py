@@ -25,9 +25,8 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from ctxscale.kernels.dispatch import OP_PATHS, forced_path, log_choice, module_available
+from ctxscale.kernels.dispatch import forced_path, log_choice, module_available
 
-PATHS = OP_PATHS["conv1d"]
 ACTIVATIONS = (None, "silu", "swish")
 
 

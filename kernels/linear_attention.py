@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ctxscale.kernels.dispatch import (
-    OP_PATHS,
     forced_path,
     log_choice,
     module_available,
@@ -48,7 +47,6 @@ from ctxscale.kernels.dispatch import (
 
 DEFAULT_CHUNK = 64
 DEFAULT_SEGMENT_CHUNKS = 16
-PATHS = OP_PATHS["linear_attention"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

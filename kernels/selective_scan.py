@@ -46,7 +46,6 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ctxscale.kernels.dispatch import (
-    OP_PATHS,
     forced_path,
     log_choice,
     module_available,
@@ -59,7 +58,6 @@ DEFAULT_SEGMENT_CHUNKS = 32
 MIN_ADAPTIVE_CHUNK = 4
 # |G| up to which e^{±G} is used directly: e^60 ~ 1e26 leaves float32 headroom for the inputs
 CUMSUM_LIMIT = {torch.float32: 60.0, torch.float64: 600.0}
-PATHS = OP_PATHS["selective_scan"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
