@@ -627,4 +627,5 @@ def flash_attention_backward(do, q, k, v, o, lse, *, causal=True, softmax_scale=
     return _backward(do, q, k, v, o, lse, causal, softmax_scale, dlse, accumulate_into)
 
 
-__all__ = ["supports", "inplace_ok", "accumulate_ok", "flash_attention", "flash_attention_forward", "flash_attention_backward"]
+__all__ = ["supports", "inplace_ok", "accumulate_ok", "flash_attention", "flash_attention_forward",
+           "flash_attention_backward"]

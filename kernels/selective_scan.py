@@ -24,10 +24,11 @@ Paths:
   monotone G every partial sum is bounded by e^{−G_t}, so the rounding stays relative to the
   result). Stronger decays halve the segment's chunk (down to 4 tokens) until |G| fits, so they
   cost more chunk-to-chunk steps rather than chunk² work (forward+backward at 4K tokens, dim 64,
-  dstate 16 with the kernel benchmark's decays, 2-core CPU: 3.4 s at chunk 32 masked, 0.29 s). Only when even 4-token chunks exceed the
-  limit is the difference matrix e^{G_t−G_s}, masked to −∞ for s > t *before* the exponential,
-  used: every exponent is ≤ 0 for A ≤ 0, nothing overflows however strong the decay, at
-  O(chunk²) work. Chunk-end states are chained chunk to chunk. Chunks are processed a segment at a time, recomputed in the backward when
+  dstate 16 with the kernel benchmark's decays, 2-core CPU: 3.4 s at chunk 32 masked, 0.29 s).
+  Only when even 4-token chunks exceed the limit is the difference matrix e^{G_t−G_s}, masked to
+  −∞ for s > t *before* the exponential, used: every exponent is ≤ 0 for A ≤ 0, nothing
+  overflows however strong the decay, at O(chunk²) work. Chunk-end states are chained chunk to
+  chunk. Chunks are processed a segment at a time, recomputed in the backward when
   gradients are needed so autograd memory stays O(seq · dim · dstate / chunk) + one segment;
   segment outputs and gradients go into preallocated full-length buffers (no per-segment
   allocation outlives its segment, which keeps glibc's heap from fragmenting, see
