@@ -86,11 +86,16 @@ def test_chunked_matches_token_by_token_reference(dtype, chunk_size, depth):
     ref_outs, ref_grads = _run(neural_memory_reference, inputs, torch.float64, chunk_size)
     outs, grads = _run(neural_memory, inputs, dtype, chunk_size)
     tol = TOL[dtype]
-    if dtype == torch.float32:  # the plain token loop's own float32 error: the noise floor
+    if dtype == torch.float32:
+        # the plain token loop's own float32 error is the noise floor: one sample of float32
+        # rounding in another evaluation order. Two orders of one exact algorithm scatter by a
+        # small factor around a common scale (measured: chunked / token-loop error up to 2.7x,
+        # depth 3, chunk 5, on an AMD EPYC; under 2x on the Intel Xeon CI used before), so 4x
+        # the floor, at most 1e-4 here; another algorithm (chunk size 4 for 1) is off by > 1e-4
         floor_outs, floor_grads = _run(neural_memory_reference, inputs, dtype, chunk_size)
         floor = max([_rel(a, r) for a, r in zip(floor_outs, ref_outs)]
                     + [_rel(floor_grads[n], r) for n, r in ref_grads.items()])
-        tol = max(tol, 2 * floor)
+        tol = max(tol, 4 * floor)
     for a, r in zip(outs, ref_outs):
         assert a.dtype == dtype
         assert _rel(a, r) <= tol
