@@ -11,6 +11,19 @@ With `tp` ranks, per Transformer block (x: `(batch, seq, dim)`):
     x_s += reduce_scatter_seq(o · W_o[shard, :])      row-parallel, partial sums reduced
     same for the MLP: w1, w3 column-parallel, w2 row-parallel
 
+A Mamba mixer (`models/mamba.py`, layers M and P of the hybrid stack) splits its E = expand·dim
+channels the same way (as Megatron-LM's Mamba layers do): each rank runs the convolution and the
+selective scan of E/tp channels over the whole (local context-parallel) sequence.
+
+    u, z = n_full · W_{x,z}[:, shard]                 column-parallel (E/tp channels each)
+    u = silu(conv(u))                                 conv taps and bias: this rank's channels
+    [δ, B, C] = all_reduce(u · W_xproj[:, shard]ᵀ)    row-parallel: B, C, δ mix all channels
+    y = scan(u, δ·W_dt[shard]ᵀ, A[shard], B, C, D[shard], z)       per channel, no communication
+    x_s += reduce_scatter_seq(y · W_out[shard, :])    row-parallel
+
+The x_proj all-reduce moves dt_rank + 2·d_state numbers per token, a small fraction of the
+sequence-parallel all-gather of the dim-wide input.
+
 The embedding is vocabulary-parallel (rows of the table sharded, masked lookups summed with a
 reduce-scatter onto the sequence shards), the output projection is column-parallel on the
 vocabulary, and the loss is the vocabulary-parallel cross-entropy `vocab_parallel_cross_entropy`,
@@ -23,8 +36,11 @@ d loss / d z_r = softmax_r − onehot_r stays local; d hidden is a partial sum o
 reduction is the reduce-scatter of the sequence-parallel all-gather's backward).
 
 Weights are `DTensor`s on the `tp` mesh (`torch.distributed.tensor.parallel`); activations
-between modules are local tensors. Requirements: heads, kv heads and the vocabulary divisible by
-tp, and the local sequence (seq / cp) divisible by tp.
+between modules are local tensors, and the per-channel parameters that are not a linear layer's
+(conv taps, A_log, D, the Δ projection) enter the computation through `local()`. Requirements:
+heads, kv heads and the vocabulary divisible by tp, the MLP width and Mamba's E divisible by tp,
+and the local sequence (seq / cp) divisible by tp. Families: transformer, mamba, and hybrid
+patterns of A, M and P layers; linear-attention (L) layers and Titans are refused with the fix.
 """
 
 from __future__ import annotations
@@ -39,35 +55,71 @@ DEFAULT_CHUNK = 4096
 
 
 # ----------------------------------------------------------------------------- validation
-TP_FAMILY_MESSAGE = (
-    "parallel.tp={tp} with model.family={family}: tensor parallelism shards the Transformer "
-    "family only (its blocks are softmax attention + MLP). The {family} blocks carry per-head and "
-    "per-channel parameters (convolution taps, gates, SSM and memory weights) that the tp plan "
-    "does not shard, so their local heads would not match. Set parallel.tp=1 and scale with "
-    "parallel.dp_shard (FSDP), parallel.cp (context parallelism) and parallel.pp instead."
+TP_LAYERS_MESSAGE = (
+    "parallel.tp={tp} with model.family={family}{pattern}: tensor parallelism shards softmax "
+    "attention (A), Mamba (M) and parallel attention+Mamba (P) layers; {what} carry per-head "
+    "state and parameters that this tp plan does not shard. Set parallel.tp=1 and scale with "
+    "parallel.dp_shard (FSDP), parallel.cp (context parallelism) and parallel.pp instead{alt}."
 )
+
+
+def _layer_codes(cfg) -> str:
+    return "A" * cfg.num_layers if cfg.family == "transformer" else cfg.layer_codes()
 
 
 def check_tensor_parallel(model: nn.Module, tp: int) -> None:
     """Raise a ValueError naming the fix when `model` cannot be split over `tp` ranks."""
-    cfg = model.cfg
-    if tp > 1 and cfg.family != "transformer":
-        raise ValueError(TP_FAMILY_MESSAGE.format(family=cfg.family, tp=tp))
-    if cfg.num_heads % tp or cfg.kv_heads % tp:
+    check_tensor_parallel_config(model.cfg, tp)
+
+
+def check_tensor_parallel_config(cfg, tp: int) -> None:
+    """`check_tensor_parallel` from the `ModelConfig` alone (job validation, before the model
+    is built); a vocabulary size of 0 (taken from the data later) is not checked."""
+    if tp == 1:
+        return
+    if cfg.family == "titans":
+        raise ValueError(TP_LAYERS_MESSAGE.format(
+            tp=tp, family=cfg.family, pattern="", what="Titans' neural-memory blocks",
+            alt=""))
+    codes = _layer_codes(cfg)
+    if "L" in codes:
+        pattern = f" (layer pattern {cfg.layer_pattern!r})" if cfg.family == "hybrid" else ""
+        raise ValueError(TP_LAYERS_MESSAGE.format(
+            tp=tp, family=cfg.family, pattern=pattern,
+            what="linear-attention (L) layers (feature maps, gates and decays per head)",
+            alt=", or use a pattern of A, M and P layers"))
+    if any(c in "AP" for c in codes) and (cfg.num_heads % tp or cfg.kv_heads % tp):
         raise ValueError(
             f"tensor parallelism splits attention heads: model.num_heads={cfg.num_heads} and "
             f"model.num_kv_heads={cfg.kv_heads} must both be divisible by parallel.tp={tp}; "
             "change the head counts or parallel.tp"
         )
-    if cfg.vocab_size % tp:
+    if cfg.vocab_size and cfg.vocab_size % tp:
         raise ValueError(
             f"the vocabulary-parallel embedding and loss need model.vocab_size={cfg.vocab_size} "
             f"divisible by parallel.tp={tp}; pad the vocabulary (set model.vocab_size) or change tp"
         )
-    if cfg.hidden_dim % tp:
+    has_mlp = any(c != "M" for c in codes) or cfg.mamba.mlp
+    if has_mlp and cfg.hidden_dim % tp:
         raise ValueError(
-            f"the MLP width {cfg.hidden_dim} must be divisible by parallel.tp={tp}"
+            f"the MLP width {cfg.hidden_dim} must be divisible by parallel.tp={tp}; set "
+            "model.ffn_dim (or model.ffn_multiple_of) or change parallel.tp"
         )
+    inner = cfg.mamba.expand * cfg.dim
+    if any(c in "MP" for c in codes) and inner % tp:
+        raise ValueError(
+            f"tensor parallelism splits the Mamba channels: model.mamba.expand x model.dim = "
+            f"{cfg.mamba.expand} x {cfg.dim} = {inner} must be divisible by parallel.tp={tp}; "
+            "change model.dim, model.mamba.expand or parallel.tp"
+        )
+
+
+def local(t):
+    """The local shard of a DTensor parameter (differentiable: its gradient lands on this
+    rank's shard), or `t` itself (a plain tensor or None)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 # ----------------------------------------------------------------------------- module plan
@@ -88,8 +140,40 @@ def _gather_norm_output(keep_dtensor: bool):
     return hook
 
 
+def _shard_mamba_mixer(mixer: nn.Module, tp_mesh) -> None:
+    """Split a `MambaMixer`'s E channels over `tp_mesh` (see the module docstring)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    from torch.distributed.tensor import Partial
+
+    colwise = ColwiseParallel()
+    parallelize_module(mixer, tp_mesh, {
+        "in_proj_x": colwise, "in_proj_z": colwise,
+        # δ, B, C from this rank's channels are partial sums: all-reduced (Replicate) ...
+        "x_proj": RowwiseParallel(input_layouts=Shard(-1), output_layouts=Replicate(),
+                                  use_local_output=False),
+        "out_proj": RowwiseParallel(output_layouts=Shard(1)),
+    })
+    # ... and used by this rank's channels only, so their gradient is a partial sum too (the
+    # backward all-reduce; a plain to_local() would take one rank's part for the whole)
+    mixer.x_proj.register_forward_hook(
+        lambda module, inputs, out: out.to_local(grad_placements=[Partial()]))
+    for module, name in ((mixer.conv1d, "weight"), (mixer.conv1d, "bias"), (mixer.dt_proj, "weight"),
+                         (mixer.dt_proj, "bias"), (mixer, "A_log"), (mixer, "D")):
+        p = getattr(module, name)
+        if p is not None:
+            shard = distribute_tensor(p.detach(), tp_mesh, [Shard(0)])
+            module.register_parameter(name, nn.Parameter(shard, requires_grad=p.requires_grad))
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
-    """Shard `model` (a Transformer or a pipeline stage of one) in place over `tp_mesh`."""
+    """Shard `model` (a Transformer, a mamba / hybrid HybridLM, or a pipeline stage of one) in
+    place over `tp_mesh`."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -104,15 +188,21 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
     if model.tok_embeddings is not None:
         parallelize_module(model.tok_embeddings, tp_mesh,
                            RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)))
+    colwise, rowwise = ColwiseParallel(), RowwiseParallel(output_layouts=Shard(1))
     for block in model.layers.values():
-        for norm in (block.attention_norm, block.ffn_norm):
-            parallelize_module(norm, tp_mesh, SequenceParallel())
-            norm.register_forward_hook(_gather_norm_output(keep_dtensor=True))
+        for name in ("attention_norm", "mixer_norm", "ffn_norm"):
+            norm = getattr(block, name, None)
+            if norm is not None:
+                parallelize_module(norm, tp_mesh, SequenceParallel())
+                norm.register_forward_hook(_gather_norm_output(keep_dtensor=True))
         attn, ffn = block.attention, block.feed_forward
-        for lin in (attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3):
-            parallelize_module(lin, tp_mesh, ColwiseParallel())
-        for lin in (attn.wo, ffn.w2):
-            parallelize_module(lin, tp_mesh, RowwiseParallel(output_layouts=Shard(1)))
+        if attn is not None:
+            parallelize_module(attn, tp_mesh, {"wq": colwise, "wk": colwise, "wv": colwise,
+                                               "wo": rowwise})
+        if ffn is not None:
+            parallelize_module(ffn, tp_mesh, {"w1": colwise, "w3": colwise, "w2": rowwise})
+        if getattr(block, "mixer", None) is not None:
+            _shard_mamba_mixer(block.mixer, tp_mesh)
     if model.norm is not None:
         parallelize_module(model.norm, tp_mesh, SequenceParallel())
         model.norm.register_forward_hook(_gather_norm_output(keep_dtensor=False))
@@ -211,5 +301,5 @@ def is_vocab_sharded(weight) -> bool:
             and weight.placements[0] == Shard(0))
 
 
-__all__ = ["apply_tensor_parallel", "check_tensor_parallel", "is_vocab_sharded",
-           "vocab_parallel_cross_entropy"]
+__all__ = ["apply_tensor_parallel", "check_tensor_parallel", "check_tensor_parallel_config",
+           "is_vocab_sharded", "local", "vocab_parallel_cross_entropy"]

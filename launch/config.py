@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ctxscale.dist.layout import required_multiple
-from ctxscale.dist.tensor_parallel import TP_FAMILY_MESSAGE
+from ctxscale.dist.tensor_parallel import check_tensor_parallel_config
 from ctxscale.kernels.dispatch import OP_PATHS, check_op_path
 from ctxscale.launch.config_loader import ConfigError, dump, load
 from ctxscale.launch.data import DataConfig
@@ -236,14 +236,7 @@ class JobConfig:
                 "model.tie_embeddings=true cannot be pipelined (embedding and head live on "
                 "different stages); set model.tie_embeddings=false or parallel.pp=1"
             )
-        if par.tp > 1 and model.family != "transformer":
-            raise ValueError(TP_FAMILY_MESSAGE.format(family=model.family, tp=par.tp))
-        if model.num_heads % par.tp or model.kv_heads % par.tp:
-            raise ValueError(
-                f"model.num_heads={model.num_heads} and model.num_kv_heads={model.kv_heads} must "
-                f"both be divisible by parallel.tp={par.tp} (tensor parallelism splits heads); "
-                "change the head counts or parallel.tp"
-            )
+        check_tensor_parallel_config(model, par.tp)
         if par.pp > 1 and model.num_layers < par.pp * par.pp_virtual_stages:
             raise ValueError(
                 f"model.num_layers={model.num_layers} is fewer than the "

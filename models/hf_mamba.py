@@ -5,8 +5,10 @@ A checkpoint directory holds `config.json` (model_type "mamba") and safetensors 
 
     backbone.embeddings.weight          <-> tok_embeddings.weight   (older: backbone.embedding.)
     backbone.layers.{i}.norm.weight     <-> layers.{i}.mixer_norm.weight
-    backbone.layers.{i}.mixer.{p}       <-> layers.{i}.mixer.{p}    (in_proj, conv1d, x_proj,
-                                                                      dt_proj, A_log, D, out_proj)
+    backbone.layers.{i}.mixer.{p}       <-> layers.{i}.mixer.{p}    (conv1d, x_proj, dt_proj,
+                                                                      A_log, D, out_proj)
+    backbone.layers.{i}.mixer.in_proj.* <-> layers.{i}.mixer.in_proj_x.* (rows :E) and
+                                            layers.{i}.mixer.in_proj_z.* (rows E:)
     backbone.norm_f.weight              <-> norm.weight
     lm_head.weight                      <-> output.weight           (absent when tied)
 
@@ -102,6 +104,31 @@ def ctxscale_to_hf_name(name: str) -> str:
     return f"backbone.layers.{i}.{sub}"
 
 
+def split_in_proj(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face's fused `mixer.in_proj` (rows `[x; z]`) as our `in_proj_x` / `in_proj_z`."""
+    out = {}
+    for name, t in state.items():
+        head, sep, leaf = name.rpartition(".in_proj.")
+        if sep and head.endswith("mixer"):
+            x, z = t.chunk(2, dim=0)
+            out[f"{head}.in_proj_x.{leaf}"], out[f"{head}.in_proj_z.{leaf}"] = x, z
+        else:
+            out[name] = t
+    return out
+
+
+def join_in_proj(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `split_in_proj` (names otherwise unchanged)."""
+    out = {}
+    for name, t in state.items():
+        head, sep, leaf = name.rpartition(".in_proj_x.")
+        if sep:
+            out[f"{head}.in_proj.{leaf}"] = torch.cat([t, state[f"{head}.in_proj_z.{leaf}"]])
+        elif ".in_proj_z." not in name:
+            out[name] = t
+    return out
+
+
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -126,7 +153,7 @@ def load_mamba_hf(path, *, dtype: torch.dtype = torch.float32, parallel=None):
     path = Path(path)
     cfg = config_from_hf(json.loads((path / "config.json").read_text()))
     model = HybridLM(cfg, parallel)
-    state = {hf_to_ctxscale_name(k): v for k, v in _read_weights(path).items()}
+    state = split_in_proj({hf_to_ctxscale_name(k): v for k, v in _read_weights(path).items()})
     if cfg.tie_embeddings:
         state.pop("output.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -147,7 +174,7 @@ def save_mamba_hf(model, path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for name, t in model.state_dict().items():
+    for name, t in join_in_proj(model.state_dict()).items():
         if cfg.tie_embeddings and name == "output.weight":
             continue
         tensors[ctxscale_to_hf_name(name)] = t.detach().contiguous().cpu()

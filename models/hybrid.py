@@ -154,8 +154,10 @@ class HybridLM(Transformer):
 
     def hidden_states(self, input_ids, position_ids=None):
         """Final-norm hidden states `(batch, seq, dim)` (or the stage output in a pipeline)."""
+        # positions from the token shape: a sequence-parallel embedding returns a shard of it
+        b, s = input_ids.shape[:2]
         h = self.tok_embeddings(input_ids) if self.tok_embeddings is not None else input_ids
-        cos, sin = self._rope_for(position_ids, h.shape[0], h.shape[1], h.device)
+        cos, sin = self._rope_for(position_ids, b, s, h.device)
         for layer in self.layers.values():
             h = layer(h, cos, sin)
         return self.norm(h) if self.norm is not None else h

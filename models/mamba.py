@@ -3,7 +3,7 @@
 Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces", 2023. With
 E = expand · dim channels, N = d_state, R = dt_rank, for x `(batch, seq, dim)`:
 
-    [u, z]   = in_proj(x)                         u, z: (batch, E, seq)
+    u, z     = in_proj_x(x), in_proj_z(x)         u, z: (batch, E, seq)
     u        = silu(causal_depthwise_conv(u))     width d_conv
     [δ, B, C]= x_proj(u)                          δ: R, B and C: N per token
     Δ        = softplus(dt_proj.weight · δ + dt_proj.bias)
@@ -13,7 +13,11 @@ E = expand · dim channels, N = d_state, R = dt_rank, for x `(batch, seq, dim)`:
 
 A Mamba *model* is `models/hybrid.py`'s stack with every layer `M` (RMSNorm → mixer → residual),
 which is Hugging Face `MambaForCausalLM` (see `models/hf_mamba.py`); the parameter names here
-(`in_proj`, `conv1d`, `x_proj`, `dt_proj`, `A_log`, `D`, `out_proj`) are the Hugging Face ones.
+(`conv1d`, `x_proj`, `dt_proj`, `A_log`, `D`, `out_proj`) are the Hugging Face ones, except that
+Hugging Face's fused `in_proj` (rows `[x; z]`) is two projections, `in_proj_x` and `in_proj_z`
+(split and joined on conversion): every parameter is then per channel (or per channel row), so
+tensor parallelism shards each one contiguously over the E channels (`dist/tensor_parallel.py`;
+a fused `[x; z]` would need a strided shard, which distributed checkpoints cannot store).
 
 Two ways to run the mixer:
 - `forward(x)`: the whole (possibly context-parallel) sequence; the conv and the scan go through
@@ -32,6 +36,7 @@ import torch
 import torch.nn as nn
 
 from ctxscale.dist.context import SINGLE, ParallelContext
+from ctxscale.dist.tensor_parallel import local
 from ctxscale.kernels.conv1d import causal_conv1d
 from ctxscale.kernels.selective_scan import selective_scan
 from ctxscale.models.config import ModelConfig
@@ -46,7 +51,8 @@ class MambaMixer(nn.Module):
         self.inner = m.expand * cfg.dim
         self.d_state = m.d_state
         self.dt_rank = m.rank(cfg.dim)
-        self.in_proj = nn.Linear(cfg.dim, 2 * self.inner, bias=m.bias)
+        self.in_proj_x = nn.Linear(cfg.dim, self.inner, bias=m.bias)
+        self.in_proj_z = nn.Linear(cfg.dim, self.inner, bias=m.bias)
         self.conv1d = nn.Conv1d(self.inner, self.inner, m.d_conv, groups=self.inner,
                                 bias=m.conv_bias, padding=m.d_conv - 1)
         self.x_proj = nn.Linear(self.inner, self.dt_rank + 2 * m.d_state, bias=False)
@@ -75,35 +81,40 @@ class MambaMixer(nn.Module):
     def _mix(self, x, conv, scan):
         """x `(batch, seq, dim)`; `conv(u) -> u'` and `scan(u, delta, A, B, C) -> y` do the
         sequence work. Returns `(batch, seq, dim)`."""
-        u, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (b, E, s) each
-        u = conv(u)
+        u = conv(self.in_proj_x(x).transpose(1, 2))  # (b, E, s); E/tp channels under tp
+        z = self.in_proj_z(x).transpose(1, 2)
         dt, B, C = torch.split(self.x_proj(u.transpose(1, 2)),
                                [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (b, E, s), bias in the scan
-        A = -torch.exp(self.A_log.float())
+        delta = (dt @ local(self.dt_proj.weight).t()).transpose(1, 2)  # (b, E, s), bias in the scan
+        A = -torch.exp(local(self.A_log).float())
         y = scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), z)
         return self.out_proj(y.transpose(1, 2).to(x.dtype))
 
     def _conv_args(self):
-        return self.conv1d.weight.squeeze(1), self.conv1d.bias
+        return local(self.conv1d.weight).squeeze(1), local(self.conv1d.bias)
+
+    def _scan_args(self):
+        """D and the Δ bias in float32 (this rank's channels under tensor parallelism)."""
+        return local(self.D).float(), local(self.dt_proj.bias).float()
 
     def forward(self, x: torch.Tensor, cos=None, sin=None) -> torch.Tensor:
         """x `(batch, seq_local, dim)` -> `(batch, seq_local, dim)` over the whole sequence."""
         par = self.parallel
         w, b = self._conv_args()
+        d_skip, dt_bias = self._scan_args()
 
         def conv(u):
             return par.causal_conv1d(u, w, b, activation="silu")
 
         def scan(u, delta, A, B, C, z):
-            return par.selective_scan(u, delta, A, B, C, self.D.float(), z,
-                                      self.dt_proj.bias.float(), True)
+            return par.selective_scan(u, delta, A, B, C, d_skip, z, dt_bias, True)
 
         return self._mix(x, conv, scan)
 
     def step(self, x: torch.Tensor, state: dict | None = None, cos=None, sin=None):
         """Single device: x `(batch, seq, dim)` continuing from `state`; returns (y, new_state)."""
         w, b = self._conv_args()
+        d_skip, dt_bias = self._scan_args()
         new = {}
 
         def conv(u):
@@ -115,7 +126,7 @@ class MambaMixer(nn.Module):
 
         def scan(u, delta, A, B, C, z):
             y, new["ssm"] = selective_scan(
-                u, delta, A, B, C, self.D.float(), z, self.dt_proj.bias.float(), True,
+                u, delta, A, B, C, d_skip, z, dt_bias, True,
                 return_last_state=True, initial_state=None if state is None else state["ssm"],
             )
             return y

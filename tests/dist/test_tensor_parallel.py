@@ -8,6 +8,8 @@ summation order differs). Odd sizes: 37 tokens with ignored labels in chunks of 
 has 6 query / 2 kv heads (GQA; heads must split over tp), head_dim 4, 10 tokens.
 """
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -104,16 +106,87 @@ def test_tensor_parallel_validation_messages():
         check_tensor_parallel(Transformer(cfg), 2)
 
 
-@pytest.mark.parametrize("family", ["linear", "hybrid", "mamba", "titans"])
-def test_tensor_parallel_refuses_non_transformer_families(family):
-    """The tp plan shards softmax-attention blocks; other blocks have per-head parameters it
-    does not shard, so tp > 1 is refused with the fix (tp=1) instead of failing in a step."""
-    import dataclasses
+def _recurrent_cfg(family, **mamba):
+    """A mamba or hybrid model with every sharded kind of layer: softmax attention (A), Mamba
+    (M, with an MLP) and attention + Mamba side by side (P); biases on every projection."""
+    from ctxscale.models.config import MambaConfig
 
+    return dataclasses.replace(
+        _cfg(), family=family, num_layers=3, layer_pattern="MAP",
+        mamba=MambaConfig(d_state=4, d_conv=3, bias=True, mlp=True, **mamba))
+
+
+def _tp_recurrent(rank, world_size, family):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from ctxscale.dist.tensor_parallel import apply_tensor_parallel
+    from ctxscale.models import build_model
+
+    torch.manual_seed(0)
+    cfg = _recurrent_cfg(family)
+    ref = build_model(cfg).double()
+    with torch.no_grad():  # random SSM parameters, so a wrong channel pairing shows
+        for name, p in ref.named_parameters():
+            if any(k in name for k in ("A_log", ".D", "conv1d", "dt_proj", "in_proj")):
+                p.add_(0.3 * torch.randn_like(p))
+    model = build_model(cfg).double()
+    model.load_state_dict(ref.state_dict())
+    apply_tensor_parallel(model, init_device_mesh("cpu", (world_size,)))
+    ids = torch.randint(0, 10, (3, 10))
+    labels = torch.randint(0, 10, (3, 10))
+    labels[1, 5:] = -100
+    ref_loss = torch.nn.functional.cross_entropy(ref(ids).flatten(0, 1), labels.flatten(),
+                                                 reduction="sum")
+    ref_loss.backward()
+    loss = model(ids, labels=labels, loss_reduction="sum")
+    loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=TOL)
+    grads = dict(ref.named_parameters())
+    assert sorted(grads) == sorted(n for n, _ in model.named_parameters())
+    for name, p in model.named_parameters():
+        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        torch.testing.assert_close(g, grads[name].grad, rtol=0, atol=TOL, msg=name)
+    # the Mamba channels really are split: E = 48, 24 per rank, in every per-channel parameter
+    mixer = model.layers["0"].mixer
+    for p in (mixer.in_proj_x.weight, mixer.in_proj_z.bias, mixer.conv1d.weight, mixer.A_log,
+              mixer.D, mixer.dt_proj.weight, mixer.dt_proj.bias, mixer.x_proj.weight.t()):
+        assert p.to_local().shape[0] == 24, p.shape
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), ref(ids), rtol=0, atol=TOL)
+    return True
+
+
+@pytest.mark.parametrize("family", ["mamba", "hybrid"])
+def test_tensor_parallel_mamba_and_hybrid_match_single(family):
+    """mamba: every layer M (+ MLP); hybrid "MAP": M, A and P layers. Loss, every parameter
+    gradient and the gathered logits at tp=2 equal one process's (float64, 1e-10)."""
+    assert all(run_distributed(_tp_recurrent, 2, args=(family,)))
+
+
+def test_tensor_parallel_mamba_validation_messages():
     from ctxscale.dist.tensor_parallel import check_tensor_parallel
     from ctxscale.models import build_model
 
-    model = build_model(dataclasses.replace(_cfg(), family=family))
+    cfg = dataclasses.replace(_recurrent_cfg("mamba", expand=1), vocab_size=16)  # E = 24
+    model = build_model(cfg)
+    check_tensor_parallel(model, 4)  # no attention layers: 6 heads need not divide by 4
+    with pytest.raises(ValueError, match=r"1 x 24 = 24 must be divisible by parallel.tp=16"):
+        check_tensor_parallel(model, 16)
+    with pytest.raises(ValueError, match=r"num_heads=6.*divisible by parallel.tp=4"):
+        check_tensor_parallel(build_model(_recurrent_cfg("hybrid")), 4)  # A and P layers
+
+
+@pytest.mark.parametrize("family,pattern", [("linear", "L"), ("hybrid", "LLLA"),
+                                            ("hybrid", "MLA"), ("titans", "")])
+def test_tensor_parallel_refuses_linear_attention_and_titans(family, pattern):
+    """Linear-attention (L) layers and Titans blocks have per-head feature maps, gates and
+    memories the tp plan does not shard: tp > 1 is refused with the fix instead of failing in a
+    step."""
+    from ctxscale.dist.tensor_parallel import check_tensor_parallel
+    from ctxscale.models import build_model
+
+    cfg = dataclasses.replace(_cfg(), family=family, layer_pattern=pattern or "LLLA")
+    model = build_model(cfg)
     with pytest.raises(ValueError, match=rf"model.family={family}.*Set parallel.tp=1"):
         check_tensor_parallel(model, 2)
     check_tensor_parallel(model, 1)  # tp=1 is no split: nothing to refuse

@@ -59,3 +59,39 @@ def test_layouts_match_single_process(tmp_path):
             if abs(got[step] - loss) > TOL:
                 bad.append((name, step, loss, got[step]))
     assert not bad, f"layouts that diverge from one process (name, step, ref, got): {bad}"
+
+
+# A hybrid stack with every layer kind the tp plan shards: M (Mamba + MLP), A (softmax) and
+# P (attention and Mamba side by side), trained under tp with each other axis, and a tp2 x dp2
+# checkpoint resumed without tp (the Mamba channels re-assembled from their DTensor shards).
+HYBRID = BASE + ["model.family=hybrid", "model.layer_pattern=MAP", "model.mamba.d_state=8",
+                 "model.mamba.mlp=true", "model.mamba.bias=true"]
+HYBRID_LAYOUTS = {
+    "tp2_dp2": (["parallel.tp=2", "checkpoint.every=3", "checkpoint.keep_last=1"], 2),
+    "tp2_cp2": (["parallel.tp=2", "parallel.cp=2"], 1),
+    "pp2_tp2": (["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=1f1b"], 1),
+}
+
+
+def _run_hybrid(rank, world_size, root):
+    for name, (extra, dp) in HYBRID_LAYOUTS.items():
+        train(load_job_config(TINY, HYBRID + extra + [
+            f"train.batch_size={GLOBAL_BATCH // dp}", f"train.output_dir={root}/{name}"]))
+    train(load_job_config(TINY, HYBRID + [
+        "parallel.cp=2", f"train.batch_size={GLOBAL_BATCH // 2}", f"train.output_dir={root}/resumed",
+        f"checkpoint.resume={root}/tp2_dp2/checkpoints/step_00000003", "checkpoint.every=0"]))
+
+
+def test_hybrid_mamba_layouts_with_tensor_parallel_match_single_process(tmp_path):
+    single = tmp_path / "single"
+    train(load_job_config(TINY, HYBRID + [f"train.batch_size={GLOBAL_BATCH}",
+                                          f"train.output_dir={single}"]))
+    ref = _losses(single)
+    assert sorted(ref) == [1, 2, 3, 4, 5]
+    run_distributed(_run_hybrid, 4, args=(str(tmp_path),), timeout=600)
+    bad = []
+    for name, steps in [(n, [1, 2, 3, 4, 5]) for n in HYBRID_LAYOUTS] + [("resumed", [4, 5])]:
+        got = _losses(Path(tmp_path) / name)
+        assert sorted(got) == steps, (name, got)
+        bad += [(name, s, ref[s], got[s]) for s in steps if abs(got[s] - ref[s]) > TOL]
+    assert not bad, f"layouts that diverge from one process (name, step, ref, got): {bad}"
