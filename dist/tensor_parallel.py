@@ -24,6 +24,14 @@ selective scan of E/tp channels over the whole (local context-parallel) sequence
 The x_proj all-reduce moves dt_rank + 2·d_state numbers per token, a small fraction of the
 sequence-parallel all-gather of the dim-wide input.
 
+A linear-attention layer (L, `models/linear_attention.py`) splits its heads like softmax
+attention (wq, wk, wv column-parallel, wo row-parallel), and every per-head piece goes with its
+head: the gate rows (wg, wb: column-parallel), the Hedgehog feature maps, the q/k convolution
+taps (per channel), the output norm and the window mix (Shard(0)); fixed decays are taken at the
+global head index. The recurrence (and its context-parallel state passing) runs on local heads.
+A layer that mixes ungated and decaying heads is refused: its gate projections have a row per
+head of one kind, which does not split evenly over the ranks' heads.
+
 The embedding is vocabulary-parallel (rows of the table sharded, masked lookups summed with a
 reduce-scatter onto the sequence shards), the output projection is column-parallel on the
 vocabulary, and the loss is the vocabulary-parallel cross-entropy `vocab_parallel_cross_entropy`,
@@ -37,10 +45,11 @@ reduction is the reduce-scatter of the sequence-parallel all-gather's backward).
 
 Weights are `DTensor`s on the `tp` mesh (`torch.distributed.tensor.parallel`); activations
 between modules are local tensors, and the per-channel parameters that are not a linear layer's
-(conv taps, A_log, D, the Δ projection) enter the computation through `local()`. Requirements:
+(conv taps, A_log, D, the Δ projection, feature maps, ...) enter the computation through
+`local()`. Requirements:
 heads, kv heads and the vocabulary divisible by tp, the MLP width and Mamba's E divisible by tp,
-and the local sequence (seq / cp) divisible by tp. Families: transformer, mamba, and hybrid
-patterns of A, M and P layers; linear-attention (L) layers and Titans are refused with the fix.
+and the local sequence (seq / cp) divisible by tp. Families: transformer, linear, mamba and
+hybrid (any pattern of A, L, M and P); Titans is refused with the fix.
 """
 
 from __future__ import annotations
@@ -55,11 +64,12 @@ DEFAULT_CHUNK = 4096
 
 
 # ----------------------------------------------------------------------------- validation
-TP_LAYERS_MESSAGE = (
-    "parallel.tp={tp} with model.family={family}{pattern}: tensor parallelism shards softmax "
-    "attention (A), Mamba (M) and parallel attention+Mamba (P) layers; {what} carry per-head "
-    "state and parameters that this tp plan does not shard. Set parallel.tp=1 and scale with "
-    "parallel.dp_shard (FSDP), parallel.cp (context parallelism) and parallel.pp instead{alt}."
+TP_TITANS_MESSAGE = (
+    "parallel.tp={tp} with model.family=titans: tensor parallelism shards softmax attention "
+    "(A), linear attention (L), Mamba (M) and parallel attention+Mamba (P) layers; Titans' "
+    "neural-memory blocks carry per-head memory weights and gates that this tp plan does not "
+    "shard. Set parallel.tp=1 and scale with parallel.dp_shard (FSDP), parallel.cp (context "
+    "parallelism) and parallel.pp instead."
 )
 
 
@@ -78,17 +88,23 @@ def check_tensor_parallel_config(cfg, tp: int) -> None:
     if tp == 1:
         return
     if cfg.family == "titans":
-        raise ValueError(TP_LAYERS_MESSAGE.format(
-            tp=tp, family=cfg.family, pattern="", what="Titans' neural-memory blocks",
-            alt=""))
+        raise ValueError(TP_TITANS_MESSAGE.format(tp=tp))
+    from ctxscale.models.config import DECAY_KINDS  # here: models import this module
+
     codes = _layer_codes(cfg)
-    if "L" in codes:
-        pattern = f" (layer pattern {cfg.layer_pattern!r})" if cfg.family == "hybrid" else ""
-        raise ValueError(TP_LAYERS_MESSAGE.format(
-            tp=tp, family=cfg.family, pattern=pattern,
-            what="linear-attention (L) layers (feature maps, gates and decays per head)",
-            alt=", or use a pattern of A, M and P layers"))
-    if any(c in "AP" for c in codes) and (cfg.num_heads % tp or cfg.kv_heads % tp):
+    la = cfg.linear_attention
+    for i, code in enumerate(codes):
+        free = la.ungated_for(i)
+        if code == "L" and la.kind in DECAY_KINDS and 0 < free < cfg.num_heads:
+            raise ValueError(
+                f"parallel.tp={tp} with model.linear_attention.ungated_heads={free} of "
+                f"{cfg.num_heads} heads (layer {i}): the gate and write-gate projections of a "
+                "layer that mixes ungated and decaying heads have a row per head of one kind, "
+                "which cannot be split evenly over the tp ranks' heads. Use 0 ungated heads "
+                "(or all of them) in every linear-attention layer, or set parallel.tp=1 and "
+                "scale with parallel.dp_shard, parallel.cp and parallel.pp"
+            )
+    if any(c in "APL" for c in codes) and (cfg.num_heads % tp or cfg.kv_heads % tp):
         raise ValueError(
             f"tensor parallelism splits attention heads: model.num_heads={cfg.num_heads} and "
             f"model.num_kv_heads={cfg.kv_heads} must both be divisible by parallel.tp={tp}; "
@@ -142,14 +158,12 @@ def _gather_norm_output(keep_dtensor: bool):
 
 def _shard_mamba_mixer(mixer: nn.Module, tp_mesh) -> None:
     """Split a `MambaMixer`'s E channels over `tp_mesh` (see the module docstring)."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import Partial, Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,
         parallelize_module,
     )
-
-    from torch.distributed.tensor import Partial
 
     colwise = ColwiseParallel()
     parallelize_module(mixer, tp_mesh, {
@@ -163,17 +177,45 @@ def _shard_mamba_mixer(mixer: nn.Module, tp_mesh) -> None:
     # backward all-reduce; a plain to_local() would take one rank's part for the whole)
     mixer.x_proj.register_forward_hook(
         lambda module, inputs, out: out.to_local(grad_placements=[Partial()]))
-    for module, name in ((mixer.conv1d, "weight"), (mixer.conv1d, "bias"), (mixer.dt_proj, "weight"),
-                         (mixer.dt_proj, "bias"), (mixer, "A_log"), (mixer, "D")):
-        p = getattr(module, name)
+    _shard_parameters(tp_mesh, [(mixer.conv1d, "weight"), (mixer.conv1d, "bias"),
+                                (mixer.dt_proj, "weight"), (mixer.dt_proj, "bias"),
+                                (mixer, "A_log"), (mixer, "D")])
+
+
+def _shard_parameters(tp_mesh, named) -> None:
+    """Replace each (module, parameter name) by its Shard(0) DTensor over `tp_mesh` (absent or
+    None parameters are skipped)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    for module, name in named:
+        p = getattr(module, name, None)
         if p is not None:
             shard = distribute_tensor(p.detach(), tp_mesh, [Shard(0)])
             module.register_parameter(name, nn.Parameter(shard, requires_grad=p.requires_grad))
 
 
+def _shard_linear_attention(attn: nn.Module, tp_mesh) -> None:
+    """Split a `LinearAttention`'s heads over `tp_mesh` (wq/wk/wv/wo are sharded by the caller):
+    the gates (one row per head: wg of the decaying heads, wb of the ungated ones, aligned with
+    the heads because a layer's heads are all of one kind, see `check_tensor_parallel`), the
+    per-head feature maps, the per-channel q/k convolutions, the output norm and the window
+    mix. Then the module keeps its local head counts and first head's index."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    colwise = ColwiseParallel()
+    parallelize_module(attn, tp_mesh, {name: colwise for name in ("wg", "wb")
+                                       if hasattr(attn, name)})
+    named = [(attn, name) for name in ("q_conv", "k_conv", "out_norm", "linear_mix")]
+    for fmap in ("feature_map_q", "feature_map_k"):
+        if hasattr(attn, fmap):
+            named += [(getattr(attn, fmap), "weight"), (getattr(attn, fmap), "bias")]
+    _shard_parameters(tp_mesh, named)
+    attn.shard_heads(tp_mesh.get_local_rank(), tp_mesh.size())
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
-    """Shard `model` (a Transformer, a mamba / hybrid HybridLM, or a pipeline stage of one) in
-    place over `tp_mesh`."""
+    """Shard `model` (a Transformer, a linear / mamba / hybrid HybridLM, or a pipeline stage of
+    one) in place over `tp_mesh`."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -199,6 +241,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
         if attn is not None:
             parallelize_module(attn, tp_mesh, {"wq": colwise, "wk": colwise, "wv": colwise,
                                                "wo": rowwise})
+            if getattr(block, "code", "A") == "L":
+                _shard_linear_attention(attn, tp_mesh)
         if ffn is not None:
             parallelize_module(ffn, tp_mesh, {"w1": colwise, "w3": colwise, "w2": rowwise})
         if getattr(block, "mixer", None) is not None:

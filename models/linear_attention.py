@@ -70,6 +70,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ctxscale.dist.context import SINGLE, ParallelContext
+from ctxscale.dist.tensor_parallel import local
 from ctxscale.kernels.conv1d import causal_conv1d
 from ctxscale.kernels.linear_attention import linear_attention
 from ctxscale.kernels.rotary import apply_rotary
@@ -109,7 +110,7 @@ class HedgehogFeatureMap(nn.Module):
         self.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        proj = torch.einsum("bshd,hdf->bshf", x, self.weight) + self.bias
+        proj = torch.einsum("bshd,hdf->bshf", x, local(self.weight)) + local(self.bias)
         return torch.cat([torch.softmax(proj, -1), torch.softmax(-proj, -1)], dim=-1)
 
 
@@ -131,6 +132,7 @@ class LinearAttention(nn.Module):
         self.parallel = parallel or SINGLE
         self.kind = la.kind
         self.num_heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.per_head_dim
+        self.head_offset = 0  # global index of this module's first head (tensor parallelism)
         hd = self.head_dim
         self.normalize = la.normalize or DEFAULT_NORMALIZE[la.kind]
         self.feature = "hedgehog" if la.kind == "hedgehog" else (la.feature_map or DEFAULT_FEATURE_MAP[la.kind])
@@ -168,6 +170,20 @@ class LinearAttention(nn.Module):
         if self.window:
             self.linear_mix = nn.Parameter(torch.zeros(cfg.num_heads))  # log λ per head
         self.reset_recurrent_parameters()
+
+    def shard_heads(self, rank: int, tp: int) -> None:
+        """Keep heads [rank·H/tp, (rank+1)·H/tp) (tensor parallelism; the weights are sharded by
+        `dist/tensor_parallel.py`): local head counts, the global index of the first head (the
+        fixed decays depend on it) and the local number of ungated heads."""
+        heads = self.cfg.num_heads // tp
+        self.head_offset = rank * heads
+        self.num_heads, self.kv_heads = heads, self.cfg.kv_heads // tp
+
+        def first(n):  # of the global first-n heads, those on this rank
+            return min(max(n - self.head_offset, 0), heads)
+
+        self.ungated_heads = first(self.ungated_heads)
+        self.heads_without_decay = first(self.heads_without_decay)
 
     @property
     def hybrid_mode(self) -> str:
@@ -215,7 +231,8 @@ class LinearAttention(nn.Module):
         if self.kind not in DECAY_KINDS or free == self.num_heads:
             return None
         if self.kind == "decay" or not self.la.gate:
-            log_decay = fixed_log_decay(self.num_heads, device=x.device, dtype=cdt)
+            log_decay = fixed_log_decay(self.cfg.num_heads, device=x.device, dtype=cdt)
+            log_decay = log_decay[self.head_offset:self.head_offset + self.num_heads]
             return log_decay.masked_fill(torch.arange(self.num_heads, device=x.device) < free, 0.0)
         log_decay = F.logsigmoid(self.wg(x).to(cdt)) / self.la.gate_normalizer  # (b, s, h - free)
         if self.la.gate_max_half_life:  # γ ≤ γ_max = 2^(−1/max_half_life)
@@ -258,8 +275,8 @@ class LinearAttention(nn.Module):
             q_w = self._rotate(q.view(b, s, -1, hd), cos, sin, "the window's q/k")
             k_w = self._rotate(k.view(b, s, -1, hd), cos, sin, "the window's q/k")
         if self.kind == "lawcat":
-            q = conv(q.transpose(1, 2), self.q_conv, "q_conv").transpose(1, 2)
-            k = conv(k.transpose(1, 2), self.k_conv, "k_conv").transpose(1, 2)
+            q = conv(q.transpose(1, 2), local(self.q_conv), "q_conv").transpose(1, 2)
+            k = conv(k.transpose(1, 2), local(self.k_conv), "k_conv").transpose(1, 2)
         q, k, v = q.view(b, s, -1, hd), k.view(b, s, -1, hd), v.view(b, s, -1, hd)
         if self.rope:
             q, k = self._rotate(q, cos, sin, "q/k"), self._rotate(k, cos, sin, "q/k")
@@ -272,7 +289,7 @@ class LinearAttention(nn.Module):
             if rep > 1:
                 k_w = k_w.repeat_interleave(rep, dim=2)
             o = window_linear_attention(
-                q_w, k_w, v, q, k, log_decay, window=self.window, log_mix=self.linear_mix,
+                q_w, k_w, v, q, k, log_decay, window=self.window, log_mix=local(self.linear_mix),
                 halo=halo, linear=lambda pq, pk, pv, g: attend(pq, pk, pv, g, 1.0),
                 mode=self.hybrid_mode, eps=self.la.eps, block=self.window_block)
         elif self.normalize == "denominator":
@@ -284,7 +301,7 @@ class LinearAttention(nn.Module):
             if self.normalize == "rms":
                 on = o.double() if o.dtype == torch.float64 else o.float()
                 o = (on * torch.rsqrt(on.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps)).to(o.dtype)
-                o = o * self.out_norm.view(self.num_heads, hd)
+                o = o * local(self.out_norm).view(self.num_heads, hd)
         return self.wo(o.flatten(2))
 
     # -------------------------------------------------------------- entry points

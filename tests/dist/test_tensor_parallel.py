@@ -106,28 +106,43 @@ def test_tensor_parallel_validation_messages():
         check_tensor_parallel(Transformer(cfg), 2)
 
 
-def _recurrent_cfg(family, **mamba):
-    """A mamba or hybrid model with every sharded kind of layer: softmax attention (A), Mamba
-    (M, with an MLP) and attention + Mamba side by side (P); biases on every projection."""
-    from ctxscale.models.config import MambaConfig
+# linear-attention variants that touch every sharded per-head piece: conv taps, per-token gates
+# and Hedgehog maps (lawcat); fixed per-head decays and the output norm (decay); a softmax
+# window with its mix, RoPE and write gates on every head (hedgehog); all heads ungated with
+# write gates (decay, ungated_heads = heads)
+LINEAR_KINDS = {
+    "lawcat": dict(kind="lawcat", feature_map="hedgehog", conv_width=3, gate_max_half_life=8.0),
+    "decay": dict(kind="decay"),
+    "hedgehog_window": dict(kind="hedgehog", window=4, write_gate=True, feature_dim=3),
+    "decay_ungated": dict(kind="decay", ungated_heads=6, write_gate=True),
+}
+
+
+def _recurrent_cfg(family, pattern="MAP", linear=None, **mamba):
+    """A mamba / linear / hybrid model; the default hybrid has every sharded kind of layer but
+    L: softmax attention (A), Mamba (M, with an MLP) and attention + Mamba side by side (P);
+    biases on every projection."""
+    from ctxscale.models.config import LinearAttentionConfig, MambaConfig
 
     return dataclasses.replace(
-        _cfg(), family=family, num_layers=3, layer_pattern="MAP",
-        mamba=MambaConfig(d_state=4, d_conv=3, bias=True, mlp=True, **mamba))
+        _cfg(), family=family, num_layers=3, layer_pattern=pattern, attention_bias=True,
+        mamba=MambaConfig(d_state=4, d_conv=3, bias=True, mlp=True, **mamba),
+        linear_attention=LinearAttentionConfig(**LINEAR_KINDS.get(linear, {})))
 
 
-def _tp_recurrent(rank, world_size, family):
+def _tp_recurrent(rank, world_size, family, pattern="MAP", linear=None):
     from torch.distributed.device_mesh import init_device_mesh
 
     from ctxscale.dist.tensor_parallel import apply_tensor_parallel
     from ctxscale.models import build_model
 
     torch.manual_seed(0)
-    cfg = _recurrent_cfg(family)
+    cfg = _recurrent_cfg(family, pattern, linear)
     ref = build_model(cfg).double()
-    with torch.no_grad():  # random SSM parameters, so a wrong channel pairing shows
+    with torch.no_grad():  # random per-channel / per-head parameters: a wrong pairing shows
         for name, p in ref.named_parameters():
-            if any(k in name for k in ("A_log", ".D", "conv1d", "dt_proj", "in_proj")):
+            if any(k in name for k in ("A_log", ".D", "conv1d", "dt_proj", "in_proj", "_conv",
+                                       "feature_map", "out_norm", "linear_mix", "wg.", "wb.")):
                 p.add_(0.3 * torch.randn_like(p))
     model = build_model(cfg).double()
     model.load_state_dict(ref.state_dict())
@@ -146,21 +161,33 @@ def _tp_recurrent(rank, world_size, family):
     for name, p in model.named_parameters():
         g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         torch.testing.assert_close(g, grads[name].grad, rtol=0, atol=TOL, msg=name)
-    # the Mamba channels really are split: E = 48, 24 per rank, in every per-channel parameter
-    mixer = model.layers["0"].mixer
-    for p in (mixer.in_proj_x.weight, mixer.in_proj_z.bias, mixer.conv1d.weight, mixer.A_log,
-              mixer.D, mixer.dt_proj.weight, mixer.dt_proj.bias, mixer.x_proj.weight.t()):
-        assert p.to_local().shape[0] == 24, p.shape
+    for i, code in enumerate(cfg.layer_codes()):
+        block = model.layers[str(i)]
+        if code in "MP":  # the Mamba channels really are split: E = 48, 24 per rank
+            mixer = block.mixer
+            for p in (mixer.in_proj_x.weight, mixer.in_proj_z.bias, mixer.conv1d.weight,
+                      mixer.A_log, mixer.D, mixer.dt_proj.weight, mixer.dt_proj.bias,
+                      mixer.x_proj.weight.t()):
+                assert p.to_local().shape[0] == 24, p.shape
+        if code == "L":  # and the heads: 3 of 6 query heads, 1 of 2 kv heads per rank
+            attn = block.attention
+            assert (attn.num_heads, attn.kv_heads, attn.head_offset) == (3, 1, 3 * rank)
+            sharded = [p for n, p in attn.named_parameters() if not n.startswith("w")]
+            assert sharded and all(p.to_local().shape[0] * 2 == p.shape[0] for p in sharded)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), ref(ids), rtol=0, atol=TOL)
     return True
 
 
-@pytest.mark.parametrize("family", ["mamba", "hybrid"])
-def test_tensor_parallel_mamba_and_hybrid_match_single(family):
-    """mamba: every layer M (+ MLP); hybrid "MAP": M, A and P layers. Loss, every parameter
-    gradient and the gathered logits at tp=2 equal one process's (float64, 1e-10)."""
-    assert all(run_distributed(_tp_recurrent, 2, args=(family,)))
+@pytest.mark.parametrize("family,pattern,linear", [
+    ("mamba", "M", None), ("hybrid", "MAP", None), ("hybrid", "LAM", "lawcat"),
+    ("linear", "L", "decay"), ("hybrid", "PLL", "hedgehog_window"),
+    ("linear", "L", "decay_ungated")])
+def test_tensor_parallel_recurrent_models_match_single(family, pattern, linear):
+    """mamba: every layer M (+ MLP); hybrid "MAP": M, A and P layers; linear-attention layers
+    of each kind in `LINEAR_KINDS`. Loss, every parameter gradient and the gathered logits at
+    tp=2 equal one process's (float64, 1e-10)."""
+    assert all(run_distributed(_tp_recurrent, 2, args=(family, pattern, linear)))
 
 
 def test_tensor_parallel_mamba_validation_messages():
@@ -176,17 +203,20 @@ def test_tensor_parallel_mamba_validation_messages():
         check_tensor_parallel(build_model(_recurrent_cfg("hybrid")), 4)  # A and P layers
 
 
-@pytest.mark.parametrize("family,pattern", [("linear", "L"), ("hybrid", "LLLA"),
-                                            ("hybrid", "MLA"), ("titans", "")])
-def test_tensor_parallel_refuses_linear_attention_and_titans(family, pattern):
-    """Linear-attention (L) layers and Titans blocks have per-head feature maps, gates and
-    memories the tp plan does not shard: tp > 1 is refused with the fix instead of failing in a
-    step."""
+def test_tensor_parallel_refuses_titans_and_mixed_ungated_heads():
+    """Titans blocks have per-head memories the tp plan does not shard, and a linear layer with
+    some ungated heads has gate rows that do not split evenly: tp > 1 is refused with the fix
+    instead of failing in a step."""
     from ctxscale.dist.tensor_parallel import check_tensor_parallel
     from ctxscale.models import build_model
 
-    cfg = dataclasses.replace(_cfg(), family=family, layer_pattern=pattern or "LLLA")
-    model = build_model(cfg)
-    with pytest.raises(ValueError, match=rf"model.family={family}.*Set parallel.tp=1"):
-        check_tensor_parallel(model, 2)
-    check_tensor_parallel(model, 1)  # tp=1 is no split: nothing to refuse
+    titans = build_model(dataclasses.replace(_cfg(), family="titans"))
+    with pytest.raises(ValueError, match=r"model.family=titans.*Set parallel.tp=1"):
+        check_tensor_parallel(titans, 2)
+    check_tensor_parallel(titans, 1)  # tp=1 is no split: nothing to refuse
+    cfg = _recurrent_cfg("hybrid", "LAM", "lawcat")
+    cfg.linear_attention.ungated_heads = [2, 0, 0]
+    with pytest.raises(ValueError, match=r"ungated_heads=2 of 6 heads \(layer 0\).*0 ungated"):
+        check_tensor_parallel(build_model(cfg), 2)
+    cfg.linear_attention.ungated_heads = [6, 0, 0]  # every head of layer 0: one kind
+    check_tensor_parallel(build_model(cfg), 2)

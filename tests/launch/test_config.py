@@ -43,12 +43,13 @@ def test_unknown_key_names_key_file_and_suggestion(tmp_path):
         ("parallel.cp=3", r"data.seq_len=64 .* multiple of 3"),
         ("nosuchsection.x=1", r"unknown config key 'nosuchsection'"),
         ("train.steps", r"must look like key.path=value"),
-        # tp shards A, M and P layers; linear-attention layers and Titans are refused before
-        # work (they crashed deep in the first step before the check existed)
-        *[(f"model.family={fam} parallel.tp=2", rf"parallel.tp=2 with model.family={fam}.*"
-           r"Set parallel.tp=1") for fam in ("linear", "hybrid", "titans")],
-        ("model.family=hybrid model.layer_pattern=MLA parallel.tp=2",
-         r"layer pattern 'MLA'.*linear-attention \(L\) layers.*pattern of A, M and P layers"),
+        # tp shards A, L, M and P layers; Titans and linear layers mixing ungated and
+        # decaying heads are refused before work (they crashed deep in the first step)
+        ("model.family=titans parallel.tp=2",
+         r"parallel.tp=2 with model.family=titans.*Set parallel.tp=1"),
+        ("model.family=linear model.linear_attention.kind=decay "
+         "model.linear_attention.ungated_heads=1 parallel.tp=2",
+         r"ungated_heads=1 of 4 heads \(layer 0\).*set parallel.tp=1"),
         ("model.family=mamba model.dim=36 model.num_heads=6 model.mamba.expand=1 parallel.tp=8",
          r"expand x model.dim = 1 x 36 = 36 must be divisible by parallel.tp=8"),
     ],
