@@ -26,11 +26,15 @@ sequence-parallel all-gather of the dim-wide input.
 
 A linear-attention layer (L, `models/linear_attention.py`) splits its heads like softmax
 attention (wq, wk, wv column-parallel, wo row-parallel), and every per-head piece goes with its
-head: the gate rows (wg, wb: column-parallel), the Hedgehog feature maps, the q/k convolution
-taps (per channel), the output norm and the window mix (Shard(0)); fixed decays are taken at the
-global head index. The recurrence (and its context-parallel state passing) runs on local heads.
-A layer that mixes ungated and decaying heads is refused: its gate projections have a row per
-head of one kind, which does not split evenly over the ranks' heads.
+head: the Hedgehog feature maps, the q/k convolution taps (per channel), the output norm and
+the window mix (Shard(0)); fixed decays are taken at the global head index. The gate
+projections (wg: a row per decaying head, wb: a row per head without decay) are replicated,
+dim x heads each: every rank forms all gates and keeps its heads' (a layer that mixes ungated
+and decaying heads has rows that do not split evenly over the ranks). The gates' gradient is the
+sum of the ranks' parts (`replicated_output`; the backward all-reduces batch x seq x rows
+numbers). Every rank runs the same operations, also one whose heads are all ungated, so the
+collectives stay in step and every rank has a gradient for the gates. The recurrence (and its
+context-parallel state passing) runs on local heads.
 
 The embedding is vocabulary-parallel (rows of the table sharded, masked lookups summed with a
 reduce-scatter onto the sequence shards), the output projection is column-parallel on the
@@ -89,21 +93,7 @@ def check_tensor_parallel_config(cfg, tp: int) -> None:
         return
     if cfg.family == "titans":
         raise ValueError(TP_TITANS_MESSAGE.format(tp=tp))
-    from ctxscale.models.config import DECAY_KINDS  # here: models import this module
-
     codes = _layer_codes(cfg)
-    la = cfg.linear_attention
-    for i, code in enumerate(codes):
-        free = la.ungated_for(i)
-        if code == "L" and la.kind in DECAY_KINDS and 0 < free < cfg.num_heads:
-            raise ValueError(
-                f"parallel.tp={tp} with model.linear_attention.ungated_heads={free} of "
-                f"{cfg.num_heads} heads (layer {i}): the gate and write-gate projections of a "
-                "layer that mixes ungated and decaying heads have a row per head of one kind, "
-                "which cannot be split evenly over the tp ranks' heads. Use 0 ungated heads "
-                "(or all of them) in every linear-attention layer, or set parallel.tp=1 and "
-                "scale with parallel.dp_shard, parallel.cp and parallel.pp"
-            )
     if any(c in "APL" for c in codes) and (cfg.num_heads % tp or cfg.kv_heads % tp):
         raise ValueError(
             f"tensor parallelism splits attention heads: model.num_heads={cfg.num_heads} and "
@@ -128,6 +118,15 @@ def check_tensor_parallel_config(cfg, tp: int) -> None:
             f"{cfg.mamba.expand} x {cfg.dim} = {inner} must be divisible by parallel.tp={tp}; "
             "change model.dim, model.mamba.expand or parallel.tp"
         )
+
+
+def replicated_output(t):
+    """A Replicate DTensor computed on every tp rank (a replicated projection) as a local
+    tensor of which each rank uses its own part: its gradient is declared a partial sum, so the
+    backward adds the ranks' parts; a plain tensor is returned as is."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    return t.to_local(grad_placements=[Partial()]) if isinstance(t, DTensor) else t
 
 
 def local(t):
@@ -196,15 +195,14 @@ def _shard_parameters(tp_mesh, named) -> None:
 
 def _shard_linear_attention(attn: nn.Module, tp_mesh) -> None:
     """Split a `LinearAttention`'s heads over `tp_mesh` (wq/wk/wv/wo are sharded by the caller):
-    the gates (one row per head: wg of the decaying heads, wb of the ungated ones, aligned with
-    the heads because a layer's heads are all of one kind, see `check_tensor_parallel`), the
-    per-head feature maps, the per-channel q/k convolutions, the output norm and the window
-    mix. Then the module keeps its local head counts and first head's index."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    the per-head feature maps, the per-channel q/k convolutions, the output norm and the window
+    mix; the gate projections wg / wb are replicated (see the module docstring). Then the module
+    keeps its local head counts, first head's index and gate rows (`shard_heads`)."""
+    from torch.distributed.tensor import distribute_module
 
-    colwise = ColwiseParallel()
-    parallelize_module(attn, tp_mesh, {name: colwise for name in ("wg", "wb")
-                                       if hasattr(attn, name)})
+    for name in ("wg", "wb"):
+        if hasattr(attn, name):
+            distribute_module(getattr(attn, name), tp_mesh)  # every parameter Replicate
     named = [(attn, name) for name in ("q_conv", "k_conv", "out_norm", "linear_mix")]
     for fmap in ("feature_map_q", "feature_map_k"):
         if hasattr(attn, fmap):
@@ -346,4 +344,4 @@ def is_vocab_sharded(weight) -> bool:
 
 
 __all__ = ["apply_tensor_parallel", "check_tensor_parallel", "check_tensor_parallel_config",
-           "is_vocab_sharded", "local", "vocab_parallel_cross_entropy"]
+           "is_vocab_sharded", "local", "replicated_output", "vocab_parallel_cross_entropy"]

@@ -70,7 +70,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ctxscale.dist.context import SINGLE, ParallelContext
-from ctxscale.dist.tensor_parallel import local
+from ctxscale.dist.tensor_parallel import local, replicated_output
 from ctxscale.kernels.conv1d import causal_conv1d
 from ctxscale.kernels.linear_attention import linear_attention
 from ctxscale.kernels.rotary import apply_rotary
@@ -129,6 +129,8 @@ class LinearAttention(nn.Module):
         self.ungated_heads = la.ungated_for(layer_index)
         # the first heads_without_decay heads keep γ = 1 (all of them for kinds without decay)
         self.heads_without_decay = self.ungated_heads if la.kind in DECAY_KINDS else cfg.num_heads
+        # the same counts over all heads of the layer (they differ from the above on a tp rank)
+        self.layer_ungated, self.layer_without_decay = self.ungated_heads, self.heads_without_decay
         self.parallel = parallel or SINGLE
         self.kind = la.kind
         self.num_heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.per_head_dim
@@ -174,16 +176,22 @@ class LinearAttention(nn.Module):
     def shard_heads(self, rank: int, tp: int) -> None:
         """Keep heads [rank·H/tp, (rank+1)·H/tp) (tensor parallelism; the weights are sharded by
         `dist/tensor_parallel.py`): local head counts, the global index of the first head (the
-        fixed decays depend on it) and the local number of ungated heads."""
+        fixed decays and the gates' rows depend on it) and the local numbers of ungated heads
+        and of heads without decay."""
         heads = self.cfg.num_heads // tp
-        self.head_offset = rank * heads
+        off = self.head_offset = rank * heads
         self.num_heads, self.kv_heads = heads, self.cfg.kv_heads // tp
 
-        def first(n):  # of the global first-n heads, those on this rank
-            return min(max(n - self.head_offset, 0), heads)
+        def first(n):  # of the layer's first n heads, those on this rank
+            return min(max(n - off, 0), heads)
 
-        self.ungated_heads = first(self.ungated_heads)
-        self.heads_without_decay = first(self.heads_without_decay)
+        self.ungated_heads = first(self.layer_ungated)
+        self.heads_without_decay = first(self.layer_without_decay)
+
+    def _local_heads(self, t):
+        """This module's heads `[head_offset, head_offset + num_heads)` of a per-head tensor
+        `(..., all heads of the layer)` (all of it on one device)."""
+        return t[..., self.head_offset:self.head_offset + self.num_heads]
 
     @property
     def hybrid_mode(self) -> str:
@@ -227,17 +235,21 @@ class LinearAttention(nn.Module):
         """Log decay per head `(heads,)` (fixed) or per token and head `(b, s, heads)` (gated),
         0 for the `ungated_heads` first heads; None when no head decays."""
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        free = self.ungated_heads
-        if self.kind not in DECAY_KINDS or free == self.num_heads:
+        free = self.layer_ungated
+        if self.kind not in DECAY_KINDS or free == self.cfg.num_heads:
             return None
         if self.kind == "decay" or not self.la.gate:
             log_decay = fixed_log_decay(self.cfg.num_heads, device=x.device, dtype=cdt)
-            log_decay = log_decay[self.head_offset:self.head_offset + self.num_heads]
-            return log_decay.masked_fill(torch.arange(self.num_heads, device=x.device) < free, 0.0)
-        log_decay = F.logsigmoid(self.wg(x).to(cdt)) / self.la.gate_normalizer  # (b, s, h - free)
+            heads = torch.arange(self.cfg.num_heads, device=x.device)
+            return self._local_heads(log_decay.masked_fill(heads < free, 0.0))
+        # every head's gate, then this module's heads: under tp wg is replicated and each rank
+        # runs all of it (a rank whose heads are all ungated too), so that every rank runs the
+        # same operations and has a gradient for wg
+        gates = replicated_output(self.wg(x))  # (b, s, h - free)
+        log_decay = F.logsigmoid(gates.to(cdt)) / self.la.gate_normalizer
         if self.la.gate_max_half_life:  # γ ≤ γ_max = 2^(−1/max_half_life)
             log_decay = log_decay - math.log(2.0) / self.la.gate_max_half_life
-        return F.pad(log_decay, (free, 0)) if free else log_decay
+        return self._local_heads(F.pad(log_decay, (free, 0)) if free else log_decay)
 
     def _features(self, q, k):
         """φ(q) `(b, s, heads, F)`, φ(k) `(b, s, kv_heads, F)` from q, k `(b, s, *, head_dim)`."""
@@ -251,9 +263,11 @@ class LinearAttention(nn.Module):
         of `write_gate` (unchanged without one)."""
         if not hasattr(self, "wb"):
             return k
-        n = self.heads_without_decay
-        beta = torch.sigmoid(self.wb(x)).to(k.dtype).unsqueeze(-1)
-        return torch.cat([k[:, :, :n] * beta, k[:, :, n:]], dim=2) if n < k.shape[2] else k * beta
+        # β of every head without decay, 1 for the others, then this module's heads (the same
+        # operations on every tp rank, as for wg)
+        beta = torch.sigmoid(replicated_output(self.wb(x)))
+        beta = F.pad(beta, (0, self.cfg.num_heads - self.layer_without_decay), value=1.0)
+        return k * self._local_heads(beta).to(k.dtype).unsqueeze(-1)
 
     def _rotate(self, t, cos, sin, what):
         if cos is None or sin is None:

@@ -109,12 +109,16 @@ def test_tensor_parallel_validation_messages():
 # linear-attention variants that touch every sharded per-head piece: conv taps, per-token gates
 # and Hedgehog maps (lawcat); fixed per-head decays and the output norm (decay); a softmax
 # window with its mix, RoPE and write gates on every head (hedgehog); all heads ungated with
-# write gates (decay, ungated_heads = heads)
+# write gates (decay, ungated_heads = heads); ungated and decaying heads mixed, split unevenly
+# over the ranks (lawcat with 4 of 6 heads ungated: rank 0 holds 3 ungated, rank 1 one ungated
+# and two gated; decay with 2 ungated)
 LINEAR_KINDS = {
     "lawcat": dict(kind="lawcat", feature_map="hedgehog", conv_width=3, gate_max_half_life=8.0),
     "decay": dict(kind="decay"),
     "hedgehog_window": dict(kind="hedgehog", window=4, write_gate=True, feature_dim=3),
     "decay_ungated": dict(kind="decay", ungated_heads=6, write_gate=True),
+    "lawcat_mixed": dict(kind="lawcat", ungated_heads=4, write_gate=True, conv_width=2),
+    "decay_mixed": dict(kind="decay", ungated_heads=2, write_gate=True),
 }
 
 
@@ -174,6 +178,8 @@ def _tp_recurrent(rank, world_size, family, pattern="MAP", linear=None):
             assert (attn.num_heads, attn.kv_heads, attn.head_offset) == (3, 1, 3 * rank)
             sharded = [p for n, p in attn.named_parameters() if not n.startswith("w")]
             assert sharded and all(p.to_local().shape[0] * 2 == p.shape[0] for p in sharded)
+            if cfg.linear_attention.ungated_heads == 4:  # lawcat_mixed: 3 + 1 ungated heads
+                assert attn.ungated_heads == [3, 1][rank]
     with torch.no_grad():
         torch.testing.assert_close(model(ids), ref(ids), rtol=0, atol=TOL)
     return True
@@ -182,7 +188,8 @@ def _tp_recurrent(rank, world_size, family, pattern="MAP", linear=None):
 @pytest.mark.parametrize("family,pattern,linear", [
     ("mamba", "M", None), ("hybrid", "MAP", None), ("hybrid", "LAM", "lawcat"),
     ("linear", "L", "decay"), ("hybrid", "PLL", "hedgehog_window"),
-    ("linear", "L", "decay_ungated")])
+    ("linear", "L", "decay_ungated"), ("hybrid", "LLA", "lawcat_mixed"),
+    ("linear", "L", "decay_mixed")])
 def test_tensor_parallel_recurrent_models_match_single(family, pattern, linear):
     """mamba: every layer M (+ MLP); hybrid "MAP": M, A and P layers; linear-attention layers
     of each kind in `LINEAR_KINDS`. Loss, every parameter gradient and the gathered logits at
@@ -203,10 +210,9 @@ def test_tensor_parallel_mamba_validation_messages():
         check_tensor_parallel(build_model(_recurrent_cfg("hybrid")), 4)  # A and P layers
 
 
-def test_tensor_parallel_refuses_titans_and_mixed_ungated_heads():
-    """Titans blocks have per-head memories the tp plan does not shard, and a linear layer with
-    some ungated heads has gate rows that do not split evenly: tp > 1 is refused with the fix
-    instead of failing in a step."""
+def test_tensor_parallel_refuses_titans():
+    """Titans blocks have per-head memories the tp plan does not shard: tp > 1 is refused with
+    the fix instead of failing in a step."""
     from ctxscale.dist.tensor_parallel import check_tensor_parallel
     from ctxscale.models import build_model
 
@@ -214,9 +220,3 @@ def test_tensor_parallel_refuses_titans_and_mixed_ungated_heads():
     with pytest.raises(ValueError, match=r"model.family=titans.*Set parallel.tp=1"):
         check_tensor_parallel(titans, 2)
     check_tensor_parallel(titans, 1)  # tp=1 is no split: nothing to refuse
-    cfg = _recurrent_cfg("hybrid", "LAM", "lawcat")
-    cfg.linear_attention.ungated_heads = [2, 0, 0]
-    with pytest.raises(ValueError, match=r"ungated_heads=2 of 6 heads \(layer 0\).*0 ungated"):
-        check_tensor_parallel(build_model(cfg), 2)
-    cfg.linear_attention.ungated_heads = [6, 0, 0]  # every head of layer 0: one kind
-    check_tensor_parallel(build_model(cfg), 2)

@@ -61,13 +61,17 @@ def test_layouts_match_single_process(tmp_path):
     assert not bad, f"layouts that diverge from one process (name, step, ref, got): {bad}"
 
 
-# A hybrid stack with every layer kind the tp plan shards: L (LAWCAT linear attention), M
-# (Mamba + MLP), A (softmax) and P (attention and Mamba side by side), trained under tp with
-# each other axis, and a tp2 x dp2 checkpoint resumed without tp (the Mamba channels and the
-# linear layers' heads re-assembled from their DTensor shards).
+# A hybrid stack with every layer kind the tp plan shards: L (LAWCAT linear attention with one
+# ungated head and write gates: tp rank 0 holds an ungated and a gated head, rank 1 two gated
+# ones, the replicated gate projections used by both), M (Mamba + MLP), A (softmax) and P
+# (attention and Mamba side by side), trained under tp with each other axis, and a tp2 x dp2
+# checkpoint resumed without tp (the Mamba channels and the linear layers' heads re-assembled
+# from their DTensor shards).
 HYBRID = BASE + ["model.family=hybrid", "model.layer_pattern=LMAP", "model.mamba.d_state=8",
                  "model.mamba.mlp=true", "model.mamba.bias=true",
-                 "model.linear_attention.kind=lawcat"]
+                 "model.linear_attention.kind=lawcat",
+                 "model.linear_attention.ungated_heads=[1,0,0,0]",
+                 "model.linear_attention.write_gate=true"]
 HYBRID_LAYOUTS = {
     "tp2_dp2": (["parallel.tp=2", "checkpoint.every=3", "checkpoint.keep_last=1"], 2),
     "tp2_cp2": (["parallel.tp=2", "parallel.cp=2"], 1),
