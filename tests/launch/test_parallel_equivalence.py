@@ -42,6 +42,17 @@ def _run_layouts(rank, world_size, root, names):
         train(cfg)
 
 
+def _diverging(ref, root, runs):
+    """(name, step, ref, got) for every logged loss of the runs `{name: steps}` under `root`
+    that is off `ref` by more than TOL; each run must have logged exactly its steps."""
+    bad = []
+    for name, steps in runs.items():
+        got = _losses(Path(root) / name)
+        assert sorted(got) == steps, (name, got)
+        bad += [(name, s, ref[s], got[s]) for s in steps if abs(got[s] - ref[s]) > TOL]
+    return bad
+
+
 def test_layouts_match_single_process(tmp_path):
     single = tmp_path / "single"
     train(load_job_config(TINY, BASE + [f"train.batch_size={GLOBAL_BATCH}",
@@ -51,13 +62,7 @@ def test_layouts_match_single_process(tmp_path):
     # deepspeed last: it installs process-global state of its own
     names = [n for n in LAYOUTS if n != "dp4_zero2"] + ["dp4_zero2"]
     run_distributed(_run_layouts, 4, args=(str(tmp_path), names), timeout=600)
-    bad = []
-    for name in names:
-        got = _losses(Path(tmp_path) / name)
-        assert sorted(got) == [1, 2, 3, 4, 5], (name, got)
-        for step, loss in ref.items():
-            if abs(got[step] - loss) > TOL:
-                bad.append((name, step, loss, got[step]))
+    bad = _diverging(ref, tmp_path, {name: [1, 2, 3, 4, 5] for name in names})
     assert not bad, f"layouts that diverge from one process (name, step, ref, got): {bad}"
 
 
@@ -95,9 +100,6 @@ def test_hybrid_mamba_layouts_with_tensor_parallel_match_single_process(tmp_path
     ref = _losses(single)
     assert sorted(ref) == [1, 2, 3, 4, 5]
     run_distributed(_run_hybrid, 4, args=(str(tmp_path),), timeout=600)
-    bad = []
-    for name, steps in [(n, [1, 2, 3, 4, 5]) for n in HYBRID_LAYOUTS] + [("resumed", [4, 5])]:
-        got = _losses(Path(tmp_path) / name)
-        assert sorted(got) == steps, (name, got)
-        bad += [(name, s, ref[s], got[s]) for s in steps if abs(got[s] - ref[s]) > TOL]
+    runs = {name: [1, 2, 3, 4, 5] for name in HYBRID_LAYOUTS} | {"resumed": [4, 5]}
+    bad = _diverging(ref, tmp_path, runs)
     assert not bad, f"layouts that diverge from one process (name, step, ref, got): {bad}"
