@@ -27,6 +27,52 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 STEP_RE = re.compile(r"^step_(\d{8})$")
 
 
+def check_model_matches(path: Path, model_sd: dict) -> None:
+    """Raise a ValueError naming the differences when the DCP checkpoint at `path` holds
+    another model than `model_sd` (parameter names and global shapes; DTensor shards count by
+    their full shape), before DCP fails on the first missing key or, worse, loads a model
+    with more layers into the first ones of this one without a word. Collective when a process
+    group is up (every rank calls it)."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = {k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")}
+    shape = {k: tuple(v.size) for k, v in saved.items() if hasattr(v, "size")}
+    mine = (sorted(model_sd), sorted(set(model_sd) - set(saved)),
+            [(k, shape[k], tuple(model_sd[k].shape)) for k in sorted(set(model_sd) & set(shape))
+             if shape[k] != tuple(model_sd[k].shape)])
+    everyone = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # a pipeline stage holds some of the layers: the model is the union over the ranks,
+        # and every rank reaches the same verdict (none goes on into dcp.load alone)
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    names = set().union(*(set(e[0]) for e in everyone))
+    missing = sorted(set().union(*(set(e[1]) for e in everyone)))
+    reshaped = sorted(set().union(*(set(e[2]) for e in everyone)))
+    unexpected = sorted(set(saved) - names)
+    if not (missing or unexpected or reshaped):
+        return
+
+    def few(names):
+        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+    parts = [f"{len(missing)} of this model's tensors are not in it ({few(missing)})"] if missing else []
+    if unexpected:
+        parts.append(f"{len(unexpected)} of its tensors are not in this model ({few(unexpected)})")
+    if reshaped:
+        parts.append("shapes differ for " + few([f"{k} (saved {a}, model {b})"
+                                                 for k, a, b in reshaped]))
+    hint = ""
+    if any(k.endswith("mixer.in_proj.weight") for k in unexpected):
+        hint = (" It holds Mamba mixers with a fused in_proj: it was written by a ctxscale "
+                "version before in_proj was split into in_proj_x and in_proj_z, and cannot be "
+                "resumed by this one.")
+    raise ValueError(
+        f"checkpoint {path} holds a different model: {'; '.join(parts)}.{hint} Resume with the "
+        "model settings it was saved with (config.yaml in its run folder), or start afresh "
+        "with checkpoint.resume=none; the checkpoint is left as it is."
+    )
+
+
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -155,6 +201,7 @@ class Checkpointer:
             engine.load_checkpoint(str(path))
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer)
+            check_model_matches(path, model_sd)
             state = {"model": model_sd, "optim": optim_sd}
             dcp.load(state, checkpoint_id=str(path))
             set_state_dict(model, optimizer, model_state_dict=state["model"],

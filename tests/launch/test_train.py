@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ctxscale.launch.config import load_job_config
 from ctxscale.launch.train import train
@@ -138,3 +139,36 @@ def test_async_checkpoint_equals_sync_checkpoint(tmp_path):
         states[mode] = torch.load(tmp_path / f"{mode}.pt", weights_only=True)["model"]
     for name, w in states["sync"].items():
         assert torch.equal(states["async"][name], w), name
+
+
+def test_resume_with_another_model_names_the_difference(tmp_path):
+    """Resuming a checkpoint with other model settings fails before anything is loaded, with
+    the differing tensors and the fix; the checkpoint is left as it was."""
+    out = tmp_path / "run"
+    train(load_job_config(TINY, SMALL + ["train.steps=2", "checkpoint.every=2",
+                                         f"train.output_dir={out}"]))
+    ckpt = out / "checkpoints" / "step_00000002"
+    before = sorted((p.name, p.stat().st_size) for p in ckpt.iterdir())
+    other = SMALL + ["train.steps=4", "model.num_layers=3", "model.dim=48",
+                     f"train.output_dir={tmp_path / 'other'}", f"checkpoint.resume={ckpt}"]
+    with pytest.raises(ValueError, match=r"holds a different model: 9 of this model's tensors "
+                       r"are not in it \(layers\.2\..*shapes differ for layers\.0\.attention\.wk\.weight "
+                       r"\(saved \(16, 32\), model \(24, 48\)\).*checkpoint.resume=none"):
+        train(load_job_config(TINY, other))
+    assert sorted((p.name, p.stat().st_size) for p in ckpt.iterdir()) == before
+
+
+def test_checkpoint_of_fused_mamba_in_proj_is_named(tmp_path):
+    """A checkpoint written before Mamba's in_proj was split into in_proj_x / in_proj_z says so."""
+    import torch.distributed.checkpoint as dcp
+
+    from ctxscale.launch.checkpoint import check_model_matches
+
+    dcp.save({"model": {"layers.0.mixer.in_proj.weight": torch.zeros(8, 2)}},
+             checkpoint_id=str(tmp_path))
+    model_sd = {"layers.0.mixer.in_proj_x.weight": torch.zeros(4, 2),
+                "layers.0.mixer.in_proj_z.weight": torch.zeros(4, 2)}
+    with pytest.raises(ValueError, match=r"2 of this model's tensors are not in it.*1 of its "
+                       r"tensors are not in this model.*fused in_proj.*in_proj_x and in_proj_z"):
+        check_model_matches(tmp_path, model_sd)
+    check_model_matches(tmp_path, {"layers.0.mixer.in_proj.weight": torch.zeros(8, 2)})
