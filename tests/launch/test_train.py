@@ -156,6 +156,12 @@ def test_resume_with_another_model_names_the_difference(tmp_path):
                        r"\(saved \(16, 32\), model \(24, 48\)\).*checkpoint.resume=none"):
         train(load_job_config(TINY, other))
     assert sorted((p.name, p.stat().st_size) for p in ckpt.iterdir()) == before
+    # a shallower model: DCP alone would load the first layer and drop the second silently
+    shallower = SMALL + ["train.steps=4", "model.num_layers=1",
+                         f"train.output_dir={tmp_path / 'shallow'}", f"checkpoint.resume={ckpt}"]
+    with pytest.raises(ValueError, match=r"holds a different model: 9 of its tensors are not in "
+                       r"this model \(layers\.1\."):
+        train(load_job_config(TINY, shallower))
 
 
 def test_checkpoint_of_fused_mamba_in_proj_is_named(tmp_path):
