@@ -53,7 +53,14 @@ between modules are local tensors, and the per-channel parameters that are not a
 `local()`. Requirements:
 heads, kv heads and the vocabulary divisible by tp, the MLP width and Mamba's E divisible by tp,
 and the local sequence (seq / cp) divisible by tp. Families: transformer, linear, mamba and
-hybrid (any pattern of A, L, M and P); Titans is refused with the fix.
+hybrid (any pattern of A, L, M and P), and titans with the mag and mal variants (mac is refused
+with the fix).
+
+A Titans block (mag, mal) shards its window attention like softmax attention (persistent
+tokens replicated) and its neural memory by heads: wq/wk/wv column-parallel, wo row-parallel,
+each head's initial memory weights on its rank, the gate projection replicated; the memory's
+chunked inner loop and its context-parallel state passing run on local heads. mag multiplies the
+two row-parallel outputs elementwise on the sequence shard, mal adds them in turn.
 """
 
 from __future__ import annotations
@@ -69,16 +76,20 @@ DEFAULT_CHUNK = 4096
 
 # ----------------------------------------------------------------------------- validation
 TP_TITANS_MESSAGE = (
-    "parallel.tp={tp} with model.family=titans: tensor parallelism shards softmax attention "
-    "(A), linear attention (L), Mamba (M) and parallel attention+Mamba (P) layers; Titans' "
-    "neural-memory blocks carry per-head memory weights and gates that this tp plan does not "
-    "shard. Set parallel.tp=1 and scale with parallel.dp_shard (FSDP), parallel.cp (context "
-    "parallelism) and parallel.pp instead."
+    "parallel.tp={tp} with model.family=titans and model.titans.variant=mac: the memory-as-"
+    "context block feeds each segment's attention output, whole, to the memory and multiplies "
+    "it by the memory's output, which the sequence-parallel split of this tp plan does not "
+    "provide (the mag and mal variants shard). Use model.titans.variant=mag or mal, or set "
+    "parallel.tp=1 and scale with parallel.dp_shard (FSDP), parallel.cp (context parallelism) "
+    "and parallel.pp instead."
 )
 
 
 def _layer_codes(cfg) -> str:
-    return "A" * cfg.num_layers if cfg.family == "transformer" else cfg.layer_codes()
+    """Block letters; a Titans block counts as A (softmax attention + MLP) plus its memory."""
+    if cfg.family in ("transformer", "titans"):
+        return "A" * cfg.num_layers
+    return cfg.layer_codes()
 
 
 def check_tensor_parallel(model: nn.Module, tp: int) -> None:
@@ -92,7 +103,14 @@ def check_tensor_parallel_config(cfg, tp: int) -> None:
     if tp == 1:
         return
     if cfg.family == "titans":
-        raise ValueError(TP_TITANS_MESSAGE.format(tp=tp))
+        if cfg.titans.variant == "mac":
+            raise ValueError(TP_TITANS_MESSAGE.format(tp=tp))
+        heads = cfg.titans.memory_heads or cfg.num_heads
+        if heads % tp:
+            raise ValueError(
+                f"tensor parallelism splits the Titans memory heads: model.titans.memory_heads="
+                f"{heads} must be divisible by parallel.tp={tp}; change it or parallel.tp"
+            )
     codes = _layer_codes(cfg)
     if any(c in "APL" for c in codes) and (cfg.num_heads % tp or cfg.kv_heads % tp):
         raise ValueError(
@@ -193,6 +211,36 @@ def _shard_parameters(tp_mesh, named) -> None:
             module.register_parameter(name, nn.Parameter(shard, requires_grad=p.requires_grad))
 
 
+def _replicate_parameter(module: nn.Module, name: str, tp_mesh) -> None:
+    """A parameter as a Replicate DTensor (used by column-parallel layers as their input)."""
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    p = getattr(module, name)
+    rep = distribute_tensor(p.detach(), tp_mesh, [Replicate()])
+    module.register_parameter(name, nn.Parameter(rep, requires_grad=p.requires_grad))
+
+
+def _shard_titans_memory(memory: nn.Module, tp_mesh) -> None:
+    """Split a Titans `NeuralMemory`'s heads over `tp_mesh`: wq/wk/wv column-parallel, wo
+    row-parallel onto the sequence shards, the initial memory weights M_0 (per head) Shard(0),
+    the gate projection (rows [α; η; θ] x heads, a strided layout) replicated like the linear
+    layers' gates."""
+    from torch.distributed.tensor import Shard, distribute_module
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    colwise = ColwiseParallel()
+    parallelize_module(memory, tp_mesh, {"wq": colwise, "wk": colwise, "wv": colwise,
+                                         "wo": RowwiseParallel(output_layouts=Shard(1))})
+    distribute_module(memory.w_gates, tp_mesh)
+    _shard_parameters(tp_mesh, [(memory.init_memory, str(i))
+                                for i in range(len(memory.init_memory))])
+    memory.shard_heads(tp_mesh.get_local_rank(), tp_mesh.size())
+
+
 def _shard_linear_attention(attn: nn.Module, tp_mesh) -> None:
     """Split a `LinearAttention`'s heads over `tp_mesh` (wq/wk/wv/wo are sharded by the caller):
     the per-head feature maps, the per-channel q/k convolutions, the output norm and the window
@@ -230,7 +278,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
                            RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)))
     colwise, rowwise = ColwiseParallel(), RowwiseParallel(output_layouts=Shard(1))
     for block in model.layers.values():
-        for name in ("attention_norm", "mixer_norm", "ffn_norm"):
+        for name in ("attention_norm", "mixer_norm", "memory_norm", "ffn_norm"):
             norm = getattr(block, name, None)
             if norm is not None:
                 parallelize_module(norm, tp_mesh, SequenceParallel())
@@ -241,10 +289,14 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
                                                "wo": rowwise})
             if getattr(block, "code", "A") == "L":
                 _shard_linear_attention(attn, tp_mesh)
+            if getattr(attn, "persistent", None) is not None:  # Titans' persistent tokens
+                _replicate_parameter(attn, "persistent", tp_mesh)
         if ffn is not None:
             parallelize_module(ffn, tp_mesh, {"w1": colwise, "w3": colwise, "w2": rowwise})
         if getattr(block, "mixer", None) is not None:
             _shard_mamba_mixer(block.mixer, tp_mesh)
+        if getattr(block, "memory", None) is not None:
+            _shard_titans_memory(block.memory, tp_mesh)
     if model.norm is not None:
         parallelize_module(model.norm, tp_mesh, SequenceParallel())
         model.norm.register_forward_hook(_gather_norm_output(keep_dtensor=False))

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ctxscale.dist.context import ParallelContext
+from ctxscale.dist.tensor_parallel import local, replicated_output
 from ctxscale.kernels.norm import RMSNorm
 from ctxscale.kernels.rotary import apply_rotary
 from ctxscale.kernels.sliding_window import sliding_window_attention
@@ -58,6 +59,8 @@ class NeuralMemory(nn.Module):
         super().__init__()
         t = cfg.titans
         self.heads = t.memory_heads or cfg.num_heads
+        # this module's heads [head_offset, head_offset + local_heads) (tensor parallelism)
+        self.head_offset, self.local_heads = 0, self.heads
         self.head_dim = t.memory_head_dim or cfg.per_head_dim
         hidden = t.memory_hidden or 2 * self.head_dim
         self.layer_dims = [self.head_dim] + [hidden] * (t.memory_depth - 1) + [self.head_dim]
@@ -86,14 +89,21 @@ class NeuralMemory(nn.Module):
         bias[1].fill_(2.0)
         bias[2].zero_()
 
+    def shard_heads(self, rank: int, tp: int) -> None:
+        """Keep memory heads [rank·heads/tp, (rank+1)·heads/tp) (tensor parallelism; the weights
+        are sharded by `dist/tensor_parallel.py`)."""
+        self.local_heads = self.heads // tp
+        self.head_offset = rank * self.local_heads
+
     def initial_state(self, batch: int) -> MemoryState:
         dtype = torch.float64 if self.init_memory[0].dtype == torch.float64 else torch.float32
-        w = tuple(p.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1) for p in self.init_memory)
+        w = tuple(local(p).to(dtype).unsqueeze(0).expand(batch, -1, -1, -1)
+                  for p in self.init_memory)
         return MemoryState(w, tuple(torch.zeros_like(x) for x in w))
 
     def _split(self, t):
         b, n, _ = t.shape
-        return t.view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        return t.view(b, n, self.local_heads, self.head_dim).transpose(1, 2)
 
     def _merge(self, y, like):
         b, h, n, d = y.shape
@@ -113,8 +123,10 @@ class NeuralMemory(nn.Module):
         q = F.normalize(self._split(self.wq(x)), dim=-1)
         k = F.normalize(self._split(self.wk(x)), dim=-1)
         v = self._split(self.wv(x))
-        gates = self.w_gates(x).to(state.weights[0].dtype).transpose(1, 2)
-        a_raw, e_raw, t_raw = gates.chunk(3, dim=1)  # (b, h, n) each
+        # rows [α; η; θ] x heads: replicated under tp, every rank forms all and keeps its heads
+        gates = replicated_output(self.w_gates(x)).to(state.weights[0].dtype).transpose(1, 2)
+        lo, hi = self.head_offset, self.head_offset + self.local_heads
+        a_raw, e_raw, t_raw = (g[:, lo:hi] for g in gates.chunk(3, dim=1))  # (b, h, n) each
         log_keep = F.logsigmoid(-a_raw)  # log(1 − α), α = σ(a)
         log_eta = F.logsigmoid(e_raw)
         theta = self.max_lr * torch.sigmoid(t_raw)
@@ -232,14 +244,14 @@ class TitansBlock(nn.Module):
         return MemoryState.from_tensors(self.parallel.recv_state(mem.tensors()))
 
     def forward(self, x, cos, sin, state: BlockState | None = None):
-        b, n, _ = x.shape
-        self._check_shard(n)
+        b = x.shape[0]
+        self._check_shard(cos.shape[1])  # the whole local sequence (x: a tp shard of it)
         kv = state.kv if state is not None else None
         if self.variant == "mac":
             xn = self.memory_norm(x)
             mem = self._memory_state(state, b)
             outs = []
-            for s in range(0, n, self.segment_len):
+            for s in range(0, xn.shape[1], self.segment_len):
                 e = s + self.segment_len
                 xs, cs, ss = xn[:, s:e], cos[:, s:e], sin[:, s:e]
                 y = self.attention(xs, self.memory.read(xs, mem), cs, ss)
@@ -292,8 +304,9 @@ class Titans(Transformer):
         """Final-norm hidden states `(batch, seq, dim)`. `state` (a list with one BlockState per
         layer, from an earlier call with `return_state=True`) continues a sequence; then pass
         the continuing `position_ids` too."""
+        # positions from the token shape: a sequence-parallel embedding returns a shard of it
+        b, s = input_ids.shape[:2]
         h = self.tok_embeddings(input_ids) if self.tok_embeddings is not None else input_ids
-        b, s = h.shape[:2]
         if position_ids is None:
             position_ids = self.parallel.position_ids(b, s, device=h.device)
         cos, sin = self.rope(position_ids)

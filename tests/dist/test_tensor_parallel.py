@@ -197,13 +197,45 @@ def test_tensor_parallel_mamba_validation_messages():
         check_tensor_parallel(build_model(_recurrent_cfg("hybrid")), 4)  # A and P layers
 
 
-def test_tensor_parallel_refuses_titans():
-    """Titans blocks have per-head memories the tp plan does not shard: tp > 1 is refused with
-    the fix instead of failing in a step."""
+def _tp_titans(rank, world_size, variant):
+    from ctxscale.models import build_model
+    from ctxscale.models.config import TitansConfig
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(_cfg(), family="titans", attention_bias=True, titans=TitansConfig(
+        variant=variant, chunk_size=3, window=4, persistent_tokens=2, memory_depth=2))
+    ref = build_model(cfg).double()
+    with torch.no_grad():  # random gates and initial memories, so a wrong head pairing shows
+        for name, p in ref.named_parameters():
+            if "w_gates" in name or "init_memory" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    model = build_model(cfg).double()
+    _shard_and_match_single(ref, model, world_size)
+    memory = model.layers["0"].memory
+    assert (memory.local_heads, memory.head_offset) == (3, 3 * rank)
+    assert memory.init_memory[0].to_local().shape[0] == 3
+    return True
+
+
+@pytest.mark.parametrize("variant", ["mag", "mal"])
+def test_tensor_parallel_titans_matches_single(variant):
+    """Titans memory-as-gate and memory-as-layer blocks (window attention with persistent
+    tokens, a depth-2 memory in chunks of 3 over 10 tokens) at tp=2: loss, every gradient and
+    the logits equal one process's (float64, 1e-10)."""
+    assert all(run_distributed(_tp_titans, 2, args=(variant,)))
+
+
+def test_tensor_parallel_refuses_titans_mac():
+    """The memory-as-context block needs each segment's whole attention output, which the
+    sequence-parallel split does not give: tp > 1 is refused with the fix."""
     from ctxscale.dist.tensor_parallel import check_tensor_parallel
     from ctxscale.models import build_model
+    from ctxscale.models.config import TitansConfig
 
-    titans = build_model(dataclasses.replace(_cfg(), family="titans"))
-    with pytest.raises(ValueError, match=r"model.family=titans.*Set parallel.tp=1"):
-        check_tensor_parallel(titans, 2)
-    check_tensor_parallel(titans, 1)  # tp=1 is no split: nothing to refuse
+    cfg = dataclasses.replace(_cfg(), family="titans", titans=TitansConfig(variant="mac"))
+    with pytest.raises(ValueError, match=r"variant=mac.*Use model.titans.variant=mag or mal"):
+        check_tensor_parallel(build_model(cfg), 2)
+    check_tensor_parallel(build_model(cfg), 1)  # tp=1 is no split: nothing to refuse
+    cfg.titans = TitansConfig(variant="mag", memory_heads=3)
+    with pytest.raises(ValueError, match=r"memory_heads=3 must be divisible by parallel.tp=2"):
+        check_tensor_parallel(build_model(cfg), 2)

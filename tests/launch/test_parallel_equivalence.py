@@ -103,3 +103,26 @@ def test_hybrid_mamba_layouts_with_tensor_parallel_match_single_process(tmp_path
     runs = {name: [1, 2, 3, 4, 5] for name in HYBRID_LAYOUTS} | {"resumed": [4, 5]}
     bad = _diverging(ref, tmp_path, runs)
     assert not bad, f"layouts that diverge from one process (name, step, ref, got): {bad}"
+
+
+# Titans memory-as-gate (window attention with persistent tokens, neural memory in chunks)
+# under tp with data and with context parallelism (the memory state passed between cp ranks).
+TITANS = BASE + ["model.family=titans", "model.titans.variant=mag", "model.titans.chunk_size=4",
+                 "model.titans.window=8", "model.titans.persistent_tokens=2"]
+TITANS_LAYOUTS = {"tp2_dp2": (["parallel.tp=2"], 2), "tp2_cp2": (["parallel.tp=2", "parallel.cp=2"], 1)}
+
+
+def _run_titans(rank, world_size, root):
+    for name, (extra, dp) in TITANS_LAYOUTS.items():
+        train(load_job_config(TINY, TITANS + extra + [
+            f"train.batch_size={GLOBAL_BATCH // dp}", f"train.output_dir={root}/{name}"]))
+
+
+def test_titans_layouts_with_tensor_parallel_match_single_process(tmp_path):
+    single = tmp_path / "single"
+    train(load_job_config(TINY, TITANS + [f"train.batch_size={GLOBAL_BATCH}",
+                                          f"train.output_dir={single}"]))
+    ref = _losses(single)
+    run_distributed(_run_titans, 4, args=(str(tmp_path),), timeout=600)
+    bad = _diverging(ref, tmp_path, {name: [1, 2, 3, 4, 5] for name in TITANS_LAYOUTS})
+    assert not bad, f"layouts that diverge from one process (name, step, ref, got): {bad}"
