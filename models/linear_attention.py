@@ -129,8 +129,6 @@ class LinearAttention(nn.Module):
         self.ungated_heads = la.ungated_for(layer_index)
         # the first heads_without_decay heads keep γ = 1 (all of them for kinds without decay)
         self.heads_without_decay = self.ungated_heads if la.kind in DECAY_KINDS else cfg.num_heads
-        # the same counts over all heads of the layer (they differ from the above on a tp rank)
-        self.layer_ungated, self.layer_without_decay = self.ungated_heads, self.heads_without_decay
         self.parallel = parallel or SINGLE
         self.kind = la.kind
         self.num_heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.per_head_dim
@@ -175,18 +173,11 @@ class LinearAttention(nn.Module):
 
     def shard_heads(self, rank: int, tp: int) -> None:
         """Keep heads [rank·H/tp, (rank+1)·H/tp) (tensor parallelism; the weights are sharded by
-        `dist/tensor_parallel.py`): local head counts, the global index of the first head (the
-        fixed decays and the gates' rows depend on it) and the local numbers of ungated heads
-        and of heads without decay."""
-        heads = self.cfg.num_heads // tp
-        off = self.head_offset = rank * heads
-        self.num_heads, self.kv_heads = heads, self.cfg.kv_heads // tp
-
-        def first(n):  # of the layer's first n heads, those on this rank
-            return min(max(n - off, 0), heads)
-
-        self.ungated_heads = first(self.layer_ungated)
-        self.heads_without_decay = first(self.layer_without_decay)
+        `dist/tensor_parallel.py`): local head counts and the global index of the first head
+        (the fixed decays and the gates are formed for all heads of the layer and cut to these,
+        `_local_heads`). `ungated_heads` and `heads_without_decay` stay the layer's counts."""
+        self.num_heads, self.kv_heads = self.cfg.num_heads // tp, self.cfg.kv_heads // tp
+        self.head_offset = rank * self.num_heads
 
     def _local_heads(self, t):
         """This module's heads `[head_offset, head_offset + num_heads)` of a per-head tensor
@@ -235,7 +226,7 @@ class LinearAttention(nn.Module):
         """Log decay per head `(heads,)` (fixed) or per token and head `(b, s, heads)` (gated),
         0 for the `ungated_heads` first heads; None when no head decays."""
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        free = self.layer_ungated
+        free = self.ungated_heads
         if self.kind not in DECAY_KINDS or free == self.cfg.num_heads:
             return None
         if self.kind == "decay" or not self.la.gate:
@@ -266,7 +257,7 @@ class LinearAttention(nn.Module):
         # β of every head without decay, 1 for the others, then this module's heads (the same
         # operations on every tp rank, as for wg)
         beta = torch.sigmoid(replicated_output(self.wb(x)))
-        beta = F.pad(beta, (0, self.cfg.num_heads - self.layer_without_decay), value=1.0)
+        beta = F.pad(beta, (0, self.cfg.num_heads - self.heads_without_decay), value=1.0)
         return k * self._local_heads(beta).to(k.dtype).unsqueeze(-1)
 
     def _rotate(self, t, cos, sin, what):

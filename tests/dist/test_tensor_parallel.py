@@ -168,7 +168,14 @@ def _tp_recurrent(rank, world_size, family, pattern="MAP", linear=None):
             sharded = [p for n, p in attn.named_parameters() if not n.startswith("w")]
             assert sharded and all(p.to_local().shape[0] * 2 == p.shape[0] for p in sharded)
             if cfg.linear_attention.ungated_heads == 4:  # lawcat_mixed: 3 + 1 ungated heads
-                assert attn.ungated_heads == [3, 1][rank]
+                from torch.distributed.tensor import DTensor, Replicate
+
+                x = DTensor.from_local(torch.randn(2, 5, cfg.dim, dtype=torch.float64),
+                                       attn.wg.weight.device_mesh, [Replicate()])
+                with torch.no_grad():
+                    log_decay = attn._log_decay(x)  # as the block calls it (gathered input)
+                assert log_decay.shape == (2, 5, 3)
+                assert (log_decay == 0).all(dim=(0, 1)).sum() == [3, 1][rank]
     return True
 
 
