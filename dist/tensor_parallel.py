@@ -175,7 +175,7 @@ def _gather_norm_output(keep_dtensor: bool):
 
 def _shard_mamba_mixer(mixer: nn.Module, tp_mesh) -> None:
     """Split a `MambaMixer`'s E channels over `tp_mesh` (see the module docstring)."""
-    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,
@@ -192,8 +192,7 @@ def _shard_mamba_mixer(mixer: nn.Module, tp_mesh) -> None:
     })
     # ... and used by this rank's channels only, so their gradient is a partial sum too (the
     # backward all-reduce; a plain to_local() would take one rank's part for the whole)
-    mixer.x_proj.register_forward_hook(
-        lambda module, inputs, out: out.to_local(grad_placements=[Partial()]))
+    mixer.x_proj.register_forward_hook(lambda module, inputs, out: replicated_output(out))
     _shard_parameters(tp_mesh, [(mixer.conv1d, "weight"), (mixer.conv1d, "bias"),
                                 (mixer.dt_proj, "weight"), (mixer.dt_proj, "bias"),
                                 (mixer, "A_log"), (mixer, "D")])
@@ -245,7 +244,7 @@ def _shard_linear_attention(attn: nn.Module, tp_mesh) -> None:
     """Split a `LinearAttention`'s heads over `tp_mesh` (wq/wk/wv/wo are sharded by the caller):
     the per-head feature maps, the per-channel q/k convolutions, the output norm and the window
     mix; the gate projections wg / wb are replicated (see the module docstring). Then the module
-    keeps its local head counts, first head's index and gate rows (`shard_heads`)."""
+    keeps its local head counts and first head's index (`shard_heads`)."""
     from torch.distributed.tensor import distribute_module
 
     for name in ("wg", "wb"):
