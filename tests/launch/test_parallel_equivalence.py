@@ -34,12 +34,21 @@ LAYOUTS = {
 TOL = 1e-5
 
 
-def _run_layouts(rank, world_size, root, names):
-    for name in names:
-        extra, dp = LAYOUTS[name]
-        cfg = load_job_config(TINY, BASE + extra + [
-            f"train.batch_size={GLOBAL_BATCH // dp}", f"train.output_dir={root}/{name}"])
-        train(cfg)
+def _run_layouts(rank, world_size, root, base, layouts):
+    """Train `base` under each of `layouts` ({name: (overrides, dp)}, in order) into root/name."""
+    for name, (extra, dp) in layouts.items():
+        train(load_job_config(TINY, base + extra + [
+            f"train.batch_size={GLOBAL_BATCH // dp}", f"train.output_dir={root}/{name}"]))
+
+
+def _single_process_losses(root, base):
+    """The reference: `base` trained in this process on the whole global batch."""
+    single = Path(root) / "single"
+    train(load_job_config(TINY, base + [f"train.batch_size={GLOBAL_BATCH}",
+                                        f"train.output_dir={single}"]))
+    ref = _losses(single)
+    assert sorted(ref) == [1, 2, 3, 4, 5]
+    return ref
 
 
 def _diverging(ref, root, runs):
@@ -54,14 +63,11 @@ def _diverging(ref, root, runs):
 
 
 def test_layouts_match_single_process(tmp_path):
-    single = tmp_path / "single"
-    train(load_job_config(TINY, BASE + [f"train.batch_size={GLOBAL_BATCH}",
-                                        f"train.output_dir={single}"]))
-    ref = _losses(single)
-    assert sorted(ref) == [1, 2, 3, 4, 5]
+    ref = _single_process_losses(tmp_path, BASE)
     # deepspeed last: it installs process-global state of its own
     names = [n for n in LAYOUTS if n != "dp4_zero2"] + ["dp4_zero2"]
-    run_distributed(_run_layouts, 4, args=(str(tmp_path), names), timeout=600)
+    run_distributed(_run_layouts, 4, timeout=600,
+                    args=(str(tmp_path), BASE, {name: LAYOUTS[name] for name in names}))
     bad = _diverging(ref, tmp_path, {name: [1, 2, 3, 4, 5] for name in names})
     assert not bad, f"layouts that diverge from one process (name, step, ref, got): {bad}"
 
@@ -84,22 +90,12 @@ HYBRID_LAYOUTS = {
 }
 
 
-def _run_hybrid(rank, world_size, root):
-    for name, (extra, dp) in HYBRID_LAYOUTS.items():
-        train(load_job_config(TINY, HYBRID + extra + [
-            f"train.batch_size={GLOBAL_BATCH // dp}", f"train.output_dir={root}/{name}"]))
-    train(load_job_config(TINY, HYBRID + [
-        "parallel.cp=2", f"train.batch_size={GLOBAL_BATCH // 2}", f"train.output_dir={root}/resumed",
-        f"checkpoint.resume={root}/tp2_dp2/checkpoints/step_00000003", "checkpoint.every=0"]))
-
-
 def test_hybrid_mamba_layouts_with_tensor_parallel_match_single_process(tmp_path):
-    single = tmp_path / "single"
-    train(load_job_config(TINY, HYBRID + [f"train.batch_size={GLOBAL_BATCH}",
-                                          f"train.output_dir={single}"]))
-    ref = _losses(single)
-    assert sorted(ref) == [1, 2, 3, 4, 5]
-    run_distributed(_run_hybrid, 4, args=(str(tmp_path),), timeout=600)
+    ref = _single_process_losses(tmp_path, HYBRID)
+    resume = [f"checkpoint.resume={tmp_path}/tp2_dp2/checkpoints/step_00000003",
+              "checkpoint.every=0", "parallel.cp=2"]
+    layouts = HYBRID_LAYOUTS | {"resumed": (resume, 2)}  # after tp2_dp2 wrote its checkpoint
+    run_distributed(_run_layouts, 4, args=(str(tmp_path), HYBRID, layouts), timeout=600)
     runs = {name: [1, 2, 3, 4, 5] for name in HYBRID_LAYOUTS} | {"resumed": [4, 5]}
     bad = _diverging(ref, tmp_path, runs)
     assert not bad, f"layouts that diverge from one process (name, step, ref, got): {bad}"
@@ -112,17 +108,8 @@ TITANS = BASE + ["model.family=titans", "model.titans.variant=mag", "model.titan
 TITANS_LAYOUTS = {"tp2_dp2": (["parallel.tp=2"], 2), "tp2_cp2": (["parallel.tp=2", "parallel.cp=2"], 1)}
 
 
-def _run_titans(rank, world_size, root):
-    for name, (extra, dp) in TITANS_LAYOUTS.items():
-        train(load_job_config(TINY, TITANS + extra + [
-            f"train.batch_size={GLOBAL_BATCH // dp}", f"train.output_dir={root}/{name}"]))
-
-
 def test_titans_layouts_with_tensor_parallel_match_single_process(tmp_path):
-    single = tmp_path / "single"
-    train(load_job_config(TINY, TITANS + [f"train.batch_size={GLOBAL_BATCH}",
-                                          f"train.output_dir={single}"]))
-    ref = _losses(single)
-    run_distributed(_run_titans, 4, args=(str(tmp_path),), timeout=600)
+    ref = _single_process_losses(tmp_path, TITANS)
+    run_distributed(_run_layouts, 4, args=(str(tmp_path), TITANS, TITANS_LAYOUTS), timeout=600)
     bad = _diverging(ref, tmp_path, {name: [1, 2, 3, 4, 5] for name in TITANS_LAYOUTS})
     assert not bad, f"layouts that diverge from one process (name, step, ref, got): {bad}"
