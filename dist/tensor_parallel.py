@@ -53,14 +53,23 @@ between modules are local tensors, and the per-channel parameters that are not a
 `local()`. Requirements:
 heads, kv heads and the vocabulary divisible by tp, the MLP width and Mamba's E divisible by tp,
 and the local sequence (seq / cp) divisible by tp. Families: transformer, linear, mamba and
-hybrid (any pattern of A, L, M and P), and titans with the mag and mal variants (mac is refused
-with the fix).
+hybrid (any pattern of A, L, M and P), and titans (mac, mag, mal).
 
-A Titans block (mag, mal) shards its window attention like softmax attention (persistent
-tokens replicated) and its neural memory by heads: wq/wk/wv column-parallel, wo row-parallel,
-each head's initial memory weights on its rank, the gate projection replicated; the memory's
-chunked inner loop and its context-parallel state passing run on local heads. mag multiplies the
-two row-parallel outputs elementwise on the sequence shard, mal adds them in turn.
+A Titans block shards its attention like softmax attention (persistent tokens replicated) and
+its neural memory by heads: wq/wk/wv column-parallel, wo row-parallel, each head's initial
+memory weights on its rank, the gate projection replicated; the memory's chunked inner loop and
+its context-parallel state passing run on local heads. mag multiplies the two row-parallel
+outputs elementwise on the sequence shard, mal adds them in turn.
+
+mac (memory as context) cannot stay on the sequence shard inside the block: per segment S the
+memory read h = M(q(S)) feeds the attention's keys, the attention output y (all of S) feeds the
+memory update and multiplies its output. So in a mac block the three row-parallel outputs (the
+read, the attention, the memory) are all-reduced into Replicate DTensors instead of
+reduce-scattered, the segment loop runs on the whole (cp-local) sequence with local heads, and
+the block's output y ⊙ σ(M(y)) is cut to this rank's sequence shard at the end
+(`sequence_shard`: no communication; its backward all-gathers). Counting an all-reduce as a
+reduce-scatter plus an all-gather, a mac block's forward moves 7 dim-wide activations per token
+(the norm's all-gather, three all-reduces) against mag's 3 (all-gather, two reduce-scatters).
 """
 
 from __future__ import annotations
@@ -75,16 +84,6 @@ DEFAULT_CHUNK = 4096
 
 
 # ----------------------------------------------------------------------------- validation
-TP_TITANS_MESSAGE = (
-    "parallel.tp={tp} with model.family=titans and model.titans.variant=mac: the memory-as-"
-    "context block feeds each segment's attention output, whole, to the memory and multiplies "
-    "it by the memory's output, which the sequence-parallel split of this tp plan does not "
-    "provide (the mag and mal variants shard). Use model.titans.variant=mag or mal, or set "
-    "parallel.tp=1 and scale with parallel.dp_shard (FSDP), parallel.cp (context parallelism) "
-    "and parallel.pp instead."
-)
-
-
 def _layer_codes(cfg) -> str:
     """Block letters; a Titans block counts as A (softmax attention + MLP) plus its memory."""
     if cfg.family in ("transformer", "titans"):
@@ -103,8 +102,6 @@ def check_tensor_parallel_config(cfg, tp: int) -> None:
     if tp == 1:
         return
     if cfg.family == "titans":
-        if cfg.titans.variant == "mac":
-            raise ValueError(TP_TITANS_MESSAGE.format(tp=tp))
         heads = cfg.titans.memory_heads or cfg.num_heads
         if heads % tp:
             raise ValueError(
@@ -145,6 +142,15 @@ def replicated_output(t):
     from torch.distributed.tensor import DTensor, Partial
 
     return t.to_local(grad_placements=[Partial()]) if isinstance(t, DTensor) else t
+
+
+def sequence_shard(t):
+    """This rank's sequence shard (dim 1) of a Replicate DTensor, as a local tensor (a slice,
+    no communication; the backward all-gathers the shards' gradients), or `t` itself (a plain
+    tensor)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    return t.redistribute(placements=[Shard(1)]).to_local() if isinstance(t, DTensor) else t
 
 
 def local(t):
@@ -219,21 +225,16 @@ def _replicate_parameter(module: nn.Module, name: str, tp_mesh) -> None:
     module.register_parameter(name, nn.Parameter(rep, requires_grad=p.requires_grad))
 
 
-def _shard_titans_memory(memory: nn.Module, tp_mesh) -> None:
+def _shard_titans_memory(memory: nn.Module, tp_mesh, wo) -> None:
     """Split a Titans `NeuralMemory`'s heads over `tp_mesh`: wq/wk/wv column-parallel, wo
-    row-parallel onto the sequence shards, the initial memory weights M_0 (per head) Shard(0),
-    the gate projection (rows [α; η; θ] x heads, a strided layout) replicated like the linear
-    layers' gates."""
-    from torch.distributed.tensor import Shard, distribute_module
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        RowwiseParallel,
-        parallelize_module,
-    )
+    row-parallel (`wo`: the plan onto the sequence shards, or a Replicate output for mac), the
+    initial memory weights M_0 (per head) Shard(0), the gate projection (rows [α; η; θ] x
+    heads, a strided layout) replicated like the linear layers' gates."""
+    from torch.distributed.tensor import distribute_module
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
     colwise = ColwiseParallel()
-    parallelize_module(memory, tp_mesh, {"wq": colwise, "wk": colwise, "wv": colwise,
-                                         "wo": RowwiseParallel(output_layouts=Shard(1))})
+    parallelize_module(memory, tp_mesh, {"wq": colwise, "wk": colwise, "wv": colwise, "wo": wo})
     distribute_module(memory.w_gates, tp_mesh)
     _shard_parameters(tp_mesh, [(memory.init_memory, str(i))
                                 for i in range(len(memory.init_memory))])
@@ -276,7 +277,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
         parallelize_module(model.tok_embeddings, tp_mesh,
                            RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)))
     colwise, rowwise = ColwiseParallel(), RowwiseParallel(output_layouts=Shard(1))
+    # Titans mac: outputs that stay whole inside the block (module docstring)
+    replicated = RowwiseParallel(output_layouts=Replicate(), use_local_output=False)
     for block in model.layers.values():
+        wo = replicated if getattr(block, "variant", None) == "mac" else rowwise
         for name in ("attention_norm", "mixer_norm", "memory_norm", "ffn_norm"):
             norm = getattr(block, name, None)
             if norm is not None:
@@ -285,7 +289,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
         attn, ffn = block.attention, block.feed_forward
         if attn is not None:
             parallelize_module(attn, tp_mesh, {"wq": colwise, "wk": colwise, "wv": colwise,
-                                               "wo": rowwise})
+                                               "wo": wo})
             if getattr(block, "code", "A") == "L":
                 _shard_linear_attention(attn, tp_mesh)
             if getattr(attn, "persistent", None) is not None:  # Titans' persistent tokens
@@ -295,7 +299,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
         if getattr(block, "mixer", None) is not None:
             _shard_mamba_mixer(block.mixer, tp_mesh)
         if getattr(block, "memory", None) is not None:
-            _shard_titans_memory(block.memory, tp_mesh)
+            _shard_titans_memory(block.memory, tp_mesh, wo)
     if model.norm is not None:
         parallelize_module(model.norm, tp_mesh, SequenceParallel())
         model.norm.register_forward_hook(_gather_norm_output(keep_dtensor=False))
@@ -395,4 +399,5 @@ def is_vocab_sharded(weight) -> bool:
 
 
 __all__ = ["apply_tensor_parallel", "check_tensor_parallel", "check_tensor_parallel_config",
-           "is_vocab_sharded", "local", "replicated_output", "vocab_parallel_cross_entropy"]
+           "is_vocab_sharded", "local", "replicated_output", "sequence_shard",
+           "vocab_parallel_cross_entropy"]

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ctxscale.dist.context import ParallelContext
-from ctxscale.dist.tensor_parallel import local, replicated_output
+from ctxscale.dist.tensor_parallel import local, replicated_output, sequence_shard
 from ctxscale.kernels.norm import RMSNorm
 from ctxscale.kernels.rotary import apply_rotary
 from ctxscale.kernels.sliding_window import sliding_window_attention
@@ -257,7 +257,8 @@ class TitansBlock(nn.Module):
                 y = self.attention(xs, self.memory.read(xs, mem), cs, ss)
                 m, mem = self.memory(y, mem)
                 outs.append(y * torch.sigmoid(m))
-            h = x + self.parallel.send_state(torch.cat(outs, 1), mem.tensors())
+            out = sequence_shard(torch.cat(outs, 1))  # under tp: whole inside, then the shard
+            h = x + self.parallel.send_state(out, mem.tensors())
         elif self.variant == "mag":
             xn = self.memory_norm(x)
             a, kv = self.attention(xn, cos, sin, kv)  # halo exchange first, then the memory chain

@@ -210,7 +210,8 @@ def _tp_titans(rank, world_size, variant):
 
     torch.manual_seed(0)
     cfg = dataclasses.replace(_cfg(), family="titans", attention_bias=True, titans=TitansConfig(
-        variant=variant, chunk_size=3, window=4, persistent_tokens=2, memory_depth=2))
+        variant=variant, chunk_size=3, segment_len=6, window=4, persistent_tokens=2,
+        memory_depth=2))
     ref = build_model(cfg).double()
     with torch.no_grad():  # random gates and initial memories, so a wrong head pairing shows
         for name, p in ref.named_parameters():
@@ -224,25 +225,21 @@ def _tp_titans(rank, world_size, variant):
     return True
 
 
-@pytest.mark.parametrize("variant", ["mag", "mal"])
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal"])
 def test_tensor_parallel_titans_matches_single(variant):
-    """Titans memory-as-gate and memory-as-layer blocks (window attention with persistent
-    tokens, a depth-2 memory in chunks of 3 over 10 tokens) at tp=2: loss, every gradient and
-    the logits equal one process's (float64, 1e-10)."""
+    """Titans memory-as-context (segments of 6: one whole, one partial), memory-as-gate and
+    memory-as-layer blocks (window attention, 2 persistent tokens, a depth-2 memory in chunks of
+    3 over 10 tokens) at tp=2: loss, every gradient and the logits equal one process's
+    (float64, 1e-10)."""
     assert all(run_distributed(_tp_titans, 2, args=(variant,)))
 
 
-def test_tensor_parallel_refuses_titans_mac():
-    """The memory-as-context block needs each segment's whole attention output, which the
-    sequence-parallel split does not give: tp > 1 is refused with the fix."""
+def test_tensor_parallel_titans_memory_heads_must_divide():
     from ctxscale.dist.tensor_parallel import check_tensor_parallel
     from ctxscale.models import build_model
     from ctxscale.models.config import TitansConfig
 
-    cfg = dataclasses.replace(_cfg(), family="titans", titans=TitansConfig(variant="mac"))
-    with pytest.raises(ValueError, match=r"variant=mac.*Use model.titans.variant=mag or mal"):
-        check_tensor_parallel(build_model(cfg), 2)
+    cfg = dataclasses.replace(_cfg(), family="titans", titans=TitansConfig(memory_heads=3))
     check_tensor_parallel(build_model(cfg), 1)  # tp=1 is no split: nothing to refuse
-    cfg.titans = TitansConfig(variant="mag", memory_heads=3)
     with pytest.raises(ValueError, match=r"memory_heads=3 must be divisible by parallel.tp=2"):
         check_tensor_parallel(build_model(cfg), 2)

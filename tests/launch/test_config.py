@@ -43,11 +43,9 @@ def test_unknown_key_names_key_file_and_suggestion(tmp_path):
         ("parallel.cp=3", r"data.seq_len=64 .* multiple of 3"),
         ("nosuchsection.x=1", r"unknown config key 'nosuchsection'"),
         ("train.steps", r"must look like key.path=value"),
-        # tp shards A, L, M and P layers and Titans mag / mal; Titans mac is refused before
-        # work (it crashed deep in the first step before the check existed)
-        ("model.family=titans parallel.tp=2",
-         r"parallel.tp=2 with model.family=titans and model.titans.variant=mac.*"
-         r"set parallel.tp=1"),
+        # tp splits the Titans memory heads
+        ("model.family=titans model.titans.memory_heads=3 parallel.tp=2",
+         r"memory_heads=3 must be divisible by parallel.tp=2"),
         ("model.family=mamba model.dim=36 model.num_heads=6 model.mamba.expand=1 parallel.tp=8",
          r"expand x model.dim = 1 x 36 = 36 must be divisible by parallel.tp=8"),
     ],

@@ -102,14 +102,21 @@ def test_hybrid_mamba_layouts_with_tensor_parallel_match_single_process(tmp_path
 
 
 # Titans memory-as-gate (window attention with persistent tokens, neural memory in chunks)
-# under tp with data and with context parallelism (the memory state passed between cp ranks).
+# under tp with data and with context parallelism (the memory state passed between cp ranks),
+# and memory-as-context (segments of 8, the block's outputs whole inside it) under tp x cp.
 TITANS = BASE + ["model.family=titans", "model.titans.variant=mag", "model.titans.chunk_size=4",
                  "model.titans.window=8", "model.titans.persistent_tokens=2"]
-TITANS_LAYOUTS = {"tp2_dp2": (["parallel.tp=2"], 2), "tp2_cp2": (["parallel.tp=2", "parallel.cp=2"], 1)}
+TITANS_MAC = ["model.titans.variant=mac", "model.titans.segment_len=8"]
+TITANS_LAYOUTS = {"tp2_dp2": (["parallel.tp=2"], 2),
+                  "tp2_cp2": (["parallel.tp=2", "parallel.cp=2"], 1),
+                  "mac_tp2_cp2": (TITANS_MAC + ["parallel.tp=2", "parallel.cp=2"], 1)}
 
 
 def test_titans_layouts_with_tensor_parallel_match_single_process(tmp_path):
-    ref = _single_process_losses(tmp_path, TITANS)
+    ref = _single_process_losses(tmp_path / "mag", TITANS)
+    ref_mac = _single_process_losses(tmp_path / "mac", TITANS + TITANS_MAC)
     run_distributed(_run_layouts, 4, args=(str(tmp_path), TITANS, TITANS_LAYOUTS), timeout=600)
-    bad = _diverging(ref, tmp_path, {name: [1, 2, 3, 4, 5] for name in TITANS_LAYOUTS})
+    steps = [1, 2, 3, 4, 5]
+    bad = (_diverging(ref, tmp_path, {"tp2_dp2": steps, "tp2_cp2": steps})
+           + _diverging(ref_mac, tmp_path, {"mac_tp2_cp2": steps}))
     assert not bad, f"layouts that diverge from one process (name, step, ref, got): {bad}"
