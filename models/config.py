@@ -221,6 +221,8 @@ class ModelConfig:
     # Recompute activations in the backward pass: none, full (whole blocks) or selective
     # (everything but the attention kernel, whose output is kept: LightSeq's
     # rematerialization-aware checkpointing, so backward never re-runs attention forward).
+    # Linear / Mamba / hybrid blocks recompute whole for both; Titans blocks recompute in
+    # regions cut at their context-parallel exchanges, the memory chunk by chunk.
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     # Standard deviation of the initial weights (residual projections get /sqrt(2·layers)).
     init_std: float = 0.02

@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ctxscale.dist.context import ParallelContext
 from ctxscale.dist.tensor_parallel import local, replicated_output, sequence_shard
@@ -105,34 +106,44 @@ class NeuralMemory(nn.Module):
         b, n, _ = t.shape
         return t.view(b, n, self.local_heads, self.head_dim).transpose(1, 2)
 
-    def _merge(self, y, like):
+    def merge(self, y, dtype):
+        """Retrieved values `(b, h, n, d)` -> `(b, n, dim)`: RMS norm per head, output map."""
         b, h, n, d = y.shape
         y = F.rms_norm(y, (d,), eps=1e-6)
-        return self.wo(y.transpose(1, 2).reshape(b, n, h * d).to(like.dtype))
+        return self.wo(y.transpose(1, 2).reshape(b, n, h * d).to(dtype))
 
     def read(self, x, state: MemoryState):
         """M(q(x)) with the memory held fixed: `(b, n, dim)`."""
         q = F.normalize(self._split(self.wq(x)), dim=-1)
-        return self._merge(retrieve(state, q), x)
+        return self.merge(retrieve(state, q), x.dtype)
 
-    def forward(self, x, state: MemoryState | None = None):
-        """Learn from every token of x (chunked), reading y_t = M_t(q_t) after each update.
-        Returns ((b, n, dim), final MemoryState)."""
-        if state is None:
-            state = self.initial_state(x.shape[0])
+    def project(self, x, dtype):
+        """q, k (l2-normalized), v `(b, h, n, d)` and the gates log η, log(1 − α), θ
+        `(b, h, n)` of this module's heads, the gates in `dtype` (the state's)."""
         q = F.normalize(self._split(self.wq(x)), dim=-1)
         k = F.normalize(self._split(self.wk(x)), dim=-1)
         v = self._split(self.wv(x))
         # rows [α; η; θ] x heads: replicated under tp, every rank forms all and keeps its heads
-        gates = replicated_output(self.w_gates(x)).to(state.weights[0].dtype).transpose(1, 2)
+        gates = replicated_output(self.w_gates(x)).to(dtype).transpose(1, 2)
         lo, hi = self.head_offset, self.head_offset + self.local_heads
         a_raw, e_raw, t_raw = (g[:, lo:hi] for g in gates.chunk(3, dim=1))  # (b, h, n) each
         log_keep = F.logsigmoid(-a_raw)  # log(1 − α), α = σ(a)
         log_eta = F.logsigmoid(e_raw)
         theta = self.max_lr * torch.sigmoid(t_raw)
-        y, state = neural_memory(state, q, k, v, log_eta, log_keep, theta,
-                                 chunk_size=self.chunk_size)
-        return self._merge(y, x), state
+        return q, k, v, log_eta, log_keep, theta
+
+    def forward(self, x, state: MemoryState | None = None, *, region=None):
+        """Learn from every token of x (chunked), reading y_t = M_t(q_t) after each update.
+        Returns ((b, n, dim), final MemoryState). `region` (activation checkpointing: a
+        function that runs `fn(*args)` as a recomputed region) wraps the projections and the
+        output map, and the inner loop then recomputes chunk by chunk in its backward."""
+        if state is None:
+            state = self.initial_state(x.shape[0])
+        run = region or (lambda fn, *args: fn(*args))
+        inputs = run(self.project, x, state.weights[0].dtype)
+        y, state = neural_memory(state, *inputs, chunk_size=self.chunk_size,
+                                 recompute=region is not None)
+        return run(self.merge, y, x.dtype), state
 
 
 # ------------------------------------------------------------------ attention
@@ -160,26 +171,40 @@ class _Projections(nn.Module):
 
 
 class WindowAttention(_Projections):
-    """Sliding-window attention with persistent tokens as always-visible keys (mag, mal)."""
+    """Sliding-window attention with persistent tokens as always-visible keys (mag, mal).
+    `forward` is `qkv`, then `with_context` (the previous cp rank's halo and the cached keys:
+    communication), then `attend`; a block that checkpoints activations runs the two
+    communication-free parts as separate regions."""
 
     def __init__(self, cfg: ModelConfig, parallel: ParallelContext):
         super().__init__(cfg)
         self.window = cfg.titans.window
         self.parallel = parallel
 
-    def forward(self, x, cos, sin, cache=None):
+    def qkv(self, x, cos, sin):
         q = apply_rotary(self.split(self.wq(x)), cos, sin)
         k = apply_rotary(self.split(self.wk(x)), cos, sin)
-        v = self.split(self.wv(x))
+        return q, k, self.split(self.wv(x))
+
+    def with_context(self, k, v, cache=None):
+        """Keys and values with the window − 1 earlier ones prepended (the previous cp rank's
+        halo, or `cache` from an earlier piece), and the new cache (the last window − 1)."""
         n_halo = self.window - 1
         k, v = self.parallel.with_halo(k, n_halo), self.parallel.with_halo(v, n_halo)
         if cache is not None and self.parallel.cp_rank == 0:
             k, v = torch.cat([cache[0], k], 1), torch.cat([cache[1], v], 1)
+        keep = min(n_halo, k.shape[1])
+        return k, v, (k[:, k.shape[1] - keep :], v[:, v.shape[1] - keep :])
+
+    def attend(self, q, k, v):
         pk, pv = self.persistent_kv()
         o = sliding_window_attention(q, k, v, window=self.window, prefix_k=pk, prefix_v=pv)
-        keep = min(n_halo, k.shape[1])
-        new_cache = (k[:, k.shape[1] - keep :], v[:, v.shape[1] - keep :])
-        return self.wo(o.flatten(2)), new_cache
+        return self.wo(o.flatten(2))
+
+    def forward(self, x, cos, sin, cache=None):
+        q, k, v = self.qkv(x, cos, sin)
+        k, v, new_cache = self.with_context(k, v, cache)
+        return self.attend(q, k, v), new_cache
 
 
 class SegmentAttention(_Projections):
@@ -209,6 +234,12 @@ class SegmentAttention(_Projections):
 
 # ------------------------------------------------------------------ blocks
 class TitansBlock(nn.Module):
+    """One Titans block (module docstring). Under `model.activation_checkpointing` (full or
+    selective: the same here) its computation runs as regions recomputed in the backward, cut
+    at the context-parallel exchanges (memory state in and out, the window halo), which run
+    once forward and once backward as without checkpointing: mac recomputes per segment (the
+    memory state between segments is kept), mag / mal per branch; the MLP is its own region."""
+
     def __init__(self, cfg: ModelConfig, parallel: ParallelContext):
         super().__init__()
         t = cfg.titans
@@ -216,6 +247,7 @@ class TitansBlock(nn.Module):
         self.segment_len = t.segment_len
         self.chunk_size = t.chunk_size
         self.parallel = parallel
+        self.checkpointing = cfg.activation_checkpointing
         self.memory_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.memory = NeuralMemory(cfg)
         if self.variant == "mac":
@@ -243,35 +275,64 @@ class TitansBlock(nn.Module):
         mem = state.memory if state is not None else self.memory.initial_state(batch)
         return MemoryState.from_tensors(self.parallel.recv_state(mem.tensors()))
 
+    def _checkpointing(self) -> bool:
+        return self.checkpointing != "none" and self.training and torch.is_grad_enabled()
+
+    def _region(self, fn, *args):
+        """fn(*args); under activation checkpointing (training) a region whose activations are
+        recomputed in the backward. fn must not communicate over cp."""
+        if self._checkpointing():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _memory(self, x, mem):
+        """The memory learns from x; under activation checkpointing its projections and output
+        map are regions and its inner loop recomputes chunk by chunk (its many small saved
+        tensors would cost a Python hook each inside a checkpoint region)."""
+        return self.memory(x, mem, region=self._region if self._checkpointing() else None)
+
+    def _mac_attention(self, xs, cos, sin, mem):
+        """mac, one segment S: attention over [P | M(q(S)) | S]."""
+        return self.attention(xs, self.memory.read(xs, mem), cos, sin)
+
+    def _mal_qkv(self, h, cos, sin):
+        return self.attention.qkv(self.attention_norm(h), cos, sin)
+
+    def _mlp(self, h):
+        return h + self.feed_forward(self.ffn_norm(h))
+
     def forward(self, x, cos, sin, state: BlockState | None = None):
         b = x.shape[0]
         self._check_shard(cos.shape[1])  # the whole local sequence (x: a tp shard of it)
         kv = state.kv if state is not None else None
+        run, attn = self._region, self.attention
         if self.variant == "mac":
-            xn = self.memory_norm(x)
+            xn = run(self.memory_norm, x)
             mem = self._memory_state(state, b)
             outs = []
             for s in range(0, xn.shape[1], self.segment_len):
                 e = s + self.segment_len
-                xs, cs, ss = xn[:, s:e], cos[:, s:e], sin[:, s:e]
-                y = self.attention(xs, self.memory.read(xs, mem), cs, ss)
-                m, mem = self.memory(y, mem)
+                y = run(self._mac_attention, xn[:, s:e], cos[:, s:e], sin[:, s:e], mem)
+                m, mem = self._memory(y, mem)  # the memory learns from the attention output
                 outs.append(y * torch.sigmoid(m))
             out = sequence_shard(torch.cat(outs, 1))  # under tp: whole inside, then the shard
             h = x + self.parallel.send_state(out, mem.tensors())
         elif self.variant == "mag":
-            xn = self.memory_norm(x)
-            a, kv = self.attention(xn, cos, sin, kv)  # halo exchange first, then the memory chain
+            xn = run(self.memory_norm, x)
+            q, k, v = run(attn.qkv, xn, cos, sin)
+            k, v, kv = attn.with_context(k, v, kv)  # halo exchange first, then the memory chain
+            a = run(attn.attend, q, k, v)
             mem = self._memory_state(state, b)
-            m, mem = self.memory(xn, mem)
+            m, mem = self._memory(xn, mem)
             h = x + self.parallel.send_state(a * torch.sigmoid(m), mem.tensors())
         else:  # mal
             mem = self._memory_state(state, b)
-            m, mem = self.memory(self.memory_norm(x), mem)
+            m, mem = self._memory(run(self.memory_norm, x), mem)
             h = x + self.parallel.send_state(m, mem.tensors())
-            a, kv = self.attention(self.attention_norm(h), cos, sin, kv)
-            h = h + a
-        h = h + self.feed_forward(self.ffn_norm(h))
+            q, k, v = run(self._mal_qkv, h, cos, sin)
+            k, v, kv = attn.with_context(k, v, kv)
+            h = h + run(attn.attend, q, k, v)
+        h = run(self._mlp, h)
         return h, BlockState(mem, kv)
 
 
@@ -281,12 +342,6 @@ class Titans(Transformer):
     around `TitansBlock`s (memory + attention variant per `model.titans.variant`)."""
 
     def build_layers(self, cfg: ModelConfig) -> nn.ModuleDict:
-        if cfg.activation_checkpointing != "none":
-            raise ValueError(
-                "model.activation_checkpointing is not supported for model.family=titans yet "
-                "(recomputing a block would repeat its context-parallel state exchange); set "
-                "it to none"
-            )
         return nn.ModuleDict(
             {str(i): TitansBlock(cfg, self.parallel) for i in range(cfg.num_layers)}
         )

@@ -171,21 +171,83 @@ def _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size):
                          f", inputs are {(b, h)}")
 
 
-def neural_memory(state: MemoryState, q, k, v, log_eta, log_keep, theta, *, chunk_size: int):
+def neural_memory(state: MemoryState, q, k, v, log_eta, log_keep, theta, *, chunk_size: int,
+                  recompute: bool = False):
     """Chunked (parallel) memory over a sequence; returns (y `(b, h, n, d)`, final state).
     A trailing partial chunk is allowed; splitting a sequence at multiples of `chunk_size` and
-    carrying the state gives the same result as one call."""
+    carrying the state gives the same result as one call.
+
+    recompute=True (activation checkpointing) keeps only the inputs and the state at every
+    chunk start for the backward, which recomputes one chunk at a time from its start state
+    (one more forward of the memory; no per-chunk activations are held between the passes)."""
     _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size)
     cdt = state.weights[0].dtype
     q, k, v, log_eta, log_keep, theta = (t.to(cdt) for t in (q, k, v, log_eta, log_keep, theta))
+    inputs = (*state.tensors(), q, k, v, log_eta, log_keep, theta)
+    if (recompute and q.shape[2] and torch.is_grad_enabled()
+            and any(t.requires_grad for t in inputs)):
+        y, *final = _RecomputedMemory.apply(chunk_size, len(state.weights), *inputs)
+        return y, MemoryState.from_tensors(final)
+    return _chunks(state, q, k, v, log_eta, log_keep, theta, chunk_size)
+
+
+def _chunks(state, q, k, v, log_eta, log_keep, theta, chunk_size, starts=None):
+    """The chunk loop of `neural_memory`; appends each chunk's start state to `starts`."""
     ys = []
     for s in range(0, q.shape[2], chunk_size):
         e = s + chunk_size
+        if starts is not None:
+            starts.append(state)
         y, state = memory_chunk(state, q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
                                 log_eta[:, :, s:e], log_keep[:, :, s:e], theta[:, :, s:e])
         ys.append(y)
     y = torch.cat(ys, 2) if ys else q.new_zeros(*q.shape[:3], state.weights[-1].shape[-1])
     return y, state
+
+
+class _RecomputedMemory(torch.autograd.Function):
+    """`neural_memory` whose forward saves no activations, only the chunk-start states; the
+    backward walks the chunks last to first, recomputing each with autograd from its start
+    state and propagating (dy, d state) into d(inputs, previous state). The inputs hold no
+    parameters, so gradients are taken with `torch.autograd.grad` over the chunk's own inputs
+    (compatible with FSDP and pipeline schedules, unlike a reentrant checkpoint)."""
+
+    @staticmethod
+    def forward(ctx, chunk_size, n_layers, *inputs):
+        state = MemoryState.from_tensors(inputs[: 2 * n_layers])
+        seq = inputs[2 * n_layers :]
+        starts: list[MemoryState] = []
+        with torch.no_grad():
+            y, final = _chunks(state, *seq, chunk_size, starts)
+        ctx.chunk_size, ctx.n_layers, ctx.n_chunks = chunk_size, n_layers, len(starts)
+        between = (t for st in starts[1:] for t in st.tensors())
+        ctx.save_for_backward(*seq, *between, *inputs[: 2 * n_layers])
+        return (y, *final.tensors())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, *dstate):
+        saved = ctx.saved_tensors
+        seq, n_state = saved[:6], 2 * ctx.n_layers
+        starts = [saved[-n_state:]] + [saved[6 + i * n_state : 6 + (i + 1) * n_state]
+                                       for i in range(ctx.n_chunks - 1)]
+        c = ctx.chunk_size
+        dseq = [torch.zeros_like(t) for t in seq]
+        dstate = [torch.zeros_like(t) if g is None else g for g, t in zip(dstate, starts[-1])]
+        for i in range(ctx.n_chunks - 1, -1, -1):
+            lo, hi = i * c, (i + 1) * c
+            with torch.enable_grad():
+                st = [t.detach().requires_grad_() for t in starts[i]]
+                xs = [t[:, :, lo:hi].detach().requires_grad_() for t in seq]
+                y, new = memory_chunk(MemoryState.from_tensors(st), *xs)
+                outs = [y, *new.tensors()]
+                grads = torch.autograd.grad(outs, st + xs, [dy[:, :, lo:hi], *dstate],
+                                            allow_unused=True)
+            dstate = [torch.zeros_like(t) if g is None else g for g, t in zip(grads[:n_state], st)]
+            for d, g in zip(dseq, grads[n_state:]):
+                if g is not None:
+                    d[:, :, lo:hi] = g
+        return (None, None, *dstate, *dseq)
 
 
 def neural_memory_reference(state: MemoryState, q, k, v, log_eta, log_keep, theta, *,

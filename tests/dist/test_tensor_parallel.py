@@ -204,7 +204,7 @@ def test_tensor_parallel_mamba_validation_messages():
         check_tensor_parallel(build_model(_recurrent_cfg("hybrid")), 4)  # A and P layers
 
 
-def _tp_titans(rank, world_size, variant):
+def _tp_titans(rank, world_size, variant, checkpointing):
     from ctxscale.models import build_model
     from ctxscale.models.config import TitansConfig
 
@@ -213,6 +213,7 @@ def _tp_titans(rank, world_size, variant):
         variant=variant, chunk_size=3, segment_len=6, window=4, persistent_tokens=2,
         memory_depth=2))
     ref = build_model(cfg).double()
+    cfg.activation_checkpointing = checkpointing
     with torch.no_grad():  # random gates and initial memories, so a wrong head pairing shows
         for name, p in ref.named_parameters():
             if "w_gates" in name or "init_memory" in name:
@@ -225,13 +226,14 @@ def _tp_titans(rank, world_size, variant):
     return True
 
 
-@pytest.mark.parametrize("variant", ["mac", "mag", "mal"])
-def test_tensor_parallel_titans_matches_single(variant):
+@pytest.mark.parametrize("variant,checkpointing", [
+    ("mac", "none"), ("mag", "none"), ("mal", "none"), ("mac", "full"), ("mag", "full")])
+def test_tensor_parallel_titans_matches_single(variant, checkpointing):
     """Titans memory-as-context (segments of 6: one whole, one partial), memory-as-gate and
     memory-as-layer blocks (window attention, 2 persistent tokens, a depth-2 memory in chunks of
     3 over 10 tokens) at tp=2: loss, every gradient and the logits equal one process's
-    (float64, 1e-10)."""
-    assert all(run_distributed(_tp_titans, 2, args=(variant,)))
+    (float64, 1e-10); also with activation checkpointing (the regions recompute DTensor ops)."""
+    assert all(run_distributed(_tp_titans, 2, args=(variant, checkpointing)))
 
 
 def test_tensor_parallel_titans_memory_heads_must_divide():

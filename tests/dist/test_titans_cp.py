@@ -55,7 +55,7 @@ def _full_run(model, ids, w):
     return h.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def _cp_matches_single(rank, world, variant, dtype):
+def _cp_matches_single(rank, world, variant, dtype, checkpointing="none"):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     ref = Titans(_cfg(variant)).double()
@@ -68,7 +68,9 @@ def _cp_matches_single(rank, world, variant, dtype):
     h_ref, grads_ref = _full_run(ref, ids, w)  # float64 oracle
     h_one, grads_one = _full_run(single, ids, w)  # the same precision in one process (cp=1)
 
-    model = Titans(_cfg(variant), _context(world, rank))
+    cfg = _cfg(variant)
+    cfg.activation_checkpointing = checkpointing
+    model = Titans(cfg, _context(world, rank))
     model.load_state_dict(ref.state_dict())
     model.to(dtype)
     sl = N // world
@@ -97,11 +99,9 @@ def _cp_matches_single(rank, world, variant, dtype):
     return stats
 
 
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("variant", ["mac", "mag", "mal"])
-def test_cp_outputs_and_gradients_match_single_process(variant, world):
-    stats = run_distributed(_cp_matches_single, world, args=(variant, torch.float32))
-    # memory state: forward sends from ranks < P-1, backward sends from ranks > 0, once per layer
+def _assert_exchanged_once(stats, variant, world):
+    """The memory state and (mag / mal) the window halo went forward from ranks < P-1 and
+    back from ranks > 0, once per layer (bytes counted by `comm`)."""
     mem = _cfg(variant).titans
     dims = [mem.memory_head_dim, mem.memory_hidden, mem.memory_head_dim]
     state_bytes = 2 * 2 * mem.memory_heads * sum(a * b for a, b in zip(dims, dims[1:])) * 4
@@ -110,6 +110,25 @@ def test_cp_outputs_and_gradients_match_single_process(variant, world):
         sent = s["titans_state"]["bytes_sent"]
         assert sent == layers * state_bytes * ((r < world - 1) + (r > 0))
         assert ("titans_halo" in s) == (variant != "mac")
+        if variant != "mac":  # k and v, (batch 2, window − 1, kv heads 3, head dim 8) each
+            halo_bytes = 2 * 2 * (mem.window - 1) * 3 * 8 * 4
+            assert s["titans_halo"]["bytes_sent"] == layers * halo_bytes * ((r < world - 1) + (r > 0))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal"])
+def test_cp_outputs_and_gradients_match_single_process(variant, world):
+    stats = run_distributed(_cp_matches_single, world, args=(variant, torch.float32))
+    _assert_exchanged_once(stats, variant, world)
+
+
+@pytest.mark.parametrize("variant", ["mac", "mag", "mal"])
+def test_cp_with_activation_checkpointing(variant):
+    """Activation checkpointing under cp=2: the same outputs and gradients as one process
+    without it, and the recomputed regions never repeat an exchange (the same bytes as
+    without checkpointing)."""
+    stats = run_distributed(_cp_matches_single, 2, args=(variant, torch.float32, "full"))
+    _assert_exchanged_once(stats, variant, 2)
 
 
 def test_cp_float64_is_exact():
