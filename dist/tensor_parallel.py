@@ -15,6 +15,12 @@ A Mamba mixer (`models/mamba.py`, layers M and P of the hybrid stack) splits its
 channels the same way (as Megatron-LM's Mamba layers do): each rank runs the convolution and the
 selective scan of E/tp channels over the whole (local context-parallel) sequence.
 
+A Mamba-2 mixer (layers S, `models/mamba2.py`) splits its heads and their groups (n_groups
+divisible by tp): in_proj_{z, x, dt} column-parallel by heads, in_proj_{B, C} by groups, conv
+taps, Δ bias, A, D and the gated norm per channel or head, out_proj row-parallel. A group's
+heads are contiguous, so a rank's heads read only its own groups' B and C: the SSD scan and
+the group norm need no communication.
+
     u, z = n_full · W_{x,z}[:, shard]                 column-parallel (E/tp channels each)
     u = silu(conv(u))                                 conv taps and bias: this rank's channels
     [δ, B, C] = all_reduce(u · W_xproj[:, shard]ᵀ)    row-parallel: B, C, δ mix all channels
@@ -53,7 +59,7 @@ between modules are local tensors, and the per-channel parameters that are not a
 `local()`. Requirements:
 heads, kv heads and the vocabulary divisible by tp, the MLP width and Mamba's E divisible by tp,
 and the local sequence (seq / cp) divisible by tp. Families: transformer, linear, mamba and
-hybrid (any pattern of A, L, M and P), and titans (mac, mag, mal).
+hybrid (any pattern of A, L, M, P and S), mamba2, and titans (mac, mag, mal).
 
 A Titans block shards its attention like softmax attention (persistent tokens replicated) and
 its neural memory by heads: wq/wk/wv column-parallel, wo row-parallel, each head's initial
@@ -120,14 +126,26 @@ def check_tensor_parallel_config(cfg, tp: int) -> None:
             f"the vocabulary-parallel embedding and loss need model.vocab_size={cfg.vocab_size} "
             f"divisible by parallel.tp={tp}; pad the vocabulary (set model.vocab_size) or change tp"
         )
-    has_mlp = any(c != "M" for c in codes) or cfg.mamba.mlp
+    has_mlp = any(c not in "MS" for c in codes) or cfg.mamba.mlp
     if has_mlp and cfg.hidden_dim % tp:
         raise ValueError(
             f"the MLP width {cfg.hidden_dim} must be divisible by parallel.tp={tp}; set "
             "model.ffn_dim (or model.ffn_multiple_of) or change parallel.tp"
         )
     inner = cfg.mamba.expand * cfg.dim
-    if any(c in "MP" for c in codes) and inner % tp:
+    if "S" in codes:
+        heads, groups = inner // cfg.mamba.head_dim, cfg.mamba.n_groups
+        if groups % tp:
+            raise ValueError(
+                f"tensor parallelism splits the Mamba-2 heads with their groups: model.mamba."
+                f"n_groups={groups} must be divisible by parallel.tp={tp} (as in Megatron-LM); "
+                "raise n_groups (a converted checkpoint keeps its own), or set parallel.tp=1 and "
+                "scale with parallel.dp_shard, parallel.cp and parallel.pp")
+        if heads % tp:
+            raise ValueError(
+                f"tensor parallelism splits the {heads} Mamba-2 heads (expand x dim / head_dim): "
+                f"they must be divisible by parallel.tp={tp}; change model.mamba.head_dim")
+    if any(c in "MPS" for c in codes) and inner % tp:
         raise ValueError(
             f"tensor parallelism splits the Mamba channels: model.mamba.expand x model.dim = "
             f"{cfg.mamba.expand} x {cfg.dim} = {inner} must be divisible by parallel.tp={tp}; "
@@ -202,6 +220,28 @@ def _shard_mamba_mixer(mixer: nn.Module, tp_mesh) -> None:
     _shard_parameters(tp_mesh, [(mixer.conv1d, "weight"), (mixer.conv1d, "bias"),
                                 (mixer.dt_proj, "weight"), (mixer.dt_proj, "bias"),
                                 (mixer, "A_log"), (mixer, "D")])
+
+
+def _shard_mamba2_mixer(mixer: nn.Module, tp_mesh) -> None:
+    """Split a `Mamba2Mixer`'s heads and groups over `tp_mesh`: every projection but out_proj
+    column-parallel (z, x, dt by heads, B and C by groups), the conv taps and every per-head
+    or per-channel parameter Shard(0), out_proj row-parallel onto the sequence shards."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    colwise = ColwiseParallel()
+    parallelize_module(mixer, tp_mesh, {
+        **{f"in_proj_{p}": colwise for p in ("z", "x", "B", "C", "dt")},
+        "out_proj": RowwiseParallel(output_layouts=Shard(1)),
+    })
+    _shard_parameters(tp_mesh, [(conv, name) for conv in (mixer.conv_x, mixer.conv_B, mixer.conv_C)
+                                for name in ("weight", "bias")]
+                      + [(mixer, name) for name in ("dt_bias", "A_log", "D", "norm_weight")])
+    mixer.shard_heads(tp_mesh.size())
 
 
 def _shard_parameters(tp_mesh, named) -> None:
@@ -297,7 +337,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
         if ffn is not None:
             parallelize_module(ffn, tp_mesh, {"w1": colwise, "w3": colwise, "w2": rowwise})
         if getattr(block, "mixer", None) is not None:
-            _shard_mamba_mixer(block.mixer, tp_mesh)
+            if block.code == "S":
+                _shard_mamba2_mixer(block.mixer, tp_mesh)
+            else:
+                _shard_mamba_mixer(block.mixer, tp_mesh)
         if getattr(block, "memory", None) is not None:
             _shard_titans_memory(block.memory, tp_mesh, wo)
     if model.norm is not None:

@@ -15,7 +15,7 @@ def build_model(cfg: ModelConfig, parallel=None):
         from ctxscale.models.titans import Titans
 
         return Titans(cfg, parallel)
-    if cfg.family in ("mamba", "linear", "hybrid"):
+    if cfg.family in ("mamba", "mamba2", "linear", "hybrid"):
         from ctxscale.models.hybrid import HybridLM
 
         return HybridLM(cfg, parallel)

@@ -8,7 +8,7 @@ from typing import Literal
 
 from ctxscale.kernels.rotary import RopeScaling
 
-MODEL_FAMILIES = ("transformer", "titans", "mamba", "linear", "hybrid")
+MODEL_FAMILIES = ("transformer", "titans", "mamba", "mamba2", "linear", "hybrid")
 
 
 @dataclass
@@ -55,20 +55,21 @@ class TitansConfig:
             )
         if self.max_lr <= 0:
             raise ValueError("model.titans.max_lr must be > 0")
-RECURRENT_FAMILIES = ("mamba", "linear", "hybrid")
+RECURRENT_FAMILIES = ("mamba", "mamba2", "linear", "hybrid")
 LINEAR_ATTENTION_KINDS = ("plain", "decay", "hedgehog", "lawcat")
 # The linear-attention kinds whose heads decay (and so can be left ungated).
 DECAY_KINDS = ("decay", "lawcat")
-HYBRID_LAYER_CODES = "AMLP"
+HYBRID_LAYER_CODES = "AMLPS"
 # The layer pattern of the families that do not read model.layer_pattern.
-FAMILY_PATTERNS = {"mamba": "M", "linear": "L"}
+FAMILY_PATTERNS = {"mamba": "M", "mamba2": "S", "linear": "L"}
 
 
 @dataclass
 class MambaConfig:
-    """The selective-SSM mixer (Mamba-1, Gu & Dao 2023); names follow Hugging Face MambaConfig."""
+    """The selective-SSM mixers: Mamba-1 (Gu & Dao 2023; layers M and P) and Mamba-2 (Dao & Gu
+    2024; layers S); names follow Hugging Face MambaConfig / Mamba2Config."""
 
-    # SSM state size N per channel.
+    # SSM state size N per channel (Mamba-1) or per group (Mamba-2, typically 64-128).
     d_state: int = 16
     # Width of the causal depthwise convolution in front of the scan.
     d_conv: int = 4
@@ -85,14 +86,38 @@ class MambaConfig:
     dt_floor: float = 1e-4
     # Append a SwiGLU MLP sub-block to every Mamba block (Jamba style); Mamba-1 has none.
     mlp: bool = False
+    # Mamba-2 only: channels per head (heads = expand · dim / head_dim), groups sharing B and C
+    # (heads / n_groups heads each), and the clamp of Δ after the softplus.
+    head_dim: int = 64
+    n_groups: int = 1
+    dt_limit_min: float = 0.0
+    dt_limit_max: float = math.inf
 
     def rank(self, dim: int) -> int:
         return self.dt_rank or math.ceil(dim / 16)
 
     def validate(self) -> None:
-        for name in ("d_state", "d_conv", "expand"):
+        for name in ("d_state", "d_conv", "expand", "head_dim", "n_groups"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.mamba.{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.dt_limit_min < self.dt_limit_max:
+            raise ValueError(f"model.mamba.dt_limit_min={self.dt_limit_min} and dt_limit_max="
+                             f"{self.dt_limit_max} must satisfy 0 <= min < max")
+
+    def validate_mamba2(self, dim: int) -> None:
+        """Mamba-2 (S layers): expand · dim must split into heads of head_dim channels, and the
+        heads into n_groups groups."""
+        inner = self.expand * dim
+        if inner % self.head_dim:
+            raise ValueError(
+                f"Mamba-2 splits expand x dim = {self.expand} x {dim} = {inner} channels into "
+                f"heads of model.mamba.head_dim={self.head_dim}: it must divide {inner}; change "
+                "model.mamba.head_dim, model.mamba.expand or model.dim")
+        heads = inner // self.head_dim
+        if heads % self.n_groups:
+            raise ValueError(
+                f"Mamba-2 has {heads} heads (expand x dim / head_dim), which must be divisible "
+                f"by model.mamba.n_groups={self.n_groups}; change n_groups or head_dim")
 
 
 @dataclass
@@ -195,7 +220,7 @@ class ModelConfig:
     # (neural long-term memory, variants in `model.titans`); `mamba`: Mamba-1 blocks;
     # `linear`: linear-attention blocks; `hybrid`: a stack built from `layer_pattern`
     # (see models/hybrid.py).
-    family: Literal["transformer", "titans", "mamba", "linear", "hybrid"] = "transformer"
+    family: Literal["transformer", "titans", "mamba", "mamba2", "linear", "hybrid"] = "transformer"
     # Vocabulary size; 0 means "take it from the data source" (tokenizer or synthetic task).
     vocab_size: int = 0
     # Width of the residual stream.
@@ -230,13 +255,14 @@ class ModelConfig:
     max_seq_len: int = 131072
     # Titans settings (used when family is titans).
     titans: TitansConfig = field(default_factory=TitansConfig)
-    # Mamba mixer settings (families mamba and hybrid).
+    # Mamba mixer settings (families mamba, mamba2 and hybrid).
     mamba: MambaConfig = field(default_factory=MambaConfig)
     # Linear-attention settings (families linear and hybrid).
     linear_attention: LinearAttentionConfig = field(default_factory=LinearAttentionConfig)
     # Hybrid layer pattern, repeated over num_layers: A = softmax attention + MLP, L = linear
     # attention + MLP, M = Mamba (+ MLP if mamba.mlp), P = parallel block (attention heads and
-    # SSM side by side on the same input, Falcon-H1 style) + MLP. "LLLA" = 3 linear : 1 softmax.
+    # SSM side by side on the same input, Falcon-H1 style) + MLP, S = Mamba-2 (+ MLP if
+    # mamba.mlp). "LLLA" = 3 linear : 1 softmax.
     layer_pattern: str = "LLLA"
 
     @property
@@ -302,11 +328,14 @@ class ModelConfig:
         if self.family == "titans":
             self.titans.validate()
         self.mamba.validate()
+        if "S" in self.layer_codes():
+            self.mamba.validate_mamba2(self.dim)
         self.linear_attention.validate()
         self._validate_ungated_heads()
         bad = sorted(set(self.layer_pattern) - set(HYBRID_LAYER_CODES))
         if not self.layer_pattern or bad:
             raise ValueError(
                 f"model.layer_pattern={self.layer_pattern!r} must be a non-empty string of the "
-                f"letters {HYBRID_LAYER_CODES!r} (A attention, M Mamba, L linear, P parallel)"
+                f"letters {HYBRID_LAYER_CODES!r} (A attention, M Mamba, L linear, P parallel, "
+                "S Mamba-2)"
             )

@@ -379,7 +379,7 @@ def _convert_state_dict(tensors: dict, cfg: ModelConfig, expected: dict, dtype) 
 def load_hf(path, *, dtype: torch.dtype = torch.float32, device="cpu", parallel=None,
             config_overrides: dict | None = None):
     """Load a local HF Llama / Mistral / Qwen2 checkpoint directory into a ctxscale Transformer
-    (a Mamba directory, `model_type: mamba`, goes to `models/hf_mamba.load_mamba_hf`; a folder
+    (a Mamba directory, `model_type: mamba` or `mamba2`, goes to `models/hf_mamba.load_mamba_hf`; a folder
     whose config.json has a `ctxscale` block, written by `save_hf` for a linear / hybrid model,
     gives that `HybridLM`: models/hf_linear.py).
 
@@ -401,7 +401,7 @@ def load_hf(path, *, dtype: torch.dtype = torch.float32, device="cpu", parallel=
         hf = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_file} is not valid JSON: {e}") from e
-    if hf.get("model_type") == "mamba":
+    if hf.get("model_type") in ("mamba", "mamba2"):
         from ctxscale.models.hf_mamba import load_mamba_hf
 
         return load_mamba_hf(path, dtype=dtype, parallel=parallel)

@@ -89,9 +89,10 @@ def extension_block(cfg: ModelConfig) -> dict:
     """The `ctxscale` block of config.json for a linear / hybrid model (ValueError otherwise)."""
     from ctxscale.models.hybrid import layer_codes
 
-    if cfg.family == "mamba":
-        raise ValueError("save_hf writes Llama-family checkpoints; a mamba model is written by "
-                         "ctxscale.models.hf_mamba.save_mamba_hf (Hugging Face MambaForCausalLM)")
+    if cfg.family in ("mamba", "mamba2"):
+        raise ValueError(f"save_hf writes Llama-family checkpoints; a {cfg.family} model is "
+                         "written by ctxscale.models.hf_mamba.save_mamba_hf (Hugging Face "
+                         "MambaForCausalLM / Mamba2ForCausalLM)")
     if cfg.family not in LINEAR_FAMILIES:
         raise ValueError(f"save_hf cannot write a {cfg.family!r} model (no Hugging Face "
                          "equivalent); save it with launch.convert.save_model and load it "

@@ -1,22 +1,32 @@
-"""Hugging Face `MambaForCausalLM` checkpoints <-> ctxscale `mamba` models.
+"""Hugging Face `MambaForCausalLM` / `Mamba2ForCausalLM` checkpoints <-> ctxscale `mamba` /
+`mamba2` models.
 
-A checkpoint directory holds `config.json` (model_type "mamba") and safetensors weights (one
-`model.safetensors` or shards listed in `model.safetensors.index.json`). Names map as
+A checkpoint directory holds `config.json` (model_type "mamba" or "mamba2") and safetensors
+weights (one `model.safetensors` or shards listed in `model.safetensors.index.json`). Names map as
 
     backbone.embeddings.weight          <-> tok_embeddings.weight   (older: backbone.embedding.)
     backbone.layers.{i}.norm.weight     <-> layers.{i}.mixer_norm.weight
-    backbone.layers.{i}.mixer.{p}       <-> layers.{i}.mixer.{p}    (conv1d, x_proj, dt_proj,
-                                                                      A_log, D, out_proj)
-    backbone.layers.{i}.mixer.in_proj.* <-> layers.{i}.mixer.in_proj_x.* (rows :E) and
-                                            layers.{i}.mixer.in_proj_z.* (rows E:)
+    backbone.layers.{i}.mixer.{p}       <-> layers.{i}.mixer.{p}    (Mamba-1: conv1d, x_proj,
+                                            dt_proj, A_log, D, out_proj; Mamba-2: dt_bias,
+                                            A_log, D, out_proj)
     backbone.norm_f.weight              <-> norm.weight
     lm_head.weight                      <-> output.weight           (absent when tied)
 
-and the config as hidden_size -> dim, num_hidden_layers -> num_layers, state_size -> d_state,
-conv_kernel -> d_conv, expand, time_step_rank -> dt_rank, use_bias / use_conv_bias ->
-bias / conv_bias, layer_norm_epsilon -> norm_eps, tie_word_embeddings -> tie_embeddings.
-The math is the same as Hugging Face's (RMSNorm in float32, softplus Δ with the dt_proj bias,
-silu conv and gate), so logits agree to float32 rounding (tested against transformers).
+and the fused tensors are split by rows (E = expand · hidden_size, GN = n_groups · state_size,
+H = num_heads):
+
+    Mamba-1  mixer.in_proj.*  [x; z] (E, E)           <-> mixer.in_proj_x.*, mixer.in_proj_z.*
+    Mamba-2  mixer.in_proj.*  [z; x; B; C; dt]        <-> mixer.in_proj_{z,x,B,C,dt}.*
+             mixer.conv1d.*   [x; B; C] (E, GN, GN)   <-> mixer.conv_{x,B,C}.*
+             mixer.norm.weight (the gated RMSNorm)    <-> mixer.norm_weight
+
+Config: hidden_size -> dim, num_hidden_layers -> num_layers, state_size -> d_state,
+conv_kernel -> d_conv, expand, time_step_rank -> dt_rank (Mamba-1), head_dim / n_groups /
+time_step_limit -> mamba.head_dim / n_groups / dt_limit_min, dt_limit_max (Mamba-2),
+use_bias / use_conv_bias -> bias / conv_bias, layer_norm_epsilon -> norm_eps,
+tie_word_embeddings -> tie_embeddings. The math is the same as Hugging Face's (RMSNorm in
+float32, softplus Δ, silu conv and gate, Mamba-2's gated group RMSNorm), so logits agree to
+float32 rounding (tested against transformers).
 """
 
 from __future__ import annotations
@@ -33,13 +43,41 @@ _PREFIXES = (("backbone.embeddings.", "tok_embeddings."), ("backbone.embedding."
              ("backbone.norm_f.", "norm."), ("lm_head.", "output."))
 
 
+def _json_float(v) -> float:
+    """A float from config.json: a number, or transformers' {"__float__": "Infinity"}."""
+    return float(v["__float__"] if isinstance(v, dict) else v)
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
-    """ctxscale ModelConfig (family mamba) from a Hugging Face Mamba config.json dict."""
-    if hf.get("model_type") != "mamba":
-        raise ValueError(f"config.json has model_type {hf.get('model_type')!r}; expected 'mamba'")
+    """ctxscale ModelConfig (family mamba or mamba2) from a Hugging Face Mamba / Mamba2
+    config.json dict."""
+    model_type = hf.get("model_type")
+    if model_type not in ("mamba", "mamba2"):
+        raise ValueError(f"config.json has model_type {model_type!r}; expected 'mamba' or "
+                         "'mamba2'")
     if hf.get("hidden_act", "silu") not in ("silu", "swish"):
         raise ValueError(f"Mamba hidden_act {hf['hidden_act']!r} is not supported (only silu)")
     dim, expand = hf["hidden_size"], hf.get("expand", 2)
+    common = dict(
+        vocab_size=hf["vocab_size"], dim=dim, num_layers=hf["num_hidden_layers"],
+        num_heads=1, head_dim=dim + dim % 2,  # unused by Mamba; keeps validate() happy
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+    )
+    ssm = dict(d_conv=hf.get("conv_kernel", 4), expand=expand, bias=hf.get("use_bias", False),
+               conv_bias=hf.get("use_conv_bias", True), dt_min=hf.get("time_step_min", 0.001),
+               dt_max=hf.get("time_step_max", 0.1), dt_floor=hf.get("time_step_floor", 1e-4))
+    if model_type == "mamba2":
+        heads, head_dim = hf.get("num_heads", 128), hf.get("head_dim", 64)
+        if heads * head_dim != expand * dim:
+            raise ValueError(f"num_heads x head_dim = {heads} x {head_dim} is not expand x "
+                             f"hidden_size = {expand} x {dim}: an inconsistent Mamba2 config")
+        lo, hi = (_json_float(v) for v in hf.get("time_step_limit", (0.0, math.inf)))
+        return ModelConfig(
+            family="mamba2", **common, tie_embeddings=hf.get("tie_word_embeddings", False),
+            mamba=MambaConfig(d_state=hf.get("state_size", 128), head_dim=head_dim,
+                              n_groups=hf.get("n_groups", 8), dt_limit_min=lo,
+                              dt_limit_max=hi, **ssm),
+        )
     inner = hf.get("intermediate_size", expand * dim)
     if inner != expand * dim:
         raise ValueError(
@@ -49,33 +87,31 @@ def config_from_hf(hf: dict) -> ModelConfig:
     rank = hf.get("time_step_rank", "auto")
     rank = math.ceil(dim / 16) if rank == "auto" else int(rank)
     return ModelConfig(
-        family="mamba", vocab_size=hf["vocab_size"], dim=dim, num_layers=hf["num_hidden_layers"],
-        num_heads=1, head_dim=dim + dim % 2,  # unused by Mamba; keeps validate() happy
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        tie_embeddings=hf.get("tie_word_embeddings", True),
-        mamba=MambaConfig(
-            d_state=hf.get("state_size", 16), d_conv=hf.get("conv_kernel", 4), expand=expand,
-            dt_rank=rank, bias=hf.get("use_bias", False), conv_bias=hf.get("use_conv_bias", True),
-            dt_min=hf.get("time_step_min", 0.001), dt_max=hf.get("time_step_max", 0.1),
-            dt_floor=hf.get("time_step_floor", 1e-4),
-        ),
+        family="mamba", **common, tie_embeddings=hf.get("tie_word_embeddings", True),
+        mamba=MambaConfig(d_state=hf.get("state_size", 16), dt_rank=rank, **ssm),
     )
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
     m = cfg.mamba
-    return {
-        "architectures": ["MambaForCausalLM"], "model_type": "mamba",
+    common = {
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.num_layers,
         "state_size": m.d_state, "conv_kernel": m.d_conv, "expand": m.expand,
-        "intermediate_size": m.expand * cfg.dim, "time_step_rank": m.rank(cfg.dim),
         "use_bias": m.bias, "use_conv_bias": m.conv_bias, "hidden_act": "silu",
         "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
         "residual_in_fp32": True, "time_step_min": m.dt_min, "time_step_max": m.dt_max,
-        "time_step_floor": m.dt_floor, "time_step_scale": 1.0, "time_step_init_scheme": "random",
-        "initializer_range": cfg.init_std, "rescale_prenorm_residual": False,
-        "use_cache": True, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0,
+        "time_step_floor": m.dt_floor, "initializer_range": cfg.init_std,
+        "rescale_prenorm_residual": False, "use_cache": True,
+        "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0,
     }
+    if cfg.family == "mamba2":
+        return {"architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2", **common,
+                "num_heads": m.expand * cfg.dim // m.head_dim, "head_dim": m.head_dim,
+                "n_groups": m.n_groups, "time_step_limit": [m.dt_limit_min, m.dt_limit_max],
+                "time_step_rank": m.rank(cfg.dim), "chunk_size": 256}
+    return {"architectures": ["MambaForCausalLM"], "model_type": "mamba", **common,
+            "intermediate_size": m.expand * cfg.dim, "time_step_rank": m.rank(cfg.dim),
+            "time_step_scale": 1.0, "time_step_init_scheme": "random"}
 
 
 def hf_to_ctxscale_name(name: str) -> str:
@@ -104,28 +140,65 @@ def ctxscale_to_hf_name(name: str) -> str:
     return f"backbone.layers.{i}.{sub}"
 
 
-def split_in_proj(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hugging Face's fused `mixer.in_proj` (rows `[x; z]`) as our `in_proj_x` / `in_proj_z`."""
+def _mamba2_rows(cfg: ModelConfig) -> tuple[list[int], list[int]]:
+    """Row counts of Mamba-2's fused in_proj [z; x; B; C; dt] and conv1d [x; B; C]."""
+    m = cfg.mamba
+    inner, gn = m.expand * cfg.dim, m.n_groups * m.d_state
+    return [inner, inner, gn, gn, inner // m.head_dim], [inner, gn, gn]
+
+
+_MAMBA2_PROJ, _MAMBA2_CONV = ("z", "x", "B", "C", "dt"), ("x", "B", "C")
+
+
+def split_in_proj(state: dict[str, torch.Tensor], cfg: ModelConfig | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """Hugging Face's fused tensors as ours: Mamba-1's `mixer.in_proj` (rows `[x; z]`) as
+    `in_proj_x` / `in_proj_z`; for a `mamba2` cfg, `in_proj` [z; x; B; C; dt], `conv1d`
+    [x; B; C] and the gated norm's `norm.weight` (module docstring)."""
+    mamba2 = cfg is not None and cfg.family == "mamba2"
+    proj_rows, conv_rows = _mamba2_rows(cfg) if mamba2 else (None, None)
     out = {}
     for name, t in state.items():
         head, sep, leaf = name.rpartition(".in_proj.")
+        chead, csep, cleaf = name.rpartition(".conv1d.")
         if sep and head.endswith("mixer"):
-            x, z = t.chunk(2, dim=0)
-            out[f"{head}.in_proj_x.{leaf}"], out[f"{head}.in_proj_z.{leaf}"] = x, z
+            if mamba2:
+                for part, piece in zip(_MAMBA2_PROJ, t.split(proj_rows)):
+                    out[f"{head}.in_proj_{part}.{leaf}"] = piece
+            else:
+                x, z = t.chunk(2, dim=0)
+                out[f"{head}.in_proj_x.{leaf}"], out[f"{head}.in_proj_z.{leaf}"] = x, z
+        elif mamba2 and csep and chead.endswith("mixer"):
+            for part, piece in zip(_MAMBA2_CONV, t.split(conv_rows)):
+                out[f"{chead}.conv_{part}.{cleaf}"] = piece
+        elif mamba2 and name.endswith("mixer.norm.weight"):
+            out[name[: -len("norm.weight")] + "norm_weight"] = t
         else:
             out[name] = t
     return out
 
 
-def join_in_proj(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def join_in_proj(state: dict[str, torch.Tensor], cfg: ModelConfig | None = None
+                 ) -> dict[str, torch.Tensor]:
     """The inverse of `split_in_proj` (names otherwise unchanged)."""
+    mamba2 = cfg is not None and cfg.family == "mamba2"
+    groups = ((".in_proj_", "in_proj", _MAMBA2_PROJ), (".conv_", "conv1d", _MAMBA2_CONV)) \
+        if mamba2 else ((".in_proj_", "in_proj", ("x", "z")),)
     out = {}
     for name, t in state.items():
-        head, sep, leaf = name.rpartition(".in_proj_x.")
-        if sep:
-            out[f"{head}.in_proj.{leaf}"] = torch.cat([t, state[f"{head}.in_proj_z.{leaf}"]])
-        elif ".in_proj_z." not in name:
-            out[name] = t
+        for marker, fused, parts in groups:
+            head, sep, rest = name.rpartition(marker)
+            part, _, leaf = rest.partition(".")
+            if sep and head.endswith("mixer") and part in parts:
+                if part == parts[0]:
+                    out[f"{head}.{fused}.{leaf}"] = torch.cat(
+                        [state[f"{head}{marker}{p}.{leaf}"] for p in parts])
+                break
+        else:
+            if mamba2 and name.endswith("mixer.norm_weight"):
+                out[name[: -len("norm_weight")] + "norm.weight"] = t
+            else:
+                out[name] = t
     return out
 
 
@@ -147,34 +220,38 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_mamba_hf(path, *, dtype: torch.dtype = torch.float32, parallel=None):
-    """Build a ctxscale `mamba` model from a Hugging Face MambaForCausalLM directory."""
+    """Build a ctxscale `mamba` / `mamba2` model from a Hugging Face MambaForCausalLM /
+    Mamba2ForCausalLM directory."""
     from ctxscale.models.hybrid import HybridLM
 
     path = Path(path)
     cfg = config_from_hf(json.loads((path / "config.json").read_text()))
     model = HybridLM(cfg, parallel)
-    state = split_in_proj({hf_to_ctxscale_name(k): v for k, v in _read_weights(path).items()})
+    state = split_in_proj({hf_to_ctxscale_name(k): v for k, v in _read_weights(path).items()},
+                          cfg)
     if cfg.tie_embeddings:
         state.pop("output.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "output.weight")]
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the Mamba model: missing {missing}, "
-                         f"unexpected {unexpected}")
+        raise ValueError(f"checkpoint {path} does not match the {cfg.family} model: missing "
+                         f"{missing}, unexpected {unexpected}")
     return model.to(dtype)
 
 
 def save_mamba_hf(model, path) -> None:
-    """Write `model` (family mamba) as a Hugging Face MambaForCausalLM directory."""
+    """Write `model` (family mamba or mamba2) as a Hugging Face MambaForCausalLM /
+    Mamba2ForCausalLM directory."""
     from safetensors.torch import save_file
 
     cfg = model.cfg
-    if cfg.family != "mamba" or cfg.mamba.mlp:
-        raise ValueError("save_mamba_hf needs a model of family mamba without MLP blocks")
+    if cfg.family not in ("mamba", "mamba2") or cfg.mamba.mlp:
+        raise ValueError("save_mamba_hf needs a model of family mamba or mamba2 without MLP "
+                         "blocks")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    for name, t in join_in_proj(model.state_dict()).items():
+    for name, t in join_in_proj(model.state_dict(), cfg).items():
         if cfg.tie_embeddings and name == "output.weight":
             continue
         tensors[ctxscale_to_hf_name(name)] = t.detach().contiguous().cpu()

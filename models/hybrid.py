@@ -5,14 +5,15 @@
     A  h += Wo·attn(norm(h))                  + MLP   (the Transformer's Attention and FeedForward)
     L  h += linear_attention(norm(h))         + MLP   (models/linear_attention.py, kind from config)
     M  h += mamba(norm(h))           [+ MLP if model.mamba.mlp]  (models/mamba.py)
+    S  h += mamba2(norm(h))          [+ MLP if model.mamba.mlp]  (models/mamba2.py, SSD)
     P  h += attn(norm(h)) + mamba(norm(h))    + MLP   (Falcon-H1: attention heads and SSM channels
                                                        side by side on the same input; their
                                                        projected outputs are summed, which is one
                                                        projection of the concatenation)
 
 "LLLA" is 3 linear : 1 softmax (Kimi-Linear style), "MMMA" Mamba with attention (Jamba style).
-Families: `mamba` = every layer M (Mamba-1 / Hugging Face MambaForCausalLM), `linear` = every
-layer L, `hybrid` = the pattern. Activations `(batch, seq, dim)`.
+Families: `mamba` = every layer M (Mamba-1 / Hugging Face MambaForCausalLM), `mamba2` = every
+layer S (Mamba-2 / Mamba2ForCausalLM), `linear` = every layer L, `hybrid` = the pattern. Activations `(batch, seq, dim)`.
 
 The model is a `Transformer` (same `forward` with chunked cross-entropy, `labelled_logits`,
 `num_params`, `rope`) whose blocks differ. Blocks keep the Transformer's names
@@ -40,6 +41,7 @@ from ctxscale.kernels.norm import RMSNorm
 from ctxscale.models.config import ModelConfig
 from ctxscale.models.linear_attention import LinearAttention, linear_attention_flops_per_token
 from ctxscale.models.mamba import MambaMixer
+from ctxscale.models.mamba2 import Mamba2Mixer
 from ctxscale.models.transformer import Attention, FeedForward, Transformer
 
 
@@ -70,8 +72,10 @@ class HybridBlock(nn.Module):
             self.mixer_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if code in "MP":
             self.mixer = MambaMixer(cfg, parallel)
+        elif code == "S":
+            self.mixer = Mamba2Mixer(cfg, parallel)
         self.feed_forward = None
-        if code != "M" or cfg.mamba.mlp:
+        if code not in "MS" or cfg.mamba.mlp:
             self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
             self.feed_forward = FeedForward(cfg)
         self.checkpointing = cfg.activation_checkpointing
@@ -177,13 +181,15 @@ class HybridLM(Transformer):
         return self.output(self.norm(h)), {"pos": state["pos"] + s, "layers": new_layers}
 
     def flops_per_token(self, seq_len: int) -> float:
-        """6·params + softmax attention (A, P layers, causal half) + linear-attention state work."""
-        cfg = self.cfg
+        """6·params + softmax attention (A, P layers, causal half) + linear-attention state work
+        + Mamba-2's SSD state update and readout (heads · d_state · head_dim each)."""
+        cfg, m = self.cfg, self.cfg.mamba
         n_attn = sum(c in "AP" for c in self.codes)
         n_lin = self.codes.count("L")
         attn = 12 * n_attn * cfg.num_heads * cfg.per_head_dim * seq_len / 2
         lin = n_lin * linear_attention_flops_per_token(cfg)
-        return 6 * self.num_params(exclude_embeddings=True) + attn + lin
+        ssd = self.codes.count("S") * 6.0 * 2 * m.expand * cfg.dim * m.d_state
+        return 6 * self.num_params(exclude_embeddings=True) + attn + lin + ssd
 
 
 __all__ = ["CachedAttention", "HybridBlock", "HybridLM", "layer_codes"]

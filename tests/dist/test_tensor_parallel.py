@@ -137,7 +137,8 @@ def _recurrent_cfg(family, pattern="MAP", linear=None, **mamba):
 
     return dataclasses.replace(
         _cfg(), family=family, num_layers=3, layer_pattern=pattern, attention_bias=True,
-        mamba=MambaConfig(d_state=4, d_conv=3, bias=True, mlp=True, **mamba),
+        mamba=MambaConfig(d_state=4, d_conv=3, bias=True, mlp=True, head_dim=6, n_groups=2,
+                          **mamba),
         linear_attention=LinearAttentionConfig(**LINEAR_KINDS.get(linear, {})))
 
 
@@ -150,7 +151,8 @@ def _tp_recurrent(rank, world_size, family, pattern="MAP", linear=None):
     with torch.no_grad():  # random per-channel / per-head parameters: a wrong pairing shows
         for name, p in ref.named_parameters():
             if any(k in name for k in ("A_log", ".D", "conv1d", "dt_proj", "in_proj", "_conv",
-                                       "feature_map", "out_norm", "linear_mix", "wg.", "wb.")):
+                                       "feature_map", "out_norm", "linear_mix", "wg.", "wb.",
+                                       "dt_bias", "conv_", "norm_weight")):
                 p.add_(0.3 * torch.randn_like(p))
     model = build_model(cfg).double()
     _shard_and_match_single(ref, model, world_size)
@@ -162,6 +164,13 @@ def _tp_recurrent(rank, world_size, family, pattern="MAP", linear=None):
                       mixer.A_log, mixer.D, mixer.dt_proj.weight, mixer.dt_proj.bias,
                       mixer.x_proj.weight.t()):
                 assert p.to_local().shape[0] == 24, p.shape
+        if code == "S":  # Mamba-2: 4 of 8 heads in 1 of 2 groups, 24 of 48 channels
+            mixer = block.mixer
+            assert (mixer.heads, mixer.groups, mixer.inner) == (4, 1, 24)
+            for p in (mixer.in_proj_x.weight, mixer.conv_x.weight, mixer.norm_weight):
+                assert p.to_local().shape[0] == 24, p.shape
+            for p in (mixer.in_proj_B.weight, mixer.conv_C.bias):
+                assert p.to_local().shape[0] == 4, p.shape
         if code == "L":  # and the heads: 3 of 6 query heads, 1 of 2 kv heads per rank
             attn = block.attention
             assert (attn.num_heads, attn.kv_heads, attn.head_offset) == (3, 1, 3 * rank)
@@ -183,10 +192,11 @@ def _tp_recurrent(rank, world_size, family, pattern="MAP", linear=None):
     ("mamba", "M", None), ("hybrid", "MAP", None), ("hybrid", "LAM", "lawcat"),
     ("linear", "L", "decay"), ("hybrid", "PLL", "hedgehog_window"),
     ("linear", "L", "decay_ungated"), ("hybrid", "LLA", "lawcat_mixed"),
-    ("linear", "L", "decay_mixed")])
+    ("linear", "L", "decay_mixed"), ("mamba2", "S", None), ("hybrid", "SAM", None)])
 def test_tensor_parallel_recurrent_models_match_single(family, pattern, linear):
     """mamba: every layer M (+ MLP); hybrid "MAP": M, A and P layers; linear-attention layers
-    of each kind in `LINEAR_KINDS`. Loss, every parameter gradient and the gathered logits at
+    of each kind in `LINEAR_KINDS`; mamba2: every layer S (8 heads in 2 groups), and S beside
+    A and M. Loss, every parameter gradient and the gathered logits at
     tp=2 equal one process's (float64, 1e-10)."""
     assert all(run_distributed(_tp_recurrent, 2, args=(family, pattern, linear)))
 
@@ -202,6 +212,10 @@ def test_tensor_parallel_mamba_validation_messages():
         check_tensor_parallel(model, 16)
     with pytest.raises(ValueError, match=r"num_heads=6.*divisible by parallel.tp=4"):
         check_tensor_parallel(build_model(_recurrent_cfg("hybrid")), 4)  # A and P layers
+    mamba2 = dataclasses.replace(_recurrent_cfg("mamba2", "S"), vocab_size=16)  # 8 heads, 2 groups
+    check_tensor_parallel(build_model(mamba2), 2)
+    with pytest.raises(ValueError, match=r"n_groups=2 must be divisible by parallel.tp=4"):
+        check_tensor_parallel(build_model(mamba2), 4)
 
 
 def _tp_titans(rank, world_size, variant, checkpointing):

@@ -1,5 +1,5 @@
 """Context parallelism for the recurrent families: cp = 2 and 4 (contiguous layout) equal one
-process, for Mamba, every linear-attention kind and hybrid stacks (softmax layers through
+process, for Mamba, Mamba-2, every linear-attention kind and hybrid stacks (softmax layers through
 `ParallelContext.attention`), model by model and over 5 training steps.
 
 Oracle: every rank builds the same float64 model and global batch and runs the full sequence;
@@ -28,6 +28,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SEQ = 44  # 22 tokens per rank at cp = 2, 11 at cp = 4 (>= conv width - 1)
 MODEL_CASES = [  # (family, linear-attention kind, layer pattern)
     ("mamba", "plain", "M"),
+    ("mamba2", "plain", "S"),
     ("linear", "plain", "L"),
     ("linear", "decay", "L"),
     ("linear", "hedgehog", "L"),
@@ -97,6 +98,7 @@ TRAIN_CASES = [  # (config file, overrides, cp sizes)
     ("linear_tiny.yaml", ["model.linear_attention.kind=decay"], (2, 4)),
     ("linear_tiny.yaml", ["model.linear_attention.kind=plain"], (2, 4)),
     ("hybrid_tiny.yaml", ["model.layer_pattern=LMPA", "model.mamba.d_state=5"], (2, 4)),
+    ("mamba2_tiny.yaml", ["model.num_layers=2", "model.mamba.d_state=5"], (2,)),
 ]
 
 
