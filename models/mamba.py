@@ -42,6 +42,20 @@ from ctxscale.kernels.selective_scan import selective_scan
 from ctxscale.models.config import ModelConfig
 
 
+def conv_step(weight, bias, state: dict | None, new: dict):
+    """The silu causal conv of a mixer's `step`: continues from `state["conv"]` (None: zeros)
+    and puts the final conv state into `new["conv"]`."""
+
+    def conv(u):
+        out, new["conv"] = causal_conv1d(
+            u, weight, bias, activation="silu", return_final_state=True,
+            initial_state=None if state is None else state["conv"],
+        )
+        return out
+
+    return conv
+
+
 class MambaMixer(nn.Module):
     def __init__(self, cfg: ModelConfig, parallel: ParallelContext | None = None):
         super().__init__()
@@ -113,16 +127,9 @@ class MambaMixer(nn.Module):
 
     def step(self, x: torch.Tensor, state: dict | None = None, cos=None, sin=None):
         """Single device: x `(batch, seq, dim)` continuing from `state`; returns (y, new_state)."""
-        w, b = self._conv_args()
         d_skip, dt_bias = self._scan_args()
         new = {}
-
-        def conv(u):
-            out, new["conv"] = causal_conv1d(
-                u, w, b, activation="silu", return_final_state=True,
-                initial_state=None if state is None else state["conv"],
-            )
-            return out
+        conv = conv_step(*self._conv_args(), state, new)
 
         def scan(u, delta, A, B, C, z):
             y, new["ssm"] = selective_scan(
@@ -134,4 +141,4 @@ class MambaMixer(nn.Module):
         return self._mix(x, conv, scan), new
 
 
-__all__ = ["MambaMixer"]
+__all__ = ["MambaMixer", "conv_step"]

@@ -42,9 +42,9 @@ import torch.nn.functional as F
 
 from ctxscale.dist.context import SINGLE, ParallelContext
 from ctxscale.dist.tensor_parallel import local
-from ctxscale.kernels.conv1d import causal_conv1d
 from ctxscale.kernels.linear_attention import linear_attention
 from ctxscale.models.config import ModelConfig
+from ctxscale.models.mamba import conv_step
 
 
 def gated_rms_norm(y, z, weight, group_size: int, eps: float):
@@ -158,15 +158,8 @@ class Mamba2Mixer(nn.Module):
 
     def step(self, x: torch.Tensor, state: dict | None = None, cos=None, sin=None):
         """Single device: x `(batch, seq, dim)` continuing from `state`; returns (y, new_state)."""
-        w, bias = self._conv_args()
         new = {}
-
-        def conv(xbc):
-            out, new["conv"] = causal_conv1d(
-                xbc, w, bias, activation="silu", return_final_state=True,
-                initial_state=None if state is None else state["conv"],
-            )
-            return out
+        conv = conv_step(*self._conv_args(), state, new)
 
         def scan(q, k, v, log_decay):
             y, new["ssm"] = linear_attention(
