@@ -1,7 +1,7 @@
 """Length scaling of recurrent LAYERS on CPU: forward+backward time per token, 4K -> 256K tokens.
 
 A linear-attention layer (LAWCAT: conv on q/k + gated, normalized linear attention; and plain)
-and a Mamba-1 mixer, batch 1, float32, on one process. Linear-time layers should keep the time
+a Mamba-1 and a Mamba-2 mixer, batch 1, float32, on one process. Linear-time layers should keep the time
 per token flat: the table reports each length's time per token as a ratio to the 4K run of the
 same layer, measured in the same run (target: within 1.3x). The CPU allocator is tuned as in
 training (`ctxscale.launch.env.tune_cpu_allocator`; CTXSCALE_CPU_MALLOC=system to compare). Writes
@@ -22,6 +22,7 @@ from ctxscale.launch.env import tune_cpu_allocator
 from ctxscale.models.config import LinearAttentionConfig, MambaConfig, ModelConfig
 from ctxscale.models.linear_attention import LinearAttention
 from ctxscale.models.mamba import MambaMixer
+from ctxscale.models.mamba2 import Mamba2Mixer
 
 
 def layers(dim: int, heads: int):
@@ -32,6 +33,9 @@ def layers(dim: int, heads: int):
         **base, linear_attention=LinearAttentionConfig(kind="plain")))
     yield "mamba", MambaMixer(ModelConfig(**{**base, "family": "mamba"},
                                           mamba=MambaConfig(d_state=16, expand=2)))
+    # Mamba-2 at the same width: 128 channels in 8 heads of 16, 1 group of d_state 64
+    yield "mamba2", Mamba2Mixer(ModelConfig(**{**base, "family": "mamba2"}, mamba=MambaConfig(
+        d_state=64, expand=2, head_dim=16, n_groups=1)))
 
 
 def time_fwd_bwd(layer, n: int, dim: int, repeats: int) -> float:
