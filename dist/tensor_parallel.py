@@ -19,7 +19,11 @@ A Mamba-2 mixer (layers S, `models/mamba2.py`) splits its heads and their groups
 divisible by tp): in_proj_{z, x, dt} column-parallel by heads, in_proj_{B, C} by groups, conv
 taps, Δ bias, A, D and the gated norm per channel or head, out_proj row-parallel. A group's
 heads are contiguous, so a rank's heads read only its own groups' B and C: the SSD scan and
-the group norm need no communication.
+the group norm need no communication. With one group (most released Mamba-2 checkpoints),
+B and C and their conv taps are replicated (each rank forms them whole; their gradient is
+the sum of the ranks' parts, all-reduced in the backward: 2·d_state numbers per token) and
+the one norm group spans the ranks, so its sum of squares is all-reduced (one number per
+token, forward and backward).
 
     u, z = n_full · W_{x,z}[:, shard]                 column-parallel (E/tp channels each)
     u = silu(conv(u))                                 conv taps and bias: this rank's channels
@@ -135,12 +139,12 @@ def check_tensor_parallel_config(cfg, tp: int) -> None:
     inner = cfg.mamba.expand * cfg.dim
     if "S" in codes:
         heads, groups = inner // cfg.mamba.head_dim, cfg.mamba.n_groups
-        if groups % tp:
+        if groups % tp and groups != 1:
             raise ValueError(
                 f"tensor parallelism splits the Mamba-2 heads with their groups: model.mamba."
-                f"n_groups={groups} must be divisible by parallel.tp={tp} (as in Megatron-LM); "
-                "raise n_groups (a converted checkpoint keeps its own), or set parallel.tp=1 and "
-                "scale with parallel.dp_shard, parallel.cp and parallel.pp")
+                f"n_groups={groups} must be divisible by parallel.tp={tp} (as in Megatron-LM) "
+                "or 1 (B and C replicated); change parallel.tp, or set parallel.tp=1 and scale "
+                "with parallel.dp_shard, parallel.cp and parallel.pp")
         if heads % tp:
             raise ValueError(
                 f"tensor parallelism splits the {heads} Mamba-2 heads (expand x dim / head_dim): "
@@ -169,6 +173,17 @@ def sequence_shard(t):
     from torch.distributed.tensor import DTensor, Shard
 
     return t.redistribute(placements=[Shard(1)]).to_local() if isinstance(t, DTensor) else t
+
+
+def replicated_parameter(t):
+    """A parameter's local tensor: a shard of a Shard(0) DTensor (as `local`), or the whole of
+    a Replicate DTensor that this rank uses for its own part of the work, whose gradient is
+    then a partial sum over the ranks (like `replicated_output`); a plain tensor as is."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    if isinstance(t, DTensor) and t.placements[0] == Replicate():
+        return t.to_local(grad_placements=[Partial()])
+    return local(t)
 
 
 def local(t):
@@ -225,23 +240,29 @@ def _shard_mamba_mixer(mixer: nn.Module, tp_mesh) -> None:
 def _shard_mamba2_mixer(mixer: nn.Module, tp_mesh) -> None:
     """Split a `Mamba2Mixer`'s heads and groups over `tp_mesh`: every projection but out_proj
     column-parallel (z, x, dt by heads, B and C by groups), the conv taps and every per-head
-    or per-channel parameter Shard(0), out_proj row-parallel onto the sequence shards."""
-    from torch.distributed.tensor import Shard
+    or per-channel parameter Shard(0), out_proj row-parallel onto the sequence shards. With
+    one group, B and C (projections and conv taps) are replicated instead."""
+    from torch.distributed.tensor import Shard, distribute_module
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,
         parallelize_module,
     )
 
-    colwise = ColwiseParallel()
+    colwise, tp = ColwiseParallel(), tp_mesh.size()
+    by_group = mixer.groups % tp == 0  # else one group: B and C replicated
+    bc = ("B", "C") if by_group else ()
     parallelize_module(mixer, tp_mesh, {
-        **{f"in_proj_{p}": colwise for p in ("z", "x", "B", "C", "dt")},
+        **{f"in_proj_{p}": colwise for p in ("z", "x", "dt", *bc)},
         "out_proj": RowwiseParallel(output_layouts=Shard(1)),
     })
-    _shard_parameters(tp_mesh, [(conv, name) for conv in (mixer.conv_x, mixer.conv_B, mixer.conv_C)
-                                for name in ("weight", "bias")]
+    convs = (mixer.conv_x, mixer.conv_B, mixer.conv_C) if by_group else (mixer.conv_x,)
+    _shard_parameters(tp_mesh, [(conv, name) for conv in convs for name in ("weight", "bias")]
                       + [(mixer, name) for name in ("dt_bias", "A_log", "D", "norm_weight")])
-    mixer.shard_heads(tp_mesh.size())
+    if not by_group:
+        for module in (mixer.in_proj_B, mixer.in_proj_C, mixer.conv_B, mixer.conv_C):
+            distribute_module(module, tp_mesh)  # every parameter Replicate
+    mixer.shard_heads(tp_mesh.get_local_rank(), tp, tp_mesh.get_group())
 
 
 def _shard_parameters(tp_mesh, named) -> None:
@@ -442,5 +463,5 @@ def is_vocab_sharded(weight) -> bool:
 
 
 __all__ = ["apply_tensor_parallel", "check_tensor_parallel", "check_tensor_parallel_config",
-           "is_vocab_sharded", "local", "replicated_output", "sequence_shard",
+           "is_vocab_sharded", "local", "replicated_output", "replicated_parameter", "sequence_shard",
            "vocab_parallel_cross_entropy"]

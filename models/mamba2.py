@@ -25,8 +25,8 @@ Hugging Face `Mamba2ForCausalLM` (`models/hf_mamba.py`). Hugging Face fuses the 
 (`in_proj` rows `[z; u; B; C; dt]`) and the convolution (`conv1d` channels `[u; B; C]`); here
 each part is its own parameter (split and joined on conversion), so every parameter is per
 head, per group or per channel and tensor parallelism shards each one contiguously over the
-heads and groups (`dist/tensor_parallel.py`; n_groups must be divisible by tp, as in
-Megatron-LM).
+heads and groups (`dist/tensor_parallel.py`: n_groups divisible by tp as in Megatron-LM, or
+one group, whose B and C are then replicated and whose norm is all-reduced).
 
 `step(x, state)`: single device, any number of tokens, carrying
 `{"conv": (batch, E + 2·G·N, d_conv − 1), "ssm": (batch, H, N, P) float32}` (None = zeros).
@@ -41,19 +41,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ctxscale.dist.context import SINGLE, ParallelContext
-from ctxscale.dist.tensor_parallel import local
+from ctxscale.dist.tensor_parallel import local, replicated_output, replicated_parameter
 from ctxscale.kernels.linear_attention import linear_attention
 from ctxscale.models.config import ModelConfig
 from ctxscale.models.mamba import conv_step
 
 
-def gated_rms_norm(y, z, weight, group_size: int, eps: float):
+def gated_rms_norm(y, z, weight, group_size: int, eps: float, *, process_group=None,
+                   full_group_size: int | None = None):
     """RMSNorm over groups of `group_size` channels of y ⊙ silu(z), in float32 (float64 for
-    float64 inputs), times weight."""
+    float64 inputs), times weight. With `process_group` (tensor parallelism, one group spread
+    over the ranks) the sums of squares are all-reduced over it (forward and backward) and
+    divided by `full_group_size`."""
     cdt = torch.promote_types(y.dtype, torch.float32)
     h = y.to(cdt) * F.silu(z.to(cdt))
     g = h.view(*h.shape[:-1], h.shape[-1] // group_size, group_size)
-    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    if process_group is None:
+        ms = g.pow(2).mean(-1, keepdim=True)
+    else:
+        from torch.distributed.nn.functional import all_reduce
+
+        ms = all_reduce(g.pow(2).sum(-1, keepdim=True), group=process_group) / full_group_size
+    g = g * torch.rsqrt(ms + eps)
     return weight * g.view_as(h).to(y.dtype)
 
 
@@ -68,6 +77,10 @@ class Mamba2Mixer(nn.Module):
         self.heads = self.inner // m.head_dim
         self.groups = m.n_groups
         self.d_state = m.d_state
+        self.per_group = self.heads // self.groups  # heads sharing one group's B and C
+        # tensor parallelism: this rank's first head, when its B and C are of all groups
+        # (n_groups = 1, replicated), and the tp group over which one norm group is spread
+        self.head_offset, self.norm_group = 0, None
         gn = self.groups * self.d_state
         self.in_proj_z = nn.Linear(cfg.dim, self.inner, bias=m.bias)
         self.in_proj_x = nn.Linear(cfg.dim, self.inner, bias=m.bias)
@@ -85,13 +98,19 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(self.inner, cfg.dim, bias=m.bias)
         self.reset_recurrent_parameters()
 
-    def shard_heads(self, tp: int) -> None:
-        """Keep this rank's 1/tp of the heads, groups and channels (tensor parallelism: rank r
-        holds heads [r·H/tp, (r+1)·H/tp), whose groups are [r·G/tp, (r+1)·G/tp) since each
-        group's heads are contiguous; the weights are sharded by `dist/tensor_parallel.py`)."""
+    def shard_heads(self, rank: int, tp: int, process_group=None) -> None:
+        """Keep this rank's 1/tp of the heads and channels (tensor parallelism; the weights
+        are sharded by `dist/tensor_parallel.py`). Rank r holds heads [r·H/tp, (r+1)·H/tp):
+        with n_groups divisible by tp these are exactly the heads of groups
+        [r·G/tp, (r+1)·G/tp), which it holds too; with one group (replicated B and C) its heads
+        start at r·H/tp of that group, and the group's norm is all-reduced over
+        `process_group`."""
         self.inner //= tp
         self.heads //= tp
-        self.groups //= tp
+        if self.groups % tp == 0:
+            self.groups //= tp
+        else:
+            self.head_offset, self.norm_group = rank * self.heads, process_group
 
     @torch.no_grad()
     def reset_recurrent_parameters(self) -> None:
@@ -112,8 +131,12 @@ class Mamba2Mixer(nn.Module):
     def _conv_args(self):
         """The three depthwise convolutions as one over the channels [u; B; C]."""
         convs = (self.conv_x, self.conv_B, self.conv_C)
-        w = torch.cat([local(c.weight).squeeze(1) for c in convs])
-        b = torch.cat([local(c.bias) for c in convs]) if self.cfg.mamba.conv_bias else None
+        # under tp: conv_x a shard; conv_B / conv_C a shard, or (one group) replicated, each
+        # rank's gradient then a partial sum like the projections'
+        read = [local, replicated_parameter, replicated_parameter]
+        w = torch.cat([r(c.weight).squeeze(1) for r, c in zip(read, convs)])
+        b = (torch.cat([r(c.bias) for r, c in zip(read, convs)]) if self.cfg.mamba.conv_bias
+             else None)
         return w, b
 
     def _mix(self, x, conv, scan):
@@ -121,7 +144,10 @@ class Mamba2Mixer(nn.Module):
         `scan(q, k, v, log_decay) -> y` do the sequence work. Returns `(batch, seq, dim)`."""
         b, s, _ = x.shape
         m = self.cfg.mamba
-        xbc = torch.cat([self.in_proj_x(x), self.in_proj_B(x), self.in_proj_C(x)], -1)
+        # B and C are replicated projections under tp with one group: each rank keeps its
+        # heads' use of them, so their gradient is a partial sum (`replicated_output`)
+        xbc = torch.cat([self.in_proj_x(x), replicated_output(self.in_proj_B(x)),
+                         replicated_output(self.in_proj_C(x))], -1)
         xbc = conv(xbc.transpose(1, 2)).transpose(1, 2)
         u, B, C = xbc.split([self.inner, self.groups * self.d_state, self.groups * self.d_state], -1)
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -129,18 +155,20 @@ class Mamba2Mixer(nn.Module):
         if m.dt_limit_min > 0 or m.dt_limit_max < math.inf:
             dt = dt.clamp(m.dt_limit_min, m.dt_limit_max)
         log_decay = dt * -torch.exp(local(self.A_log).to(cdt))  # (b, s, H)
-        per_group = self.heads // self.groups
+        group_of = (self.head_offset + torch.arange(self.heads, device=x.device)) // self.per_group
 
-        def heads(t):  # (b, s, G·N) -> (b, s, H, N), each group's B or C for its heads
-            return t.view(b, s, self.groups, 1, self.d_state).expand(
-                -1, -1, -1, per_group, -1).reshape(b, s, self.heads, self.d_state)
+        def heads(t):  # (b, s, G·N) -> (b, s, H, N): each head's group's B or C
+            return t.view(b, s, self.groups, self.d_state).index_select(2, group_of)
 
         u = u.view(b, s, self.heads, self.head_dim)
         v = u.to(cdt) * dt.unsqueeze(-1)
         y = scan(heads(C).to(cdt), heads(B).to(cdt), v, log_decay)
         y = y + local(self.D).to(cdt)[:, None] * u.to(cdt)
+        norm_group = self.inner // self.groups
+        full = m.expand * self.cfg.dim // m.n_groups  # a norm group's channels over all ranks
         y = gated_rms_norm(y.reshape(b, s, self.inner), self.in_proj_z(x),
-                           local(self.norm_weight), self.inner // self.groups, self.cfg.norm_eps)
+                           local(self.norm_weight), norm_group, self.cfg.norm_eps,
+                           process_group=self.norm_group, full_group_size=full)
         return self.out_proj(y.to(x.dtype))
 
     def forward(self, x: torch.Tensor, cos=None, sin=None) -> torch.Tensor:

@@ -142,11 +142,12 @@ def _recurrent_cfg(family, pattern="MAP", linear=None, **mamba):
         linear_attention=LinearAttentionConfig(**LINEAR_KINDS.get(linear, {})))
 
 
-def _tp_recurrent(rank, world_size, family, pattern="MAP", linear=None):
+def _tp_recurrent(rank, world_size, family, pattern="MAP", linear=None, n_groups=2):
     from ctxscale.models import build_model
 
     torch.manual_seed(0)
     cfg = _recurrent_cfg(family, pattern, linear)
+    cfg.mamba.n_groups = n_groups
     ref = build_model(cfg).double()
     with torch.no_grad():  # random per-channel / per-head parameters: a wrong pairing shows
         for name, p in ref.named_parameters():
@@ -164,9 +165,10 @@ def _tp_recurrent(rank, world_size, family, pattern="MAP", linear=None):
                       mixer.A_log, mixer.D, mixer.dt_proj.weight, mixer.dt_proj.bias,
                       mixer.x_proj.weight.t()):
                 assert p.to_local().shape[0] == 24, p.shape
-        if code == "S":  # Mamba-2: 4 of 8 heads in 1 of 2 groups, 24 of 48 channels
-            mixer = block.mixer
+        if code == "S":  # Mamba-2: 4 of 8 heads, 24 of 48 channels; 1 of 2 groups, or the
+            mixer = block.mixer  # one group whole (B, C replicated: d_state 4 rows)
             assert (mixer.heads, mixer.groups, mixer.inner) == (4, 1, 24)
+            assert mixer.head_offset == (4 * rank if n_groups == 1 else 0)
             for p in (mixer.in_proj_x.weight, mixer.conv_x.weight, mixer.norm_weight):
                 assert p.to_local().shape[0] == 24, p.shape
             for p in (mixer.in_proj_B.weight, mixer.conv_C.bias):
@@ -188,17 +190,18 @@ def _tp_recurrent(rank, world_size, family, pattern="MAP", linear=None):
     return True
 
 
-@pytest.mark.parametrize("family,pattern,linear", [
+@pytest.mark.parametrize("family,pattern,linear,n_groups", [(*case, 2) for case in [
     ("mamba", "M", None), ("hybrid", "MAP", None), ("hybrid", "LAM", "lawcat"),
     ("linear", "L", "decay"), ("hybrid", "PLL", "hedgehog_window"),
     ("linear", "L", "decay_ungated"), ("hybrid", "LLA", "lawcat_mixed"),
-    ("linear", "L", "decay_mixed"), ("mamba2", "S", None), ("hybrid", "SAM", None)])
-def test_tensor_parallel_recurrent_models_match_single(family, pattern, linear):
+    ("linear", "L", "decay_mixed"), ("mamba2", "S", None), ("hybrid", "SAM", None)]]
+    + [("mamba2", "S", None, 1)])
+def test_tensor_parallel_recurrent_models_match_single(family, pattern, linear, n_groups):
     """mamba: every layer M (+ MLP); hybrid "MAP": M, A and P layers; linear-attention layers
-    of each kind in `LINEAR_KINDS`; mamba2: every layer S (8 heads in 2 groups), and S beside
-    A and M. Loss, every parameter gradient and the gathered logits at
+    of each kind in `LINEAR_KINDS`; mamba2: every layer S (8 heads in 2 groups, or in one
+    group: B and C replicated, the norm all-reduced), and S beside A and M. Loss, every parameter gradient and the gathered logits at
     tp=2 equal one process's (float64, 1e-10)."""
-    assert all(run_distributed(_tp_recurrent, 2, args=(family, pattern, linear)))
+    assert all(run_distributed(_tp_recurrent, 2, args=(family, pattern, linear, n_groups)))
 
 
 def test_tensor_parallel_mamba_validation_messages():
@@ -216,6 +219,8 @@ def test_tensor_parallel_mamba_validation_messages():
     check_tensor_parallel(build_model(mamba2), 2)
     with pytest.raises(ValueError, match=r"n_groups=2 must be divisible by parallel.tp=4"):
         check_tensor_parallel(build_model(mamba2), 4)
+    mamba2.mamba.n_groups = 1  # B and C replicated
+    check_tensor_parallel(build_model(mamba2), 4)
 
 
 def _tp_titans(rank, world_size, variant, checkpointing):

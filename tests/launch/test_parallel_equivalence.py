@@ -90,14 +90,23 @@ HYBRID_LAYOUTS = {
 }
 
 
+# Mamba-2 with one group (B and C replicated under tp, the gated norm all-reduced) under tp
+# with FSDP: the replicated parameters' partial-sum gradients reach the optimizer summed.
+MAMBA2 = ["model.family=mamba2", "model.mamba.head_dim=16", "model.mamba.n_groups=1",
+          "model.mamba.d_state=8", "model.linear_attention.ungated_heads=0"]
+
+
 def test_hybrid_mamba_layouts_with_tensor_parallel_match_single_process(tmp_path):
     ref = _single_process_losses(tmp_path, HYBRID)
+    ref_m2 = _single_process_losses(tmp_path / "m2", HYBRID + MAMBA2)
     resume = [f"checkpoint.resume={tmp_path}/tp2_dp2/checkpoints/step_00000003",
               "checkpoint.every=0", "parallel.cp=2"]
-    layouts = HYBRID_LAYOUTS | {"resumed": (resume, 2)}  # after tp2_dp2 wrote its checkpoint
+    layouts = HYBRID_LAYOUTS | {"resumed": (resume, 2),  # after tp2_dp2 wrote its checkpoint
+                                "mamba2_tp2_dp2": (MAMBA2 + ["parallel.tp=2"], 2)}
     run_distributed(_run_layouts, 4, args=(str(tmp_path), HYBRID, layouts), timeout=600)
     runs = {name: [1, 2, 3, 4, 5] for name in HYBRID_LAYOUTS} | {"resumed": [4, 5]}
-    bad = _diverging(ref, tmp_path, runs)
+    bad = (_diverging(ref, tmp_path, runs)
+           + _diverging(ref_m2, tmp_path, {"mamba2_tp2_dp2": [1, 2, 3, 4, 5]}))
     assert not bad, f"layouts that diverge from one process (name, step, ref, got): {bad}"
 
 
