@@ -307,7 +307,7 @@ class TitansBlock(nn.Module):
         kv = state.kv if state is not None else None
         run, attn = self._region, self.attention
         if self.variant == "mac":
-            xn = run(self.memory_norm, x)
+            xn = self.memory_norm(x)
             mem = self._memory_state(state, b)
             outs = []
             for s in range(0, xn.shape[1], self.segment_len):
@@ -318,7 +318,7 @@ class TitansBlock(nn.Module):
             out = sequence_shard(torch.cat(outs, 1))  # under tp: whole inside, then the shard
             h = x + self.parallel.send_state(out, mem.tensors())
         elif self.variant == "mag":
-            xn = run(self.memory_norm, x)
+            xn = self.memory_norm(x)
             q, k, v = run(attn.qkv, xn, cos, sin)
             k, v, kv = attn.with_context(k, v, kv)  # halo exchange first, then the memory chain
             a = run(attn.attend, q, k, v)
@@ -327,7 +327,7 @@ class TitansBlock(nn.Module):
             h = x + self.parallel.send_state(a * torch.sigmoid(m), mem.tensors())
         else:  # mal
             mem = self._memory_state(state, b)
-            m, mem = self._memory(run(self.memory_norm, x), mem)
+            m, mem = self._memory(self.memory_norm(x), mem)
             h = x + self.parallel.send_state(m, mem.tensors())
             q, k, v = run(self._mal_qkv, h, cos, sin)
             k, v, kv = attn.with_context(k, v, kv)
