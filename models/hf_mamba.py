@@ -140,65 +140,60 @@ def ctxscale_to_hf_name(name: str) -> str:
     return f"backbone.layers.{i}.{sub}"
 
 
-def _mamba2_rows(cfg: ModelConfig) -> tuple[list[int], list[int]]:
-    """Row counts of Mamba-2's fused in_proj [z; x; B; C; dt] and conv1d [x; B; C]."""
+def _fused(cfg: ModelConfig) -> list[tuple[str, str, tuple[str, ...], list[int]]]:
+    """Hugging Face's fused mixer tensors of `cfg`'s family: (fused name, our name prefix,
+    parts, rows per part), rows in the order they are stacked (module docstring)."""
     m = cfg.mamba
-    inner, gn = m.expand * cfg.dim, m.n_groups * m.d_state
-    return [inner, inner, gn, gn, inner // m.head_dim], [inner, gn, gn]
+    inner = m.expand * cfg.dim
+    if cfg.family != "mamba2":
+        return [("in_proj", "in_proj_", ("x", "z"), [inner, inner])]
+    gn = m.n_groups * m.d_state
+    return [("in_proj", "in_proj_", ("z", "x", "B", "C", "dt"),
+             [inner, inner, gn, gn, inner // m.head_dim]),
+            ("conv1d", "conv_", ("x", "B", "C"), [inner, gn, gn])]
 
 
-_MAMBA2_PROJ, _MAMBA2_CONV = ("z", "x", "B", "C", "dt"), ("x", "B", "C")
+# Mamba-2's gated RMSNorm: Hugging Face's mixer.norm module is our mixer.norm_weight
+_NORM_HF, _NORM_OURS = "mixer.norm.weight", "mixer.norm_weight"
 
 
-def split_in_proj(state: dict[str, torch.Tensor], cfg: ModelConfig | None = None
-                  ) -> dict[str, torch.Tensor]:
+def split_in_proj(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Hugging Face's fused tensors as ours: Mamba-1's `mixer.in_proj` (rows `[x; z]`) as
-    `in_proj_x` / `in_proj_z`; for a `mamba2` cfg, `in_proj` [z; x; B; C; dt], `conv1d`
-    [x; B; C] and the gated norm's `norm.weight` (module docstring)."""
-    mamba2 = cfg is not None and cfg.family == "mamba2"
-    proj_rows, conv_rows = _mamba2_rows(cfg) if mamba2 else (None, None)
+    `in_proj_x` / `in_proj_z`; Mamba-2's `in_proj` [z; x; B; C; dt], `conv1d` [x; B; C] and
+    the gated norm's `norm.weight` (module docstring)."""
+    fused = _fused(cfg)
     out = {}
     for name, t in state.items():
-        head, sep, leaf = name.rpartition(".in_proj.")
-        chead, csep, cleaf = name.rpartition(".conv1d.")
-        if sep and head.endswith("mixer"):
-            if mamba2:
-                for part, piece in zip(_MAMBA2_PROJ, t.split(proj_rows)):
-                    out[f"{head}.in_proj_{part}.{leaf}"] = piece
-            else:
-                x, z = t.chunk(2, dim=0)
-                out[f"{head}.in_proj_x.{leaf}"], out[f"{head}.in_proj_z.{leaf}"] = x, z
-        elif mamba2 and csep and chead.endswith("mixer"):
-            for part, piece in zip(_MAMBA2_CONV, t.split(conv_rows)):
-                out[f"{chead}.conv_{part}.{cleaf}"] = piece
-        elif mamba2 and name.endswith("mixer.norm.weight"):
-            out[name[: -len("norm.weight")] + "norm_weight"] = t
+        for hf_name, prefix, parts, rows in fused:
+            head, sep, leaf = name.rpartition(f".{hf_name}.")
+            if sep and head.endswith("mixer"):
+                for part, piece in zip(parts, t.split(rows)):
+                    out[f"{head}.{prefix}{part}.{leaf}"] = piece
+                break
         else:
+            if cfg.family == "mamba2" and name.endswith(_NORM_HF):
+                name = name[: -len(_NORM_HF)] + _NORM_OURS
             out[name] = t
     return out
 
 
-def join_in_proj(state: dict[str, torch.Tensor], cfg: ModelConfig | None = None
-                 ) -> dict[str, torch.Tensor]:
+def join_in_proj(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The inverse of `split_in_proj` (names otherwise unchanged)."""
-    mamba2 = cfg is not None and cfg.family == "mamba2"
-    groups = ((".in_proj_", "in_proj", _MAMBA2_PROJ), (".conv_", "conv1d", _MAMBA2_CONV)) \
-        if mamba2 else ((".in_proj_", "in_proj", ("x", "z")),)
+    fused = _fused(cfg)
     out = {}
     for name, t in state.items():
-        for marker, fused, parts in groups:
-            head, sep, rest = name.rpartition(marker)
+        for hf_name, prefix, parts, _ in fused:
+            head, sep, rest = name.rpartition(f".{prefix}")
             part, _, leaf = rest.partition(".")
             if sep and head.endswith("mixer") and part in parts:
                 if part == parts[0]:
-                    out[f"{head}.{fused}.{leaf}"] = torch.cat(
-                        [state[f"{head}{marker}{p}.{leaf}"] for p in parts])
+                    out[f"{head}.{hf_name}.{leaf}"] = torch.cat(
+                        [state[f"{head}.{prefix}{p}.{leaf}"] for p in parts])
                 break
         else:
-            if mamba2 and name.endswith("mixer.norm_weight"):
-                out[name[: -len("norm_weight")] + "norm.weight"] = t
-            else:
-                out[name] = t
+            if cfg.family == "mamba2" and name.endswith(_NORM_OURS):
+                name = name[: -len(_NORM_OURS)] + _NORM_HF
+            out[name] = t
     return out
 
 
