@@ -15,16 +15,6 @@ A Mamba mixer (`models/mamba.py`, layers M and P of the hybrid stack) splits its
 channels the same way (as Megatron-LM's Mamba layers do): each rank runs the convolution and the
 selective scan of E/tp channels over the whole (local context-parallel) sequence.
 
-A Mamba-2 mixer (layers S, `models/mamba2.py`) splits its heads and their groups (n_groups
-divisible by tp): in_proj_{z, x, dt} column-parallel by heads, in_proj_{B, C} by groups, conv
-taps, Δ bias, A, D and the gated norm per channel or head, out_proj row-parallel. A group's
-heads are contiguous, so a rank's heads read only its own groups' B and C: the SSD scan and
-the group norm need no communication. With one group (most released Mamba-2 checkpoints),
-B and C and their conv taps are replicated (each rank forms them whole; their gradient is
-the sum of the ranks' parts, all-reduced in the backward: 2·d_state numbers per token) and
-the one norm group spans the ranks, so its sum of squares is all-reduced (one number per
-token, forward and backward).
-
     u, z = n_full · W_{x,z}[:, shard]                 column-parallel (E/tp channels each)
     u = silu(conv(u))                                 conv taps and bias: this rank's channels
     [δ, B, C] = all_reduce(u · W_xproj[:, shard]ᵀ)    row-parallel: B, C, δ mix all channels
@@ -33,6 +23,16 @@ token, forward and backward).
 
 The x_proj all-reduce moves dt_rank + 2·d_state numbers per token, a small fraction of the
 sequence-parallel all-gather of the dim-wide input.
+
+A Mamba-2 mixer (layers S, `models/mamba2.py`) splits its heads and their groups (n_groups
+divisible by tp): in_proj_{z, x, dt} column-parallel by heads, in_proj_{B, C} by groups, conv
+taps, Δ bias, A, D and the gated norm per channel or head, out_proj row-parallel. A group's
+heads are contiguous, so a rank's heads read only its own groups' B and C: the SSD scan and
+the group norm need no communication. With one group (n_groups = 1, which Megatron-LM does
+not split), B and C and their conv taps are replicated (each rank forms them whole; their gradient is
+the sum of the ranks' parts, all-reduced in the backward: 2·d_state numbers per token) and
+the one norm group spans the ranks, so its sum of squares is all-reduced (one number per
+token, forward and backward).
 
 A linear-attention layer (L, `models/linear_attention.py`) splits its heads like softmax
 attention (wq, wk, wv column-parallel, wo row-parallel), and every per-head piece goes with its
