@@ -141,11 +141,13 @@ def pass_states(local_state, log_decay_total, *, group=None, method: str = "allg
 def cp_linear_attention(q, k, v, *, log_decay=None, scale=None, group=None, method="allgather"):
     """Context-parallel `linear_attention` (causal, simple-GLA semantics) on contiguous shards.
 
-    q, k `(batch, seq_local, heads, dim_k)`, v `(batch, seq_local, heads, dim_v)`, log_decay
-    `(batch, seq_local, heads)`, `(heads,)` or None. Returns this rank's o `(batch, seq_local,
-    heads, dim_v)`, equal to the matching slice of single-process `linear_attention`."""
+    q, k `(batch, seq_local, heads_qk, dim_k)` (heads_qk dividing heads: grouped q/k),
+    v `(batch, seq_local, heads, dim_v)`, log_decay `(batch, seq_local, heads)`, `(heads,)` or
+    None. Returns this rank's o `(batch, seq_local, heads, dim_v)`, equal to the matching slice of
+    single-process `linear_attention`."""
     _check_method(method)
-    b, n, h, dk = q.shape
+    b, n, hk, dk = q.shape
+    h = v.shape[2]
     scale = dk**-0.5 if scale is None else scale
     o_local, s_local = linear_attention(
         q, k, v, log_decay=log_decay, scale=scale, return_final_state=True
@@ -162,10 +164,13 @@ def cp_linear_attention(q, k, v, *, log_decay=None, scale=None, group=None, meth
             cum = log_decay.to(cdt).cumsum(1)  # b n h
         total = (cum[:, -1] if n > 0 else torch.zeros_like(cum[:, 0])).expand(b, h)[..., None, None]
     s_in = pass_states(s_local, total, group=group, method=method)
-    q_eff = q.to(cdt) * scale
+    # o_t += scale · e^{cum_t} q_tᵀ S_in, per head; a group's q is read once (no per-head copy)
+    r = h // hk
+    correction = torch.einsum(
+        "bngk,bgrkv->bngrv", q.to(cdt) * scale, s_in.view(b, hk, r, dk, -1)
+    ).reshape(b, n, h, -1)
     if cum is not None:
-        q_eff = q_eff * torch.exp(cum).unsqueeze(-1)
-    correction = torch.einsum("bnhk,bhkv->bnhv", q_eff, s_in)
+        correction = correction * torch.exp(cum).unsqueeze(-1)
     return (o_local.to(cdt) + correction).to(q.dtype)
 
 

@@ -6,10 +6,15 @@ Transformers with Hardware-Efficient Training", 2023; `fla.ops.simple_gla`), unn
     S_t = exp(g_t) · S_{t-1} + k_t v_tᵀ          (state, dim_k × dim_v per head)
     o_t = scale · q_tᵀ S_t
 
-Layout: q, k `(batch, seq, heads, dim_k)`, v `(batch, seq, heads, dim_v)`; `log_decay` g is
+Layout: q, k `(batch, seq, heads_qk, dim_k)`, v `(batch, seq, heads, dim_v)`; `log_decay` g is
 `(batch, seq, heads)`, `(heads,)` (a fixed per-head decay, RetNet/Lightning style) or None (no
 decay, plain linear attention); states `(batch, heads, dim_k, dim_v)` in float32 (float64 for
 float64 inputs); `scale` defaults to `dim_k ** -0.5`. The output has q's dtype.
+
+Grouped q/k (Mamba-2's B and C groups, the linear-attention analogue of GQA): `heads_qk` may be
+any divisor of `heads`; head i then reads q/k head i // (heads / heads_qk), so a group's q and k
+are stored (and kept for the backward) once, not once per head. Its gradient is the sum over the
+group's heads.
 
 Paths:
 - `recurrent`: the recurrence above token by token; the oracle for tests (float64 capable).
@@ -53,21 +58,30 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def qk_group(q, v) -> int:
+    """Heads of v per q/k head (1 unless q and k are grouped)."""
+    return v.shape[2] // q.shape[2]
+
+
 def _check_inputs(q, k, v, log_decay, initial_state):
     """Validate shapes; return log decay as `(batch, heads, seq)` in the compute dtype, or None."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
-            "linear_attention expects q, k (batch, seq, heads, dim_k) and v (batch, seq, heads, "
+            "linear_attention expects q, k (batch, seq, heads_qk, dim_k) and v (batch, seq, heads, "
             f"dim_v); got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if q.shape != k.shape:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape")
-    if v.shape[:3] != q.shape[:3]:
+    if v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"v {tuple(v.shape)} must share (batch, seq) with q {tuple(q.shape)}")
+    if q.shape[2] < 1 or v.shape[2] % q.shape[2]:
         raise ValueError(
-            f"v {tuple(v.shape)} must share (batch, seq, heads) with q {tuple(q.shape)}"
+            f"v has {v.shape[2]} heads and q/k {q.shape[2]}: the q/k heads must divide v's "
+            "(each q/k head serves heads / heads_qk consecutive heads); pass q and k with one "
+            "head per v head, or a divisor of v's head count"
         )
-    b, n, h, dk = q.shape
-    dv = v.shape[-1]
+    b, n, _, dk = q.shape
+    h, dv = v.shape[2], v.shape[-1]
     cdt = _compute_dtype(q.dtype)
     g = None
     if log_decay is not None:
@@ -100,9 +114,11 @@ def linear_attention_recurrent(
     g = _check_inputs(q, k, v, log_decay, initial_state)
     scale = _default_scale(q, scale)
     cdt = _compute_dtype(q.dtype)
-    b, n, h, dk = q.shape
-    dv = v.shape[-1]
-    qc, kc, vc = (x.to(cdt) for x in (q, k, v))
+    r = qk_group(q, v)
+    b, n, _, dk = q.shape
+    h, dv = v.shape[2], v.shape[-1]
+    qc, kc = (x.to(cdt).repeat_interleave(r, dim=2) for x in (q, k))
+    vc = v.to(cdt)
     state = (
         initial_state.to(cdt)
         if initial_state is not None
@@ -121,10 +137,13 @@ def linear_attention_recurrent(
 
 # ---------------------------------------------------------------- chunked (Lightning Attention-2)
 def _segment(q, k, v, g, state, chunk_size: int):
-    """One segment. q, k `(b, h, T, dk)` (q already scaled), v `(b, h, T, dv)`, g `(b, h, T)` or
-    None, state `(b, h, dk, dv)`. Returns (o `(b, h, T, dv)`, state after the segment)."""
-    b, h, T, dk = q.shape
-    dv = v.shape[-1]
+    """One segment. q, k `(b, hk, T, dk)` (q already scaled), v `(b, h, T, dv)` with h a multiple
+    of hk, g `(b, h, T)` or None, state `(b, h, dk, dv)`. Returns (o `(b, h, T, dv)`, state after
+    the segment). Heads are laid out as (hk, r = h / hk): a group's q·k scores are formed once
+    and broadcast over its r heads, whose decays (and so masks) differ."""
+    b, hk, T, dk = q.shape
+    h, dv = v.shape[1], v.shape[-1]
+    r = h // hk
     C = chunk_size
     nc = -(-T // C)
     pad = nc * C - T
@@ -132,36 +151,37 @@ def _segment(q, k, v, g, state, chunk_size: int):
         # zero k/v and zero log decay leave the state untouched; padded outputs are dropped
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
         g = F.pad(g, (0, pad)) if g is not None else None
-    q = q.reshape(b, h, nc, C, dk)
-    k = k.reshape(b, h, nc, C, dk)
-    v = v.reshape(b, h, nc, C, dv)
+    q = q.reshape(b, hk, 1, nc, C, dk)
+    k = k.reshape(b, hk, 1, nc, C, dk)
+    v = v.reshape(b, hk, r, nc, C, dv)
+    state = state.reshape(b, hk, r, dk, dv)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    scores = torch.matmul(q, k.transpose(-1, -2))  # b h nc C C
+    scores = torch.matmul(q, k.transpose(-1, -2))  # b hk 1 nc C C
     if g is None:
         scores = scores.masked_fill(~causal, 0.0)
-        kv_local = torch.matmul(k.transpose(-1, -2), v)  # b h nc dk dv
+        kv_local = torch.matmul(k.transpose(-1, -2), v)  # b hk r nc dk dv
         chunk_decay = None
         q_inter = q
     else:
-        G = g.reshape(b, h, nc, C).cumsum(-1)
+        G = g.reshape(b, hk, r, nc, C).cumsum(-1)
         diff = G.unsqueeze(-1) - G.unsqueeze(-2)  # G_i - G_j
         scores = scores * torch.exp(torch.where(causal, diff, float("-inf")))
         G_end = G[..., -1:]
         kv_local = torch.matmul((k * torch.exp(G_end - G).unsqueeze(-1)).transpose(-1, -2), v)
-        chunk_decay = torch.exp(G_end.squeeze(-1))  # b h nc
+        chunk_decay = torch.exp(G_end.squeeze(-1))  # b hk r nc
         q_inter = q * torch.exp(G).unsqueeze(-1)
     before = []
     # unbind once: indexing inside the loop would cost a full-size gradient per chunk
-    decays = chunk_decay.unbind(2) if chunk_decay is not None else [None] * nc
-    for decay_c, kv_c in zip(decays, kv_local.unbind(2)):
+    decays = chunk_decay.unbind(3) if chunk_decay is not None else [None] * nc
+    for decay_c, kv_c in zip(decays, kv_local.unbind(3)):
         before.append(state)
         if decay_c is not None:
-            state = state * decay_c[:, :, None, None]
+            state = state * decay_c[..., None, None]
         state = state + kv_c
-    states_before = torch.stack(before, dim=2)  # b h nc dk dv
+    states_before = torch.stack(before, dim=3)  # b hk r nc dk dv
     o = torch.matmul(scores, v) + torch.matmul(q_inter, states_before)
     o = o.reshape(b, h, nc * C, dv)[:, :, :T]
-    return o, state
+    return o, state.reshape(b, h, dk, dv)
 
 
 def linear_attention_chunked(
@@ -187,8 +207,8 @@ def linear_attention_chunked(
     g = _check_inputs(q, k, v, log_decay, initial_state)
     scale = _default_scale(q, scale)
     cdt = _compute_dtype(q.dtype)
-    b, n, h, dk = q.shape
-    dv = v.shape[-1]
+    b, n, _, dk = q.shape
+    h, dv = v.shape[2], v.shape[-1]
     qh = (q.to(cdt) * scale).transpose(1, 2)
     kh = k.to(cdt).transpose(1, 2)
     vh = v.to(cdt).transpose(1, 2)
@@ -236,8 +256,9 @@ def linear_attention(
 ):
     """Causal linear attention with optional per-token decay; see the module docstring.
 
-    q, k: `(batch, seq, heads, dim_k)`; v: `(batch, seq, heads, dim_v)`; log_decay:
-    `(batch, seq, heads)`, `(heads,)` or None; initial_state: `(batch, heads, dim_k, dim_v)`.
+    q, k: `(batch, seq, heads_qk, dim_k)` with heads_qk dividing heads (grouped, see the module
+    docstring); v: `(batch, seq, heads, dim_v)`; log_decay: `(batch, seq, heads)`, `(heads,)` or
+    None; initial_state: `(batch, heads, dim_k, dim_v)`.
     Returns o `(batch, seq, heads, dim_v)`, or `(o, final_state)` with `return_final_state`.
     The path is `CTXSCALE_KERNELS_LINEAR_ATTENTION` (recurrent | chunked | triton) when set, else
     Triton where `CTXSCALE_KERNELS` asks for it and the kernel supports the call, else chunked."""

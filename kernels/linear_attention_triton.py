@@ -35,8 +35,9 @@ their products, as in flash-linear-attention); float32 inputs use IEEE float32 p
 when `torch.backends.cuda.matmul.allow_tf32` is set. The per-chunk states take
 b·h·(seq/64)·dk·dv elements: bfloat16 for bfloat16 inputs, float32 otherwise.
 
-Layout: q, k `(batch, seq, heads, dim_k)`, v `(batch, seq, heads, dim_v)`, log_decay `(batch, seq,
-heads)`, `(heads,)` or None, states `(batch, heads, dim_k, dim_v)` float32; scale defaults to
+Layout: q, k `(batch, seq, heads_qk, dim_k)`, v `(batch, seq, heads, dim_v)` (heads_qk dividing
+heads: head i reads q/k head i // (heads / heads_qk), the grouped q/k of Mamba-2; the backward
+forms each head's dq, dk and sums a group's), log_decay `(batch, seq, heads)`, `(heads,)` or None, states `(batch, heads, dim_k, dim_v)` float32; scale defaults to
 dim_k ** -0.5. Reference and dispatcher: `kernels/linear_attention.py`.
 """
 
@@ -68,7 +69,8 @@ def _chunk_decay(G_PTR, offs_t, t_mask, HAS_DECAY: tl.constexpr, C: tl.constexpr
 @triton.jit
 def _la_sweep_kernel(A, B, G_LOG, INIT, STATES, FINAL,
                      stride_ab, stride_as, stride_ah, stride_bb, stride_bs, stride_bh,
-                     stride_gb, stride_gs, num_heads, seq, dim_k, dim_v, n_chunks, scale,
+                     stride_gb, stride_gs, num_heads, qk_group, seq, dim_k, dim_v, n_chunks,
+                     scale,
                      HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
                      REVERSE: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      DOT_PREC: tl.constexpr):
@@ -78,7 +80,8 @@ def _la_sweep_kernel(A, B, G_LOG, INIT, STATES, FINAL,
     reverse (A = Q, B = dO):  STATES[c] = dS_c;     dS_{c−1} = e^{G_C} dS_c + scale (e^G ⊙ Q)ᵀ dO
 
     walking the chunks backwards for REVERSE; INIT is S0 (or dS_N, the final state's gradient),
-    FINAL receives S_N (or dS_{−1}, the initial state's gradient)."""
+    FINAL receives S_N (or dS_{−1}, the initial state's gradient). A (k or q) has one head per
+    `qk_group` heads of B (grouped q/k)."""
     i_k, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (bh // num_heads).to(tl.int64)
     h = bh % num_heads
@@ -91,7 +94,7 @@ def _la_sweep_kernel(A, B, G_LOG, INIT, STATES, FINAL,
         S = tl.load(INIT + state_off, mask=kv_mask, other=0.0).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
-    a_base = A + b * stride_ab + h * stride_ah
+    a_base = A + b * stride_ab + (h // qk_group) * stride_ah
     b_base = B + b * stride_bb + h * stride_bh
     g_base = G_LOG + b * stride_gb + h
     for i in range(n_chunks):
@@ -115,7 +118,7 @@ def _la_sweep_kernel(A, B, G_LOG, INIT, STATES, FINAL,
 @triton.jit
 def _la_out_kernel(Q, K, V, G_LOG, HS, OUT,
                    stride_qb, stride_qs, stride_qh, stride_vb, stride_vs, stride_vh,
-                   stride_gb, stride_gs, num_heads, seq, dim_k, dim_v, n_chunks, scale,
+                   stride_gb, stride_gs, num_heads, qk_group, seq, dim_k, dim_v, n_chunks, scale,
                    HAS_DECAY: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, DOT_PREC: tl.constexpr):
     """One chunk's outputs: O_c = scale [((Q Kᵀ) ⊙ D) V + (e^G ⊙ Q) S_{c-1}], all chunks at once."""
@@ -126,8 +129,9 @@ def _la_out_kernel(Q, K, V, G_LOG, HS, OUT,
     t_mask = offs_t < seq
     offs_v = i_v * BV + tl.arange(0, BV)
     v_mask = offs_v < dim_v
-    q_base = Q + b * stride_qb + h * stride_qh + offs_t[:, None] * stride_qs
-    k_base = K + b * stride_qb + h * stride_qh + offs_t[:, None] * stride_qs
+    hq = h // qk_group
+    q_base = Q + b * stride_qb + hq * stride_qh + offs_t[:, None] * stride_qs
+    k_base = K + b * stride_qb + hq * stride_qh + offs_t[:, None] * stride_qs
     hs_base = HS + (bh.to(tl.int64) * n_chunks + c) * dim_k * dim_v + offs_v[None, :]
     scores = tl.zeros([C, C], dtype=tl.float32)
     o_inter = tl.zeros([C, BV], dtype=tl.float32)
@@ -154,11 +158,12 @@ def _la_out_kernel(Q, K, V, G_LOG, HS, OUT,
 @triton.jit
 def _la_bwd_dqdk_kernel(Q, K, V, DO, G_LOG, HS, DHS, DQ, DK, DG_PART,
                         stride_qb, stride_qs, stride_qh, stride_vb, stride_vs, stride_vh,
-                        stride_gb, stride_gs, stride_dg_part, num_heads, seq, dim_k, dim_v,
-                        n_chunks, scale,
+                        stride_gb, stride_gs, stride_dg_part, stride_db, stride_ds, stride_dh,
+                        num_heads, qk_group, seq, dim_k, dim_v, n_chunks, scale,
                         HAS_DECAY: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                         BV: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One chunk's dq and dk for one dim_k block (and that block's share of q·dq − k·dk)."""
+    """One chunk's dq and dk for one dim_k block (and that block's share of q·dq − k·dk). With
+    grouped q/k, DQ and DK (strides stride_d*) hold each head's share; the wrapper sums a group."""
     i_k, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (bh // num_heads).to(tl.int64)
     h = bh % num_heads
@@ -188,15 +193,17 @@ def _la_bwd_dqdk_kernel(Q, K, V, DO, G_LOG, HS, DHS, DQ, DK, DG_PART,
     causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
     dp = dp * tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))
     qk_mask = t_mask[:, None] & k_mask[None, :]
-    qk_off = b * stride_qb + h * stride_qh + offs_t[:, None] * stride_qs + offs_k[None, :]
+    qk_off = (b * stride_qb + (h // qk_group) * stride_qh + offs_t[:, None] * stride_qs
+              + offs_k[None, :])
+    d_off = b * stride_db + h * stride_dh + offs_t[:, None] * stride_ds + offs_k[None, :]
     q = tl.load(Q + qk_off, mask=qk_mask, other=0.0)
     k = tl.load(K + qk_off, mask=qk_mask, other=0.0)
     dp_lo = dp.to(q.dtype)
     dq = (tl.dot(dp_lo, k, input_precision=DOT_PREC) + dq_inter * tl.exp(G)[:, None]) * scale
     dk = (tl.dot(tl.trans(dp_lo), q, input_precision=DOT_PREC) * scale
           + dk_inter * tl.exp(G_end - G)[:, None])
-    tl.store(DQ + qk_off, dq.to(DQ.dtype.element_ty), mask=qk_mask)
-    tl.store(DK + qk_off, dk.to(DK.dtype.element_ty), mask=qk_mask)
+    tl.store(DQ + d_off, dq.to(DQ.dtype.element_ty), mask=qk_mask)
+    tl.store(DK + d_off, dk.to(DK.dtype.element_ty), mask=qk_mask)
     if HAS_DECAY:
         dg = tl.sum(q.to(tl.float32) * dq - k.to(tl.float32) * dk, 1)
         tl.store(DG_PART + i_k * stride_dg_part + b * stride_gb + offs_t * stride_gs + h, dg,
@@ -206,8 +213,8 @@ def _la_bwd_dqdk_kernel(Q, K, V, DO, G_LOG, HS, DHS, DQ, DK, DG_PART,
 @triton.jit
 def _la_bwd_dv_kernel(Q, K, DO, G_LOG, DHS, DV,
                       stride_qb, stride_qs, stride_qh, stride_vb, stride_vs, stride_vh,
-                      stride_gb, stride_gs, num_heads, seq, dim_k, dim_v, n_chunks, scale,
-                      HAS_DECAY: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                      stride_gb, stride_gs, num_heads, qk_group, seq, dim_k, dim_v, n_chunks,
+                      scale, HAS_DECAY: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, DOT_PREC: tl.constexpr):
     """One chunk's dv for one dim_v block: scale ((K Qᵀ) ⊙ Dᵀ) dO + (e^{G_C − G} ⊙ K) dS_c."""
     i_v, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -219,8 +226,9 @@ def _la_bwd_dv_kernel(Q, K, DO, G_LOG, DHS, DV,
     v_mask = offs_v < dim_v
     G, G_end = _chunk_decay(G_LOG + b * stride_gb + h, offs_t * stride_gs, t_mask, HAS_DECAY, C)
     to_end = tl.exp(G_end - G)
-    q_base = Q + b * stride_qb + h * stride_qh + offs_t[:, None] * stride_qs
-    k_base = K + b * stride_qb + h * stride_qh + offs_t[:, None] * stride_qs
+    hq = h // qk_group
+    q_base = Q + b * stride_qb + hq * stride_qh + offs_t[:, None] * stride_qs
+    k_base = K + b * stride_qb + hq * stride_qh + offs_t[:, None] * stride_qs
     dhs_base = DHS + (bh.to(tl.int64) * n_chunks + c) * dim_k * dim_v + offs_v[None, :]
     s_t = tl.zeros([C, C], dtype=tl.float32)  # [j, i] = k_j · q_i
     dv = tl.zeros([C, BV], dtype=tl.float32)
@@ -293,28 +301,29 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 def _sweep(a, b_, g, init, n_chunks, C, *, reverse, store_final, scale=1.0):
     """Run the sweep kernel: returns (per-chunk states (b·h, n_chunks, dk, dv), final (b, h, dk,
     dv) float32). Forward: a, b_ = k, v and init = S0; reverse: q, dO and the final-state grad."""
-    bsz, n, h, dk = a.shape
-    dv = b_.shape[-1]
+    bsz, n, _, dk = a.shape
+    h, dv = b_.shape[2], b_.shape[-1]
     states = torch.empty(bsz * h, n_chunks, dk, dv, dtype=_state_dtype(a.dtype), device=a.device)
     final = torch.empty(bsz, h, dk, dv, dtype=torch.float32, device=a.device)
     grid = lambda m: (triton.cdiv(dk, m["BK"]), triton.cdiv(dv, m["BV"]), bsz * h)
     _launch(_la_sweep_kernel, _sweep_tuned, grid, a, b_, g if g is not None else final,
-            init if init is not None else final, states, final, *_strides(a, b_), h, n, dk, dv,
-            n_chunks, float(scale), HAS_DECAY=g is not None, HAS_INIT=init is not None,
+            init if init is not None else final, states, final, *_strides(a, b_), h,
+            h // a.shape[2], n, dk, dv, n_chunks, float(scale), HAS_DECAY=g is not None, HAS_INIT=init is not None,
             STORE_FINAL=store_final, REVERSE=reverse, C=C, DOT_PREC=dot_precision(a.dtype))
     return states, final
 
 
 def _strides(q, v):
-    b, n, h, _ = q.shape
+    """q/k strides, v (and o, dO, dv) strides, and those of the (b, n, h) log decay."""
+    b, n, h, _ = v.shape
     return (q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2), n * h, h)
 
 
 class _LinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, s0, scale, want_final):
-        b, n, h, dk = q.shape
-        dv = v.shape[-1]
+        b, n, hk, dk = q.shape
+        h, dv = v.shape[2], v.shape[-1]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         C = _chunk()
         n_chunks = triton.cdiv(n, C)
@@ -322,7 +331,7 @@ class _LinearAttention(torch.autograd.Function):
         o = torch.empty(b, n, h, dv, dtype=q.dtype, device=q.device)
         grid = lambda m: (triton.cdiv(dv, m["BV"]), n_chunks, b * h)
         _launch(_la_out_kernel, _out_tuned, grid, q, k, v, g if g is not None else s_out, hs, o,
-                *_strides(q, v), h, n, dk, dv, n_chunks, float(scale),
+                *_strides(q, v), h, h // hk, n, dk, dv, n_chunks, float(scale),
                 HAS_DECAY=g is not None, C=C, DOT_PREC=dot_precision(q.dtype))
         ctx.save_for_backward(q, k, v, g, s0, s_out)
         ctx.scale = scale
@@ -332,8 +341,9 @@ class _LinearAttention(torch.autograd.Function):
     def backward(ctx, do, ds_final):
         q, k, v, g, s0, s_final = ctx.saved_tensors
         scale = float(ctx.scale)
-        b, n, h, dk = q.shape
-        dv_dim = v.shape[-1]
+        b, n, hk, dk = q.shape
+        h, dv_dim = v.shape[2], v.shape[-1]
+        r = h // hk
         do = do.contiguous().to(q.dtype)
         C = _chunk()
         n_chunks = triton.cdiv(n, C)
@@ -344,7 +354,9 @@ class _LinearAttention(torch.autograd.Function):
         dhs, ds0 = _sweep(q, do, g, dsf, n_chunks, C, reverse=True, store_final=True, scale=scale)
         g_t = g if g is not None else ds0
         strides = _strides(q, v)
-        dq, dk_ = torch.empty_like(q), torch.empty_like(k)
+        # grouped q/k: each head's share in float32, summed over the group below
+        dq, dk_ = (torch.empty(b, n, h, dk, dtype=q.dtype if r == 1 else torch.float32,
+                               device=q.device) for _ in range(2))
         dv = torch.empty_like(v)
         nk_max = triton.cdiv(dk, _INTERPRET_META["BK"] if INTERPRET else _MIN_BK)
         # its own buffer even without decay: the autotuner zeroes DG_PART before timing configs,
@@ -354,11 +366,12 @@ class _LinearAttention(torch.autograd.Function):
         _launch(_la_bwd_dqdk_kernel, _dqdk_tuned,
                 lambda m: (triton.cdiv(dk, m["BK"]), n_chunks, b * h),
                 q, k, v, do, g_t, hs, dhs, dq, dk_, dg_part, *strides,
-                dg_part.stride(0) if g is not None else 0, h, n, dk, dv_dim, n_chunks, scale,
+                dg_part.stride(0) if g is not None else 0, *dq.stride()[:3], h, r, n, dk, dv_dim,
+                n_chunks, scale,
                 HAS_DECAY=g is not None, C=C, DOT_PREC=prec)
         _launch(_la_bwd_dv_kernel, _dv_tuned,
                 lambda m: (triton.cdiv(dv_dim, m["BV"]), n_chunks, b * h),
-                q, k, do, g_t, dhs, dv, *strides, h, n, dk, dv_dim, n_chunks, scale,
+                q, k, do, g_t, dhs, dv, *strides, h, r, n, dk, dv_dim, n_chunks, scale,
                 HAS_DECAY=g is not None, C=C, DOT_PREC=prec)
         dg = None
         if g is not None and ctx.needs_input_grad[3]:
@@ -367,13 +380,17 @@ class _LinearAttention(torch.autograd.Function):
                 dG[:, -1] += (ds_final.float() * s_final).sum((-1, -2))
             dg = dG.flip(1).cumsum(1).flip(1)
         ds0_out = ds0 if s0 is not None else None
+        if r > 1:
+            dq, dk_ = (t.view(b, n, hk, r, dk).sum(3).to(q.dtype) for t in (dq, dk_))
         return dq, dk_, dv, dg, ds0_out, None, None
 
 
 def supports(q, k, v, *, log_decay=None, scale=None, initial_state=None,
              return_final_state=False) -> bool:
     """Whether the Triton kernel runs these inputs (else the dispatcher uses the chunked path)."""
-    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:2] != q.shape[:2]:
+        return False
+    if q.shape[2] < 1 or v.shape[2] % q.shape[2]:
         return False
     on_device = triton_runnable(q.device)
     dtypes = (torch.float16, torch.bfloat16, torch.float32) if q.device.type != "cpu" else (
@@ -391,8 +408,8 @@ def supports(q, k, v, *, log_decay=None, scale=None, initial_state=None,
 
 def linear_attention(q, k, v, *, log_decay=None, scale=None, initial_state=None,
                      return_final_state=False):
-    """Causal linear attention with optional decay (see the module docstring). q, k `(b, n, h,
-    dk)`, v `(b, n, h, dv)`, log_decay `(b, n, h)` / `(h,)` / None, initial_state `(b, h, dk, dv)`.
+    """Causal linear attention with optional decay (see the module docstring). q, k `(b, n, hk,
+    dk)` with hk dividing h (grouped q/k), v `(b, n, h, dv)`, log_decay `(b, n, h)` / `(h,)` / None, initial_state `(b, h, dk, dv)`.
     Returns o `(b, n, h, dv)` in q.dtype, or `(o, final_state float32)`."""
     from ctxscale.kernels.linear_attention import _check_inputs
 
@@ -403,7 +420,8 @@ def linear_attention(q, k, v, *, log_decay=None, scale=None, initial_state=None,
             f"{q.device} (needs float16/float32 (bfloat16 on CUDA), dims <= {MAX_DIM}, CUDA or "
             "TRITON_INTERPRET=1); use kernels.linear_attention instead"
         )
-    b, n, h, dk = q.shape
+    b, n, _, dk = q.shape
+    h = v.shape[2]
     scale = dk ** -0.5 if scale is None else float(scale)
     g = None
     if log_decay is not None:

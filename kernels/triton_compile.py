@@ -253,10 +253,12 @@ def _linear_attention(rec, dtype, head_dim, seq, batch):
     from ctxscale.kernels import linear_attention_triton as lat
 
     heads = 16
-    for decay in (True, False):
-        rec.case = f"b{batch} s{seq} h{heads} dk=dv={head_dim} {'decay+states' if decay else 'plain'}"
-        q = _meta(batch, seq, heads, head_dim, dtype=dtype)
-        k = _meta(batch, seq, heads, head_dim, dtype=dtype)
+    # the third case: grouped q/k (Mamba-2's B and C, 2 groups for 16 heads)
+    for decay, qk_heads in ((True, heads), (False, heads), (True, 2)):
+        kind = ("decay+states" if decay else "plain") + (f" qk{qk_heads}" if qk_heads < heads else "")
+        rec.case = f"b{batch} s{seq} h{heads} dk=dv={head_dim} {kind}"
+        q = _meta(batch, seq, qk_heads, head_dim, dtype=dtype)
+        k = _meta(batch, seq, qk_heads, head_dim, dtype=dtype)
         v = _meta(batch, seq, heads, head_dim, dtype=dtype)
         g = _meta(batch, seq, heads, dtype=torch.float32) if decay else None
         s0 = _meta(batch, heads, head_dim, head_dim, dtype=torch.float32) if decay else None

@@ -17,8 +17,10 @@ The scan is exactly causal linear attention with a per-token scalar decay (simpl
 k = B, v = Δ·u, log decay Δ·A, scale 1. So it runs through the model's `ParallelContext` like a
 linear-attention layer (`kernels/linear_attention.py`: the Triton chunk kernel on CUDA, the
 chunked PyTorch path elsewhere; state passing between context-parallel ranks), and the
-convolution like Mamba-1's (halo exchange under cp). B and C are repeated over the heads of
-their group before the scan (H / G copies; mamba-ssm's fused kernel reads them per group).
+convolution like Mamba-1's (halo exchange under cp). B and C enter the scan once per group (the
+kernels' grouped q/k: head i reads group i // (H / G)), not copied per head, and the scan's
+inputs stay in the projections' dtype (bfloat16 under autocast, on tensor cores in the Triton
+kernel) while Δ, the decay and the states are float32.
 
 A Mamba-2 *model* is `models/hybrid.py`'s stack with every layer `S` (family `mamba2`), which is
 Hugging Face `Mamba2ForCausalLM` (`models/hf_mamba.py`). Hugging Face fuses the projections
@@ -77,10 +79,9 @@ class Mamba2Mixer(nn.Module):
         self.heads = self.inner // m.head_dim
         self.groups = m.n_groups
         self.d_state = m.d_state
-        self.per_group = self.heads // self.groups  # heads sharing one group's B and C
-        # tensor parallelism: this rank's first head, when its B and C are of all groups
-        # (n_groups = 1, replicated), and the tp group over which one norm group is spread
-        self.head_offset, self.norm_group = 0, None
+        # tensor parallelism with one group (replicated B and C): the tp group over which that
+        # group's norm is spread
+        self.norm_group = None
         gn = self.groups * self.d_state
         self.in_proj_z = nn.Linear(cfg.dim, self.inner, bias=m.bias)
         self.in_proj_x = nn.Linear(cfg.dim, self.inner, bias=m.bias)
@@ -110,7 +111,7 @@ class Mamba2Mixer(nn.Module):
         if self.groups % tp == 0:
             self.groups //= tp
         else:
-            self.head_offset, self.norm_group = rank * self.heads, process_group
+            self.norm_group = process_group
 
     @torch.no_grad()
     def reset_recurrent_parameters(self) -> None:
@@ -155,14 +156,13 @@ class Mamba2Mixer(nn.Module):
         if m.dt_limit_min > 0 or m.dt_limit_max < math.inf:
             dt = dt.clamp(m.dt_limit_min, m.dt_limit_max)
         log_decay = dt * -torch.exp(local(self.A_log).to(cdt))  # (b, s, H)
-        group_of = (self.head_offset + torch.arange(self.heads, device=x.device)) // self.per_group
-
-        def heads(t):  # (b, s, G·N) -> (b, s, H, N): each head's group's B or C
-            return t.view(b, s, self.groups, self.d_state).index_select(2, group_of)
-
+        # grouped q/k: this rank's heads are consecutive within its groups (all of them share
+        # the one replicated group under tp with n_groups = 1), so local head i reads local
+        # group i // (heads / groups) as the kernels index it
         u = u.view(b, s, self.heads, self.head_dim)
-        v = u.to(cdt) * dt.unsqueeze(-1)
-        y = scan(heads(C).to(cdt), heads(B).to(cdt), v, log_decay)
+        v = (u.to(cdt) * dt.unsqueeze(-1)).to(xbc.dtype)
+        y = scan(C.reshape(b, s, self.groups, self.d_state),
+                 B.reshape(b, s, self.groups, self.d_state), v, log_decay)
         y = y + local(self.D).to(cdt)[:, None] * u.to(cdt)
         norm_group = self.inner // self.groups
         full = m.expand * self.cfg.dim // m.n_groups  # a norm group's channels over all ranks

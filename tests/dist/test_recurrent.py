@@ -62,10 +62,12 @@ def _compare(case, dtype, fn_full, fn_cp, inputs, seq_dims, rank, world, group=N
     return errors
 
 
-def _la_inputs(decay, g):
-    b, h, dk, dv = 2, 5, 24, 7
-    x = dict(q=torch.randn(b, N, h, dk, generator=g, dtype=torch.float64),
-             k=torch.randn(b, N, h, dk, generator=g, dtype=torch.float64),
+def _la_inputs(decay, g, qk_heads=None):
+    """qk_heads < h: grouped q/k (Mamba-2's B and C), each serving h / qk_heads heads."""
+    b, h, dk, dv = 2, 6, 24, 7
+    hk = qk_heads or h
+    x = dict(q=torch.randn(b, N, hk, dk, generator=g, dtype=torch.float64),
+             k=torch.randn(b, N, hk, dk, generator=g, dtype=torch.float64),
              v=torch.randn(b, N, h, dv, generator=g, dtype=torch.float64))
     dims = dict(q=1, k=1, v=1)
     if decay == "token":
@@ -108,6 +110,12 @@ def _run_cases(rank, world, results):
                     f"linear_attention[{decay},{method}]", dtype,
                     linear_attention, partial(cp_linear_attention, method=method),
                     x, dims, rank, world)
+            for decay in ("none", "token"):  # grouped q/k: 2 heads of q/k for 6 of v
+                x, dims = _la_inputs(decay, torch.Generator().manual_seed(4), qk_heads=2)
+                results[("la-grouped", decay, method, str(dtype))] = _compare(
+                    f"linear_attention[grouped,{decay},{method}]", dtype,
+                    linear_attention, partial(cp_linear_attention, method=method),
+                    x, dims, rank, world)
             for grouped in (False, True):
                 x, dims = _ss_inputs(grouped, torch.Generator().manual_seed(2))
                 results[("ss", grouped, method, str(dtype))] = _compare(
@@ -128,7 +136,7 @@ def _run_cases(rank, world, results):
 @pytest.mark.parametrize("world", [2, 4])
 def test_cp_recurrent_matches_single_process(world):
     results = run_distributed(_cases, world, timeout=300)
-    assert all(len(r) == 2 * (2 * 5 + 1) for r in results)
+    assert all(len(r) == 2 * (2 * 7 + 1) for r in results)
 
 
 def _subgroups(rank, world):

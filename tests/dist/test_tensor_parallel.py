@@ -168,7 +168,7 @@ def _tp_recurrent(rank, world_size, family, pattern="MAP", linear=None, n_groups
         if code == "S":  # Mamba-2: 4 of 8 heads, 24 of 48 channels; 1 of 2 groups, or the
             mixer = block.mixer  # one group whole (B, C replicated: d_state 4 rows)
             assert (mixer.heads, mixer.groups, mixer.inner) == (4, 1, 24)
-            assert mixer.head_offset == (4 * rank if n_groups == 1 else 0)
+            assert (mixer.norm_group is not None) == (n_groups == 1)
             for p in (mixer.in_proj_x.weight, mixer.conv_x.weight, mixer.norm_weight):
                 assert p.to_local().shape[0] == 24, p.shape
             for p in (mixer.in_proj_B.weight, mixer.conv_C.bias):

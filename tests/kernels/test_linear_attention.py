@@ -25,10 +25,11 @@ def _rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def _inputs(dtype, decay, *, b=2, n=37, h=5, dk=24, dv=7, seed=0):
+def _inputs(dtype, decay, *, b=2, n=37, h=5, dk=24, dv=7, seed=0, hk=None):
+    """hk: heads of q and k when grouped (each serving h / hk heads of v); default h."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, n, h, dk, generator=g, dtype=torch.float64)
-    k = torch.randn(b, n, h, dk, generator=g, dtype=torch.float64)
+    q = torch.randn(b, n, hk or h, dk, generator=g, dtype=torch.float64)
+    k = torch.randn(b, n, hk or h, dk, generator=g, dtype=torch.float64)
     v = torch.randn(b, n, h, dv, generator=g, dtype=torch.float64)
     s0 = torch.randn(b, h, dk, dv, generator=g, dtype=torch.float64)
     if decay == "none":
@@ -68,6 +69,34 @@ def test_chunked_matches_recurrent(dtype, decay, n, chunk, segment):
     for name, a, r in zip(names, got, ref):
         assert _rel(a, r) <= TOL[dtype], (name, _rel(a, r))
     assert got[0].dtype == dtype
+
+
+def _per_head_copies(fn, group):
+    """fn on q and k repeated over their groups' heads (autograd sums the copies' gradients)."""
+    def run(q, k, v, **kw):
+        return fn(q.repeat_interleave(group, 2), k.repeat_interleave(group, 2), v, **kw)
+    return run
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("decay", ["none", "head", "token"])
+@pytest.mark.parametrize("hk", [1, 2])
+def test_grouped_qk_equals_per_head_copies(dtype, decay, hk):
+    """Grouped q/k (Mamba-2's B and C groups): 6 heads of v reading hk heads of q and k give the
+    outputs, states and gradients of q and k copied to every head of their group (gradients
+    summed over the group), on the chunked path with several segments and a partial chunk."""
+    q, k, v, ld, s0 = _inputs(dtype, decay, n=45, h=6, hk=hk)
+    ref = _run(_per_head_copies(linear_attention_recurrent, 6 // hk), q, k, v, ld, s0,
+               torch.float64)
+    got = _run(linear_attention_chunked, q, k, v, ld, s0, dtype, chunk_size=8, segment_chunks=2)
+    names = ["o", "final_state", "dq", "dk", "dv", "dinitial_state", "dlog_decay"]
+    for name, a, r in zip(names, got, ref):
+        assert a.shape == r.shape, name
+        assert _rel(a, r) <= TOL[dtype], (name, _rel(a, r))
+    assert got[2].shape == q.shape  # dq per group
+    rec = _run(linear_attention_recurrent, q, k, v, ld, s0, torch.float64)  # grouped oracle too
+    for name, a, r in zip(names, rec, ref):
+        assert _rel(a, r) <= 1e-12, name
 
 
 def test_recompute_gives_identical_gradients():
@@ -173,3 +202,5 @@ def test_shape_errors_are_actionable():
         linear_attention(q, k, v, initial_state=torch.zeros(2, 3, 7, 7))
     with pytest.raises(ValueError, match="same shape"):
         linear_attention(q, k[..., :5], v)
+    with pytest.raises(ValueError, match="must divide"):  # 2 q/k heads for 3 heads of v
+        linear_attention(q[:, :, :2], k[:, :, :2], v)

@@ -20,10 +20,11 @@ def _rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def _inputs(decay, device, *, b=2, n=37, h=3, dk=24, dv=20, seed=0):
+def _inputs(decay, device, *, b=2, n=37, h=3, dk=24, dv=20, seed=0, hk=None):
+    """hk: heads of q and k when grouped (each serving h / hk heads of v); default h."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, n, h, dk, generator=g, dtype=torch.float64)
-    k = torch.randn(b, n, h, dk, generator=g, dtype=torch.float64)
+    q = torch.randn(b, n, hk or h, dk, generator=g, dtype=torch.float64)
+    k = torch.randn(b, n, hk or h, dk, generator=g, dtype=torch.float64)
     v = torch.randn(b, n, h, dv, generator=g, dtype=torch.float64)
     s0 = torch.randn(b, h, dk, dv, generator=g, dtype=torch.float64)
     if decay == "none":
@@ -59,6 +60,26 @@ def test_triton_matches_recurrent(decay, n, device):
         assert a.dtype == torch.float32 and a.shape == r.shape, name
         tol = 1e-5 if name in ("o", "final_state") else 1e-4
         assert _rel(a, r) <= tol, f"{name}: relative error {_rel(a, r):.2e} > {tol}"
+
+
+@pytest.mark.parametrize("decay,hk", [("none", 1), ("token", 2), ("head", 1)])
+def test_grouped_qk_matches_per_head_copies(decay, hk, device):
+    """Grouped q/k: 6 heads reading hk heads of q/k (head i -> i // (6 / hk)) equal the oracle
+    on q and k copied per head; dq and dk are the sums of the heads' shares."""
+    q, k, v, ld, s0 = _inputs(decay, device, n=37, h=6, hk=hk, dk=20, dv=12)
+    r = 6 // hk
+
+    def copies(q, k, v, **kw):
+        return linear_attention_recurrent(q.repeat_interleave(r, 2), k.repeat_interleave(r, 2),
+                                          v, **kw)
+
+    ref = _run(copies, q, k, v, ld, s0, torch.float64)
+    out = _run(la_triton, q, k, v, ld, s0, torch.float32)
+    names = ["o", "final_state", "dq", "dk", "dv", "dinitial_state", "dlog_decay"]
+    for name, a, r_ in zip(names, out, ref):
+        assert a.shape == r_.shape, name
+        tol = 1e-5 if name in ("o", "final_state") else 1e-4
+        assert _rel(a, r_) <= tol, f"{name}: relative error {_rel(a, r_):.2e} > {tol}"
 
 
 @pytest.mark.parametrize("decay", ["none", "token"])
@@ -108,6 +129,8 @@ def test_supports(device):
     assert supports(q.float(), k.float(), v.float())
     assert not supports(q, k, v)  # float64 runs on the PyTorch paths
     assert not supports(q.float(), k.float()[:, :, :2], v.float())
+    assert supports(q.float()[:, :, :1], k.float()[:, :, :1], v.float())  # grouped: 1 for 3
+    assert not supports(q.float()[:, :, :2], k.float()[:, :, :2], v.float())  # 2 does not divide 3
 
 
 def test_float16_inputs_use_low_precision_products(device):

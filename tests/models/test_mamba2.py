@@ -8,6 +8,7 @@ agree to float32 rounding: 1e-4 absolute on logits of size ~1. Invariant and ora
 in float64: 1e-10.
 """
 
+import importlib
 import json
 
 import pytest
@@ -118,6 +119,38 @@ def test_mixer_matches_the_recurrence_and_pieces():
     torch.testing.assert_close(mixer(x), ref, rtol=1e-10, atol=1e-10)
     full = _split_invariant(mixer.step, x, [(0, 1), (1, 2), (2, 20), (20, 39)])
     torch.testing.assert_close(full, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scan_reads_B_and_C_once_per_group_in_the_projection_dtype(monkeypatch, dtype):
+    """The scan gets C and B per group (2 groups for 10 heads: grouped q/k, no per-head copies)
+    and q, k, v in the projections' dtype (bfloat16 here stands for autocast's on CUDA), with a
+    float32 decay; the bfloat16 mixer stays within bfloat16 rounding of the float32 one (inputs
+    rounded to 2^-8 relative through two projections and the scan: we allow 3e-2 of the largest
+    output; measured 9.0e-3)."""
+    # the module (the package attribute of that name is the function)
+    la = importlib.import_module("ctxscale.kernels.linear_attention")
+    seen, original = [], la.linear_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, kw["log_decay"].dtype))
+        return original(q, k, v, **kw)
+
+    monkeypatch.setattr(la, "linear_attention", spy)
+    cfg = small_config("mamba2")
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(cfg)
+    perturb(mixer)
+    x = torch.randn(2, 19, 30)
+    ref = mixer(x)
+    out = mixer.to(dtype)(x.to(dtype))
+    H, G, N = mixer.heads, mixer.groups, mixer.d_state
+    assert (H, G) == (10, 2)
+    assert seen[-1] == ((2, 19, G, N), (2, 19, G, N), (2, 19, H, 6), dtype, dtype, dtype,
+                        torch.float32)
+    assert out.dtype == dtype
+    assert ((out.float() - ref).abs().max() / ref.abs().max()).item() <= (
+        1e-6 if dtype == torch.float32 else 3e-2)
 
 
 def test_model_one_pass_equals_pieces_equals_token_by_token():
