@@ -56,7 +56,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-OPS = ("attention", "ring_step", "linear_attention", "selective_scan", "rms_norm", "cross_entropy")
+OPS = ("attention", "document_attention", "ring_step", "linear_attention", "selective_scan",
+       "rms_norm", "cross_entropy")
 
 
 # ---------------------------------------------------------------- measurement
@@ -246,6 +247,59 @@ def attention_cases(seq, args, device, dtype):
         add("reference (full scores)", lambda: att.attention_reference(q, k, v, causal=True)[0])
     else:
         skipped.append(("reference (full scores)", f"seq² scores need {score_bytes / 2**30:.1f} GiB"))
+    return cases, skipped
+
+
+def document_attention_cases(seq, args, device, dtype):
+    """Packed documents of `--doc-len` tokens (the last one shorter): causal attention inside
+    each document. Baseline: SDPA over the whole sequence WITHOUT the mask, i.e. what attention
+    costs when documents are not separated ('x base' > 1: what masking saves); its outputs differ
+    by design, so every row's 'diff' is against each document's own causal attention (SDPA per
+    document, the exact result of document masking)."""
+    att = importlib.import_module("ctxscale.kernels.attention")
+
+    b, h, hk, d = args.batch, args.heads, args.kv_heads, args.head_dim
+    q = torch.randn(b, seq, h, d, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(b, seq, hk, d, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(b, seq, hk, d, device=device, dtype=dtype, requires_grad=True)
+    ins = (q, k, v)
+    docs = (torch.arange(seq, device=device) // args.doc_len).expand(b, seq).contiguous()
+    lens = [min(args.doc_len, seq - s) for s in range(0, seq, args.doc_len)]
+    fl = sum(att.attention_flops(b, n, n, h, d, causal=True) for n in lens)
+    cases, skipped = [], []
+    with torch.no_grad():  # each document alone: what every masked path must return
+        expected = torch.cat([att.attention(q[:, s:s + n], k[:, s:s + n], v[:, s:s + n])
+                              for s, n in zip(range(0, seq, args.doc_len), lens)], 1).float()
+
+    def add(path, fn, baseline=False, flops=fl):
+        cases.append(Case(path, lambda: _nograd(fn), _fwd_bwd(fn, ins), flops, 3.5 * flops,
+                          baseline=baseline, extra={"expected": expected}))
+
+    def sdpa(mask=None):
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if hk != h:
+            kt, vt = kt.repeat_interleave(h // hk, 1), vt.repeat_interleave(h // hk, 1)
+        kw = {"attn_mask": mask} if mask is not None else {"is_causal": True}
+        return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, **kw).transpose(1, 2)
+
+    add("sdpa causal, no mask", sdpa, baseline=True,
+        flops=att.attention_flops(b, seq, seq, h, d, causal=True))
+    seg = {"q_segments": docs, "k_segments": docs}
+    why = _triton_ok(device)
+    if why is None:
+        fat = importlib.import_module("ctxscale.kernels.flash_attention_triton")
+        add("triton + documents (ours)", lambda: fat.flash_attention(q, k, v, causal=True, **seg)[0])
+    else:
+        skipped.append(("triton + documents (ours)", why))
+    add("blockwise + documents (ours)",
+        lambda: att.attention_blockwise(q, k, v, causal=True, **seg)[0])
+    mask_bytes = b * seq * seq  # bool
+    if 4 * mask_bytes < args.reference_budget:
+        dense = (docs[:, :, None] == docs[:, None, :]) & torch.ones(
+            seq, seq, dtype=torch.bool, device=device).tril()
+        add("sdpa + dense document mask", lambda: sdpa(dense[:, None]))
+    else:
+        skipped.append(("sdpa + dense document mask", f"the seq² mask needs {mask_bytes / 2**30:.1f} GiB"))
     return cases, skipped
 
 
@@ -456,6 +510,7 @@ def _nograd(fn):
 
 BUILDERS = {
     "attention": attention_cases,
+    "document_attention": document_attention_cases,
     "ring_step": ring_step_cases,
     "linear_attention": linear_attention_cases,
     "selective_scan": selective_scan_cases,
@@ -531,7 +586,9 @@ def run(args, flush=None) -> str:
                     out = _first(case.fwd()).detach().float()
                     if case.baseline:
                         base_out = out
-                    elif base_out is not None:
+                    if "expected" in case.extra:  # compared with the op's own reference
+                        row.diff = _rel_diff(out, case.extra["expected"])
+                    elif base_out is not None and not case.baseline:
                         row.diff = _rel_diff(out, base_out)
                     del out
                 except (torch.OutOfMemoryError, RuntimeError) as e:
@@ -577,6 +634,8 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=None, help="default 128 on CUDA, 64 on CPU")
     p.add_argument("--ssm-dim", type=int, default=None, help="default 2048 on CUDA, 64 on CPU")
     p.add_argument("--ssm-state", type=int, default=16)
+    p.add_argument("--doc-len", type=int, default=None,
+                   help="document length of document_attention (default 2048 on CUDA, 1024 on CPU)")
     p.add_argument("--hidden", type=int, default=None, help="default 4096 on CUDA, 512 on CPU")
     p.add_argument("--vocab", type=int, default=None, help="default 128256 on CUDA, 8000 on CPU")
     p.add_argument("--repeats", type=int, default=None, help="default 10 on CUDA, 3 on CPU")
@@ -598,6 +657,7 @@ def main(argv=None):
     args.head_dim = pick(args.head_dim, 128, 64)
     args.ssm_dim = pick(args.ssm_dim, 2048, 64)
     args.hidden = pick(args.hidden, 4096, 512)
+    args.doc_len = pick(args.doc_len, 2048, 1024)
     args.vocab = pick(args.vocab, 128256, 8000)
     args.repeats = pick(args.repeats, 10, 3)
     args.recurrent_max_seq = pick(args.recurrent_max_seq, 2048, 512)

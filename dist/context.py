@@ -30,18 +30,23 @@ class ParallelContext:
     def cp_enabled(self) -> bool:
         return self.cp_size > 1
 
-    def attention(self, q, k, v, *, causal=True, softmax_scale=None):
+    def attention(self, q, k, v, *, causal=True, softmax_scale=None, document_ids=None):
         """Exact attention of this rank's queries over the whole sequence.
-        q/k/v: `(batch, seq_local, heads, head_dim)` in `cp_layout`."""
+        q/k/v: `(batch, seq_local, heads, head_dim)` in `cp_layout`. `document_ids`: the
+        `(batch, seq)` document id of every token of the WHOLE sequence (the same on every cp
+        rank): a query sees only keys of its own document (packed sequences)."""
         if not self.cp_enabled:
             from ctxscale.kernels import attention
 
-            return attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+            seg = {} if document_ids is None else {"q_segments": document_ids,
+                                                   "k_segments": document_ids}
+            return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, **seg)
         from ctxscale.dist.context_parallel import context_parallel_attention
 
         return context_parallel_attention(
             q, k, v, group=self.cp_group, method=self.cp_method, layout=self.cp_layout,
             causal=causal, softmax_scale=softmax_scale, ulysses_degree=self.ulysses_degree,
+            segments=document_ids,
         )
 
     def cross_entropy(self, hidden, weight, labels, *, reduction="sum"):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 
 from ctxscale.dist.layout import LAYOUTS, check_divisible
-from ctxscale.dist.ring import group_rank_world, ring_attention
+from ctxscale.dist.ring import check_global_segments, group_rank_world, ring_attention
 from ctxscale.dist.rsa import ring_self_attention
 
 METHODS = ("rsa", "ring", "lightseq", "ulysses", "usp")
@@ -83,30 +83,32 @@ def validate(q, k, v, *, world: int, method: str, layout: str, ulysses_degree=No
 
 
 def context_parallel_attention(q, k, v, *, group=None, method="ring", layout="contiguous",
-                               causal=True, softmax_scale=None, ulysses_degree=None):
+                               causal=True, softmax_scale=None, ulysses_degree=None,
+                               segments=None):
     """Exact softmax attention of this rank's shard against the whole sharded sequence (see the
-    module docstring for shapes, methods and layouts)."""
+    module docstring for shapes, methods and layouts). `segments`: the global `(batch, N)`
+    document ids for document masking (every method; the same tensor on every rank)."""
     _, world = group_rank_world(group)
     validate(q, k, v, world=world, method=method, layout=layout, ulysses_degree=ulysses_degree)
+    check_global_segments(segments, q, world, "context_parallel_attention")
     if world == 1:
         from ctxscale.kernels import attention
 
-        return attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+        seg_kw = {} if segments is None else {"q_segments": segments, "k_segments": segments}
+        return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, **seg_kw)
+    common = dict(group=group, causal=causal, softmax_scale=softmax_scale, segments=segments)
     if method == "ring":
-        return ring_attention(q, k, v, group=group, layout=layout, causal=causal,
-                              softmax_scale=softmax_scale)
+        return ring_attention(q, k, v, layout=layout, **common)
     if method == "rsa":
-        return ring_self_attention(q, k, v, group=group, layout=layout, causal=causal,
-                                   softmax_scale=softmax_scale)
+        return ring_self_attention(q, k, v, layout=layout, **common)
     if method == "lightseq":
         fn = _lazy("lightseq", "lightseq_attention")
-        return fn(q, k, v, group=group, causal=causal, softmax_scale=softmax_scale, overlap=True)
+        return fn(q, k, v, overlap=True, **common)
     if method == "ulysses":
         fn = _lazy("ulysses", "ulysses_attention")
-        return fn(q, k, v, group=group, layout=layout, causal=causal, softmax_scale=softmax_scale)
+        return fn(q, k, v, layout=layout, **common)
     fn = _lazy("usp", "usp_attention")
-    return fn(q, k, v, group=group, layout=layout, causal=causal, softmax_scale=softmax_scale,
-              ulysses_degree=ulysses_degree)
+    return fn(q, k, v, layout=layout, ulysses_degree=ulysses_degree, **common)
 
 
 __all__ = ["METHODS", "METHOD_LAYOUTS", "context_parallel_attention"]

@@ -49,6 +49,29 @@ def global_positions(seq_len: int, rank: int, world_size: int, layout: str, devi
     return torch.cat([first, torch.arange(j * c, (j + 1) * c, device=device)])
 
 
+class ShardSegments:
+    """Document ids of every rank's shard, from the global `(batch, N)` ids that all ranks of
+    a context-parallel group hold (document masking: each rank's queries and each incoming
+    key block need their tokens' ids). `shard(r)` is rank r's `(batch, N/P)` in local order;
+    `disjoint(r, s)` is True when no token of shard r shares a document with shard s, so a
+    block between them can be skipped (its id ranges do not meet; one host sync per call of
+    the constructor)."""
+
+    def __init__(self, segments: torch.Tensor, world_size: int, layout: str):
+        n = segments.shape[1]
+        self.shards = [segments[:, global_positions(n, r, world_size, layout, device=segments.device)]
+                       for r in range(world_size)]
+        ranges = torch.stack([torch.stack([s.min(), s.max()]) for s in self.shards]).tolist()
+        self.ranges = [tuple(r) for r in ranges]
+
+    def shard(self, rank: int) -> torch.Tensor:
+        return self.shards[rank]
+
+    def disjoint(self, r: int, s: int) -> bool:
+        (a0, a1), (b0, b1) = self.ranges[r], self.ranges[s]
+        return a1 < b0 or b1 < a0
+
+
 def _world(group) -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
         return 0, 1

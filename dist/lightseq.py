@@ -32,6 +32,10 @@ dS_ij = P_ij ∘ (do_i v_jᵀ − D_i) · scale. The block's computer keeps the 
 owns and returns the rest in float32: owners return dk/dv to the kv owner, helpers return dq
 to the query owner. The forward pass is never re-run.
 
+Document masking (`segments`, the global `(batch, N)` ids on every rank): each block computes
+with its query rows' and key chunk's ids (chunk r's are columns [r·n, (r+1)·n)), so helpers
+need no extra transfer.
+
 Overlap: each step's transfers are posted before the previous step computes
 (`comm.trace('post') ... ('compute') ... ('wait')`), partial results are sent right after they
 are computed and merged one step later. `overlap=False` waits on every transfer at once.
@@ -91,7 +95,7 @@ def _check_even(world_size: int) -> None:
 
 
 # ---------------------------------------------------------------- helpers
-def _block_backward(do, q, k, v, lse, delta, grads, *, causal, scale):
+def _block_backward(do, q, k, v, lse, delta, grads, *, causal, scale, seg_kw):
     """Gradients of one block given the global lse and D = rowsum(do ∘ o), without shipping o.
 
     attention_backward uses o only through D = rowsum(do ∘ o), so any stand-in o with that row
@@ -105,7 +109,17 @@ def _block_backward(do, q, k, v, lse, delta, grads, *, causal, scale):
     norm = (dd * dd).sum(-1, keepdim=True)
     stand_in = torch.where(norm > 0, dd * (d / norm.clamp_min(torch.finfo(cdt).tiny)), 0.0)
     return attention_backward_into(do, q, k, v, stand_in, lse, grads, causal=causal,
-                                   softmax_scale=scale)
+                                   softmax_scale=scale, **seg_kw)
+
+
+def _segments_of(segments, n):
+    """seg(rank, rows) -> kernel kwargs {q_segments, k_segments} for (query chunk, key chunk)."""
+    def kw(q_rank, rows, k_rank):
+        if segments is None:
+            return {}
+        return {"q_segments": segments[:, q_rank * n:(q_rank + 1) * n][:, rows],
+                "k_segments": segments[:, k_rank * n:(k_rank + 1) * n]}
+    return kw
 
 
 def _flops(q, k, causal):
@@ -131,8 +145,9 @@ class _Messages:
 
 
 # ---------------------------------------------------------------- forward
-def _forward(q, k, v, group, causal, scale, overlap):
+def _forward(q, k, v, group, causal, scale, overlap, segments=None):
     rank, world = dist.get_rank(group), dist.get_world_size(group)
+    seg = _segments_of(segments, q.shape[1])
     steps = lightseq_schedule(world, causal)
     msgs = _Messages(group, overlap)
     every, split = slice(None), split_step(world, causal)
@@ -176,16 +191,20 @@ def _forward(q, k, v, group, causal, scale, overlap):
             diag = causal and own_kv == rank
             q_own = q[:, own_rows]
             comm.trace("compute", f"fwd{t}")
+            seg_kw = seg(rank, own_rows, own_kv)
             if o_acc is None:  # step 0 (the diagonal, or kv_r when non-causal) covers all rows
-                o_t, lse_t = attention_forward(q_own, kk, vv, causal=diag, softmax_scale=scale)
+                o_t, lse_t = attention_forward(q_own, kk, vv, causal=diag, softmax_scale=scale,
+                                               **seg_kw)
                 o_acc, lse_acc = o_t.float(), lse_t.float()
             else:  # merged in place (inside the kernel on Triton)
                 attention_forward_merge(q_own, kk, vv, o_acc[:, own_rows],
-                                        lse_acc[:, :, own_rows], causal=diag, softmax_scale=scale)
+                                        lse_acc[:, :, own_rows], causal=diag, softmax_scale=scale,
+                                        **seg_kw)
             comm.record_attention_work(blocks=1, flops=_flops(q_own, kk, diag))
         if help_q is not None:
             comm.trace("compute", f"fwd{t}-help")
-            o_h, lse_h = attention_forward(bufs["q"], k, v, causal=False, softmax_scale=scale)
+            o_h, lse_h = attention_forward(bufs["q"], k, v, causal=False, softmax_scale=scale,
+                                           **seg(help_q, help_rows, rank))
             comm.record_attention_work(blocks=1, flops=_flops(bufs["q"], k, False))
             ret_sends = [(o_h.float().contiguous(), help_q), (lse_h.float().contiguous(), help_q)]
         ret_bufs, recvs = [], []
@@ -214,8 +233,9 @@ def _forward(q, k, v, group, causal, scale, overlap):
 
 
 # ---------------------------------------------------------------- backward
-def _backward(do, q, k, v, o, lse, group, causal, scale, overlap):
+def _backward(do, q, k, v, o, lse, group, causal, scale, overlap, segments=None):
     rank, world = dist.get_rank(group), dist.get_world_size(group)
+    seg = _segments_of(segments, q.shape[1])
     steps = lightseq_schedule(world, causal)
     msgs = _Messages(group, overlap)
     do = do.contiguous()
@@ -268,7 +288,8 @@ def _backward(do, q, k, v, o, lse, group, causal, scale, overlap):
             comm.trace("compute", f"bwd{t}")
             own = (dk, dv) if own_kv == rank else (None, None)  # else sent to their owner
             _, dk_t, dv_t = _block_backward(do_o, q_o, kk, vv, lse_o, delta_o,
-                                            (dq[:, own_rows], *own), causal=diag, scale=scale)
+                                            (dq[:, own_rows], *own), causal=diag, scale=scale,
+                                            seg_kw=seg(rank, own_rows, own_kv))
             comm.record_attention_work(blocks=1, flops=2.5 * _flops(q_o, kk, diag),
                                        kind="attention_backward")
             if own_kv != rank:
@@ -277,7 +298,8 @@ def _backward(do, q, k, v, o, lse, group, causal, scale, overlap):
             hq, hdo, hlse, hdelta = bufs["q"]
             comm.trace("compute", f"bwd{t}-help")
             dq_h, _, _ = _block_backward(hdo, hq, k, v, hlse, hdelta, (None, dk, dv),
-                                         causal=False, scale=scale)
+                                         causal=False, scale=scale,
+                                         seg_kw=seg(help_q, help_rows, rank))
             comm.record_attention_work(blocks=1, flops=2.5 * _flops(hq, k, False),
                                        kind="attention_backward")
             ret_sends.append((dq_h.contiguous(), help_q))
@@ -310,29 +332,33 @@ def _backward(do, q, k, v, o, lse, group, causal, scale, overlap):
 
 class _LightSeqAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, causal, scale, overlap):
+    def forward(ctx, q, k, v, group, causal, scale, overlap, segments):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, lse = _forward(q, k, v, group, causal, scale, overlap)
+        o, lse = _forward(q, k, v, group, causal, scale, overlap, segments)
         o = o.to(q.dtype)
         # Saved for the backward pass, which therefore never re-runs the forward attention.
-        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_backward(q, k, v, o, lse, segments)
         ctx.args = (group, causal, scale, overlap)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, segments = ctx.saved_tensors
         group, causal, scale, overlap = ctx.args
-        dq, dk, dv = _backward(do, q, k, v, o, lse, group, causal, scale, overlap)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        dq, dk, dv = _backward(do, q, k, v, o, lse, group, causal, scale, overlap, segments)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
-def lightseq_attention(q, k, v, *, group=None, causal=True, softmax_scale=None, overlap=True):
+def lightseq_attention(q, k, v, *, group=None, causal=True, softmax_scale=None, overlap=True,
+                       segments=None):
     """LightSeq DistAttn over the ranks of `group` (see the module docstring).
 
     q: (batch, N/P, heads, head_dim), k/v: (batch, N/P, kv_heads, head_dim): this rank's
-    contiguous chunk. Returns o: (batch, N/P, heads, head_dim). Differentiable.
+    contiguous chunk. Returns o: (batch, N/P, heads, head_dim). Differentiable. `segments`: the
+    global `(batch, N)` document ids (document masking), the same on every rank.
     """
+    from ctxscale.dist.ring import check_global_segments
+
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape:
         raise ValueError(
             "lightseq_attention expects (batch, seq_local, heads, head_dim) tensors with k and v "
@@ -343,8 +369,12 @@ def lightseq_attention(q, k, v, *, group=None, causal=True, softmax_scale=None, 
             f"q has {q.shape[1]} local tokens and k/v {k.shape[1]}: every rank must hold the same "
             "number of query and key tokens (its contiguous chunk of the sequence)"
         )
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    single = not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1
+    check_global_segments(segments, q, 1 if single else dist.get_world_size(group),
+                          "lightseq_attention")
+    if single:
+        seg_kw = {} if segments is None else {"q_segments": segments, "k_segments": segments}
+        return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, **seg_kw)
     _check_even(dist.get_world_size(group))
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    return _LightSeqAttention.apply(q, k, v, group, causal, scale, overlap)
+    return _LightSeqAttention.apply(q, k, v, group, causal, scale, overlap, segments)

@@ -89,12 +89,14 @@ class StageModule(nn.Module):
         self.is_last = is_last
         self.eval_fn = None  # set during PipelineRunner.evaluate
 
-    def forward(self, x, position_ids, labels):
+    def forward(self, x, position_ids, labels, document_ids=None):
+        extra = {} if document_ids is None else {"document_ids": document_ids}
         if self.is_last and self.eval_fn is not None:
-            return self.eval_fn(self.model, x, position_ids, labels)
+            return self.eval_fn(self.model, x, position_ids, labels, **extra)
         if self.is_last:
-            return self.model(x, labels=labels, position_ids=position_ids, loss_reduction="sum")
-        return self.model(x, position_ids=position_ids)
+            return self.model(x, labels=labels, position_ids=position_ids, loss_reduction="sum",
+                              **extra)
+        return self.model(x, position_ids=position_ids, **extra)
 
 
 class PipelineModel(nn.Module):
@@ -186,12 +188,13 @@ class PipelineRunner:
                 f"parallel.pp_microbatches={self.microbatches}"
             )
 
-    def step(self, ids, labels, pos, *, scale: float) -> torch.Tensor | None:
+    def step(self, ids, labels, pos, *, scale: float, extra: dict | None = None) -> torch.Tensor | None:
         """Forward + backward of one batch split into micro-batches; returns the summed loss on
-        the last stage (None elsewhere)."""
+        the last stage (None elsewhere). `extra`: more per-row model inputs (document_ids),
+        split into the micro-batches like the positions and given to every stage."""
         self.scale = scale
         losses = [] if self.is_last else None
-        kwargs = {"position_ids": pos, "labels": labels}
+        kwargs = {"position_ids": pos, "labels": labels, **(extra or {})}
         # `target` is unused by the loss (the last stage already returns it) but the schedule
         # requires one on the last stage
         target = labels if self.is_last else None
@@ -202,15 +205,15 @@ class PipelineRunner:
         return torch.stack([loss.detach() for loss in losses]).sum() / scale
 
     @torch.no_grad()
-    def evaluate(self, ids, labels, pos, stats_fn) -> torch.Tensor:
+    def evaluate(self, ids, labels, pos, stats_fn, extra: dict | None = None) -> torch.Tensor:
         """Forward-only pass; `stats_fn(model, hidden, position_ids, labels)` runs on the last
         stage per micro-batch and returns a 1-D float64 tensor of sums; returns their total on
         the last stage (zeros elsewhere)."""
         last = [m for m, st in zip(self.stage_modules, self.stages) if st.is_last]
         for m in last:
-            m.eval_fn = lambda model, x, p, y: stats_fn(model, x, p, y).reshape(1, -1)
+            m.eval_fn = lambda model, x, p, y, **kw: stats_fn(model, x, p, y, **kw).reshape(1, -1)
         try:
-            kwargs = {"position_ids": pos, "labels": labels}
+            kwargs = {"position_ids": pos, "labels": labels, **(extra or {})}
             args = (ids,) if self.is_first else ()
             target = labels if self.is_last else None
             out = self.schedule.eval(*args, target=target, **kwargs)

@@ -33,6 +33,11 @@ Causal masking uses global token positions (see `ctxscale.dist.layout`; local le
   q[1:] against k[:-1] (row 0 sees nothing).
 Without a causal mask every block is fully visible and the layout does not matter.
 
+Document masking (`segments`, the global `(batch, N)` document ids every rank holds): each block
+passes its query rows' and key rows' ids to the kernel, which masks across documents and skips
+tiles that share none; a whole block whose shards share no document is skipped (K/V still
+travel, so the schedule and the bytes do not change).
+
 Communication overlap: K/V live in two buffers; the hop that brings the NEXT step's K/V is posted
 before the current block computes and waited on only after it (`overlap=False`: post, wait, then
 compute — the synchronous schedule the overlap benchmark compares against).
@@ -51,7 +56,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from ctxscale.dist import comm
-from ctxscale.dist.layout import LAYOUTS, check_divisible
+from ctxscale.dist.layout import LAYOUTS, ShardSegments, check_divisible
 from ctxscale.kernels.attention import (
     attention_backward_into,
     attention_flops,
@@ -83,6 +88,19 @@ def check_cp_inputs(q, k, v, *, world: int, layout: str, name: str) -> None:
     if k.shape != v.shape:
         raise ValueError(f"{name}: k {tuple(k.shape)} and v {tuple(v.shape)} must have equal shapes")
     check_divisible(q.shape[1] * world, world, layout)
+
+
+def check_global_segments(segments, q, world: int, name: str) -> None:
+    """ValueError unless `segments` is None or the global `(batch, seq_local · world)` ids."""
+    if segments is None:
+        return
+    want = (q.shape[0], q.shape[1] * world)
+    if segments.shape != want or segments.dtype.is_floating_point or segments.dtype == torch.bool:
+        raise ValueError(
+            f"{name}: segments must be the integer document ids of the whole sequence, shape "
+            f"(batch, seq_local * cp) = {want}, the same on every rank; got {segments.dtype} "
+            f"{tuple(segments.shape)}"
+        )
 
 
 def block_plan(layout: str, causal: bool, rank: int, src: int, n: int):
@@ -200,7 +218,21 @@ def _block_flops(b, h, d, q_rows, k_rows, causal) -> float:
     return attention_flops(b, q_rows, k_rows, h, d, causal)
 
 
-def _ring_forward(q, k, v, *, group, layout, causal, scale, overlap):
+def _block_segments(segs, rank, src, rows, krows):
+    """Kernel kwargs for one block: its query and key rows' document ids (none without)."""
+    if segs is None:
+        return {}
+    return {"q_segments": segs.shard(rank)[:, rows], "k_segments": segs.shard(src)[:, krows]}
+
+
+def _plan(layout, causal, rank, src, n, segs):
+    """`block_plan`, or None also when the two shards share no document."""
+    if segs is not None and segs.disjoint(rank, src):
+        return None
+    return block_plan(layout, causal, rank, src, n)
+
+
+def _ring_forward(q, k, v, *, group, layout, causal, scale, overlap, segs=None):
     rank, world = group_rank_world(group)
     b, n, h, d = q.shape
     cdt = _compute_dtype(q.dtype)
@@ -211,14 +243,15 @@ def _ring_forward(q, k, v, *, group, layout, causal, scale, overlap):
     for step in range(world):
         src = (rank - step) % world
         kv_s = kv.begin(step)
-        plan = block_plan(layout, causal, rank, src, n)
+        plan = _plan(layout, causal, rank, src, n, segs)
         if plan is not None:
             rows, krows, blk_causal = plan
             qb = _rows(q, rows)
             comm.trace("compute", f"ring_fwd{step}")
             # merged into the running (out, lse) rows in place: inside the kernel on Triton
             attention_forward_merge(qb, kv_s[0][:, krows], kv_s[1][:, krows], out[:, rows],
-                                    lse[:, :, rows], causal=blk_causal, softmax_scale=scale)
+                                    lse[:, :, rows], causal=blk_causal, softmax_scale=scale,
+                                    **_block_segments(segs, rank, src, rows, krows))
             comm.record_attention_work(
                 blocks=1, flops=_block_flops(b, h, d, _len(rows, n), _len(krows, n), blk_causal)
             )
@@ -226,7 +259,7 @@ def _ring_forward(q, k, v, *, group, layout, causal, scale, overlap):
     return out, lse
 
 
-def _ring_backward(do, q, k, v, out, lse, *, group, layout, causal, scale, overlap):
+def _ring_backward(do, q, k, v, out, lse, *, group, layout, causal, scale, overlap, segs=None):
     rank, world = group_rank_world(group)
     b, n, h, d = q.shape
     cdt = _compute_dtype(q.dtype)
@@ -239,7 +272,7 @@ def _ring_backward(do, q, k, v, out, lse, *, group, layout, causal, scale, overl
     for step in range(world):
         src = (rank - step) % world
         kv_s = kv.begin(step)
-        plan = block_plan(layout, causal, rank, src, n)
+        plan = _plan(layout, causal, rank, src, n, segs)
         grads = None
         if plan is not None:
             rows, krows, blk_causal = plan
@@ -251,7 +284,7 @@ def _ring_backward(do, q, k, v, out, lse, *, group, layout, causal, scale, overl
             grads = attention_backward_into(
                 _rows(do, rows), _rows(q, rows), kv_s[0][:, krows], kv_s[1][:, krows],
                 _rows(out, rows), lse[:, :, rows], (dq[:, rows], *own), causal=blk_causal,
-                softmax_scale=scale,
+                softmax_scale=scale, **_block_segments(segs, rank, src, rows, krows),
             )
             comm.record_attention_work(
                 blocks=1, flops=2.5 * _block_flops(b, h, d, _len(rows, n), _len(krows, n), blk_causal),
@@ -272,13 +305,17 @@ def _ring_backward(do, q, k, v, out, lse, *, group, layout, causal, scale, overl
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, layout, causal, scale, overlap):
+    def forward(ctx, q, k, v, group, layout, causal, scale, overlap, segments):
+        segs = None
+        if segments is not None:
+            segs = ShardSegments(segments, group_rank_world(group)[1], layout)
         out, lse = _ring_forward(q, k, v, group=group, layout=layout, causal=causal,
-                                 scale=scale, overlap=overlap)
+                                 scale=scale, overlap=overlap, segs=segs)
         # the float32 output is kept for the backward's D = do·o term, so bf16 inputs lose no
         # accuracy there (costs b·n·h·d·4 bytes instead of ·2)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (group, layout, causal, scale, overlap)
+        ctx.segs = segs
         return out.to(q.dtype)
 
     @staticmethod
@@ -286,22 +323,26 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         group, layout, causal, scale, overlap = ctx.args
         dq, dk, dv = _ring_backward(do.contiguous(), q, k, v, out, lse, group=group,
-                                    layout=layout, causal=causal, scale=scale, overlap=overlap)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+                                    layout=layout, causal=causal, scale=scale, overlap=overlap,
+                                    segs=ctx.segs)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None
 
 
 def ring_attention(q, k, v, *, group=None, layout="contiguous", causal=True, softmax_scale=None,
-                   overlap=True):
+                   overlap=True, segments=None):
     """Exact softmax attention of this rank's query shard against the whole sharded sequence.
 
     q: `(batch, seq_local, heads, head_dim)`, k/v: `(batch, seq_local, kv_heads, head_dim)`,
     all in `layout` over `group`. Returns `(batch, seq_local, heads, head_dim)` in q's dtype;
-    differentiable in q, k and v. See the module docstring for the schedule.
+    differentiable in q, k and v. See the module docstring for the schedule. `segments`: the
+    global `(batch, seq_local · world)` document ids (document masking), the same on every rank.
     """
     _, world = group_rank_world(group)
     check_cp_inputs(q, k, v, world=world, layout=layout, name="ring_attention")
+    check_global_segments(segments, q, world, "ring_attention")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    return _RingAttention.apply(q, k, v, group, layout, bool(causal), scale, bool(overlap))
+    return _RingAttention.apply(q, k, v, group, layout, bool(causal), scale, bool(overlap),
+                                segments)
 
 
 __all__ = ["ring_attention", "block_plan", "RotatingBuffer", "TravellingSum"]

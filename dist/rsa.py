@@ -39,7 +39,13 @@ from __future__ import annotations
 import torch
 from ctxscale.dist import comm
 from ctxscale.dist.layout import global_positions
-from ctxscale.dist.ring import RotatingBuffer, TravellingSum, check_cp_inputs, group_rank_world
+from ctxscale.dist.ring import (
+    RotatingBuffer,
+    TravellingSum,
+    check_cp_inputs,
+    check_global_segments,
+    group_rank_world,
+)
 
 
 def _cdt(dtype):
@@ -72,7 +78,7 @@ def _columns(src, n):
     return slice(src * n, (src + 1) * n)
 
 
-def _rsa_forward(q, k, v, *, group, layout, causal, scale):
+def _rsa_forward(q, k, v, *, group, layout, causal, scale, segments=None):
     rank, world = group_rank_world(group)
     b, n, h, d = q.shape
     hk = k.shape[2]
@@ -86,12 +92,15 @@ def _rsa_forward(q, k, v, *, group, layout, causal, scale):
         k_s = ring_k.begin(step)
         comm.trace("compute", f"rsa_fwd_qk{step}")
         block = torch.matmul(qg, _kv_heads_first(k_s.to(cdt)).transpose(-1, -2)) * scale
+        pos_k = global_positions(n * world, src, world, layout, device=q.device)
         if causal:
-            pos_k = global_positions(n * world, src, world, layout, device=q.device)
             block = block.masked_fill(pos_k[None, :] > pos_q[:, None], float("-inf"))
+        if segments is not None:  # document masking: another document's keys are hidden
+            other = segments[:, pos_q, None] != segments[:, None, pos_k]
+            block = block.masked_fill(other[:, None, None], float("-inf"))
         scores[..., _columns(src, n)] = block
         ring_k.end(step)
-    probs = torch.softmax(scores, dim=-1)  # every row sees its own token, so no empty rows
+    probs = torch.softmax(scores, dim=-1)  # every row sees its own token: no empty rows
     del scores
     out = torch.zeros(b, hk, h // hk, n, v.shape[-1], dtype=cdt, device=q.device)
     ring_v = RotatingBuffer(v, group=group, rank=rank, world=world, overlap=False, tag="rsa_fwd_v")
@@ -160,8 +169,9 @@ def _rsa_backward(do, q, k, v, probs, *, group, layout, causal, scale):
 
 class _RingSelfAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, group, layout, causal, scale):
-        out, probs = _rsa_forward(q, k, v, group=group, layout=layout, causal=causal, scale=scale)
+    def forward(ctx, q, k, v, group, layout, causal, scale, segments):
+        out, probs = _rsa_forward(q, k, v, group=group, layout=layout, causal=causal, scale=scale,
+                                  segments=segments)
         ctx.save_for_backward(q, k, v, probs)
         ctx.args = (group, layout, causal, scale)
         return out.to(q.dtype)
@@ -172,20 +182,22 @@ class _RingSelfAttention(torch.autograd.Function):
         group, layout, causal, scale = ctx.args
         dq, dk, dv = _rsa_backward(do, q, k, v, probs, group=group, layout=layout,
                                    causal=causal, scale=scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def ring_self_attention(q, k, v, *, group=None, layout="contiguous", causal=True,
-                        softmax_scale=None):
+                        softmax_scale=None, segments=None):
     """Ring Self-Attention of this rank's shard (see the module docstring).
 
     q: `(batch, seq_local, heads, head_dim)`, k/v: `(batch, seq_local, kv_heads, head_dim)` in
     `layout` over `group`. Returns `(batch, seq_local, heads, head_dim)` in q's dtype.
+    `segments`: the global `(batch, N)` document ids (document masking), the same on every rank.
     """
     _, world = group_rank_world(group)
     check_cp_inputs(q, k, v, world=world, layout=layout, name="ring_self_attention")
+    check_global_segments(segments, q, world, "ring_self_attention")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    return _RingSelfAttention.apply(q, k, v, group, layout, bool(causal), scale)
+    return _RingSelfAttention.apply(q, k, v, group, layout, bool(causal), scale, segments)
 
 
 __all__ = ["ring_self_attention"]

@@ -227,17 +227,23 @@ def _check_inputs(q, k, v, layout):
         )
 
 
-def ulysses_attention(q, k, v, *, group=None, layout="contiguous", causal=True, softmax_scale=None):
+def ulysses_attention(q, k, v, *, group=None, layout="contiguous", causal=True, softmax_scale=None,
+                      segments=None):
     """DeepSpeed-Ulysses attention over the ranks of `group` (see the module docstring).
 
     q: (batch, N/P, heads, head_dim), k/v: (batch, N/P, kv_heads, head_dim), this rank's shard
     in `layout`. Returns o: (batch, N/P, heads, head_dim), this rank's shard in `layout`.
-    Differentiable (the backward pass runs the all-to-alls in reverse).
+    Differentiable (the backward pass runs the all-to-alls in reverse). `segments`: the global
+    `(batch, N)` document ids (document masking), the same on every rank.
     """
+    from ctxscale.dist.ring import check_global_segments
+
     _check_inputs(q, k, v, layout)
     rank, world = _world(group)
+    check_global_segments(segments, q, world, "ulysses_attention")
+    seg_kw = {} if segments is None else {"q_segments": segments, "k_segments": segments}
     if world == 1:
-        return attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+        return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, **seg_kw)
     seq_len = q.shape[1] * world
     check_divisible(seq_len, world, layout)
     q_ranges, kv_lists = head_plan(q.shape[2], k.shape[2], world)
@@ -245,12 +251,14 @@ def ulysses_attention(q, k, v, *, group=None, layout="contiguous", causal=True, 
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
 
     q_h, k_h, v_h = seq_to_heads([q, k, v], [q_lists, kv_lists, kv_lists], group=group)
-    reorder = causal and layout != "contiguous"
-    if reorder:  # rank-major layout order -> global order, so the causal mask is the plain one
+    # rank-major layout order -> global order, so the causal mask is the plain one (and the
+    # document ids are the global ones)
+    reorder = (causal or segments is not None) and layout != "contiguous"
+    if reorder:
         order = layout_order(seq_len, list(range(world)), world, layout, q.device)
         to_global = inverse_permutation(order)
         q_h, k_h, v_h = (t.index_select(1, to_global) for t in (q_h, k_h, v_h))
-    o_h = attention(q_h, k_h, v_h, causal=causal, softmax_scale=scale)
+    o_h = attention(q_h, k_h, v_h, causal=causal, softmax_scale=scale, **seg_kw)
     if reorder:
         o_h = o_h.index_select(1, order)
     (o,) = heads_to_seq([o_h], [q_lists], [q.shape[2]], group=group)

@@ -108,15 +108,17 @@ def default_ulysses_degree(world_size: int, num_heads: int) -> int:
 
 
 def usp_attention(q, k, v, *, group=None, layout="contiguous", causal=True, softmax_scale=None,
-                  ulysses_degree=None):
+                  ulysses_degree=None, segments=None):
     """USP attention over the ranks of `group` (see the module docstring for grid and layout).
 
     q: (batch, N/P, heads, head_dim), k/v: (batch, N/P, kv_heads, head_dim), this rank's shard
     in `layout` over `group`. `ulysses_degree` U must divide P (default: the largest divisor of
     P that divides the number of query heads); U = P is Ulysses, U = 1 is ring attention.
     Returns o: (batch, N/P, heads, head_dim), this rank's shard in `layout`. Differentiable.
+    `segments`: the global `(batch, N)` document ids (document masking); the ring groups'
+    shards are shards of the same global sequence, so they pass them on unchanged.
     """
-    from ctxscale.dist.ring import ring_attention
+    from ctxscale.dist.ring import check_global_segments, ring_attention
 
     _check_inputs(q, k, v, layout)
     rank, world = _world(group)
@@ -129,13 +131,14 @@ def usp_attention(q, k, v, *, group=None, layout="contiguous", causal=True, soft
         )
     seq_len = q.shape[1] * world
     check_divisible(seq_len, world, layout)
+    check_global_segments(segments, q, world, "usp_attention")
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     if ulysses_degree == world:
         return ulysses_attention(q, k, v, group=group, layout=layout, causal=causal,
-                                 softmax_scale=scale)
+                                 softmax_scale=scale, segments=segments)
     if ulysses_degree == 1:
         return ring_attention(q, k, v, group=group, layout=layout, causal=causal,
-                              softmax_scale=scale)
+                              softmax_scale=scale, segments=segments)
 
     ring_degree = world // ulysses_degree
     ulysses_groups, ring_groups = usp_grid(world, ulysses_degree, layout)
@@ -159,7 +162,7 @@ def usp_attention(q, k, v, *, group=None, layout="contiguous", causal=True, soft
         q_h, k_h, v_h = (t.index_select(1, perm) for t in (q_h, k_h, v_h))
     # (3) ring attention over the ring group.
     o_h = ring_attention(q_h, k_h, v_h, group=r_group, layout=layout, causal=causal,
-                         softmax_scale=scale)
+                         softmax_scale=scale, segments=segments)
     # (4) back to this rank's shard.
     if not identity:
         o_h = o_h.index_select(1, inverse_permutation(perm))

@@ -7,6 +7,16 @@ Layout: q `(batch, seq_q, heads, dim)`, k/v `(batch, seq_k, kv_heads, dim)` with
 A causal mask is aligned bottom-right, as in flash-attn >= 2.1: query i attends key j iff
 `j <= i + seq_k - seq_q`; a query row with no visible key has output 0 and lse -inf.
 
+Document masking (packed sequences): every entry point takes optional `q_segments` `(batch,
+seq_q)` and `k_segments` `(batch, seq_k)` integer tensors, the document id of each token; query
+i then sees key j only if also `q_segments[b, i] == k_segments[b, j]` (Megatron-LM's
+`reset_attention_mask`, torchtitan's block-causal mask). The tiled paths skip a (query tile, key
+tile) pair whose id ranges do not meet, so packed short documents cost about the sum of their
+squared lengths rather than the square of the sequence. Paths: the Triton kernel (masks and
+skips in the kernel), the tiled PyTorch path (on CPU in float32 each surviving tile pair runs
+PyTorch's fused CPU kernel with the tile's mask), and the reference; SDPA and flash-attn are
+not used for segments (flash-attn's varlen form needs unpadded batches).
+
 Paths:
 - `reference`: materializes the score matrix; the oracle for tests (float64 capable).
 - `blockwise`: FlashAttention-2 in PyTorch (online softmax over key tiles, recomputation in the
@@ -31,6 +41,10 @@ import torch.nn.functional as F
 from ctxscale.kernels.dispatch import forced_path, log_choice, module_available, want_triton
 
 DEFAULT_BLOCK = 1024
+# tile of the document-masked tiled paths: short documents leave most 256-token tile pairs
+# empty (measured on CPU, float32, 8192 tokens, fwd+bwd: documents of 512 tokens 645 ms with
+# 1024-token tiles, 257 ms with 256; documents of 2048: 648 vs 626 ms)
+SEGMENT_BLOCK = 256
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -54,6 +68,31 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
 
 
+def _check_segments(q, k, q_segments, k_segments) -> bool:
+    """Validate document segment ids; True when given."""
+    if q_segments is None and k_segments is None:
+        return False
+    if q_segments is None or k_segments is None:
+        raise ValueError(
+            "document masking needs both q_segments and k_segments (the document id of every "
+            "query and key token); pass both, or neither for plain (causal) attention"
+        )
+    for name, seg, x in (("q_segments", q_segments, q), ("k_segments", k_segments, k)):
+        if seg.shape != x.shape[:2] or seg.dtype.is_floating_point or seg.dtype == torch.bool:
+            raise ValueError(
+                f"{name} must be an integer tensor of shape (batch, seq) = {tuple(x.shape[:2])}; "
+                f"got {seg.dtype} {tuple(seg.shape)}"
+            )
+    return True
+
+
+def _segment_mask(q_segments, k_segments, q0, ql, k0, kl):
+    """(batch, 1, 1, ql, kl) True where the query and key tokens are in the same document."""
+    qs = q_segments[:, q0 : q0 + ql]
+    ks = k_segments[:, k0 : k0 + kl]
+    return (qs.unsqueeze(-1) == ks.unsqueeze(-2))[:, None, None]
+
+
 def _causal_mask(q_start: int, q_len: int, k_start: int, k_len: int, offset: int, device):
     """True where query (q_start + i) may attend key (k_start + j): j <= i + offset."""
     qi = torch.arange(q_start, q_start + q_len, device=device).unsqueeze(1)
@@ -73,9 +112,11 @@ def _ungrouped(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 3, 1, 2, 4).reshape(b, s, hk * g, d)
 
 
-def attention_reference(q, k, v, *, causal=True, softmax_scale=None):
+def attention_reference(q, k, v, *, causal=True, softmax_scale=None, q_segments=None,
+                        k_segments=None):
     """Plain attention with the full score matrix. Returns (o in q.dtype, lse float32/64)."""
     _check_shapes(q, k, v)
+    segmented = _check_segments(q, k, q_segments, k_segments)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     cdt = _compute_dtype(q.dtype)
     hk = k.shape[2]
@@ -86,6 +127,8 @@ def attention_reference(q, k, v, *, causal=True, softmax_scale=None):
     sq, sk = q.shape[1], k.shape[1]
     if causal:
         s = s.masked_fill(~_causal_mask(0, sq, 0, sk, sk - sq, q.device), float("-inf"))
+    if segmented:
+        s = s.masked_fill(~_segment_mask(q_segments, k_segments, 0, sq, 0, sk), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
     o = _ungrouped(torch.matmul(p, vt))
@@ -104,6 +147,51 @@ def _visible(q0, ql, k0, kl, offset) -> str:
     if k0 + kl - 1 <= q0 + offset:
         return "full"
     return "partial"
+
+
+def _tile_ranges(segments, block):
+    """Per tile of `block` tokens: (min, max) document id over the batch (one host sync)."""
+    n = segments.shape[1]
+    tiles = _tiles(n, block)
+    if not tiles:
+        return []
+    pad = tiles[-1][0] + block - n
+    seg = segments
+    lo = torch.nn.functional.pad(seg, (0, pad), value=torch.iinfo(seg.dtype).max)
+    hi = torch.nn.functional.pad(seg, (0, pad), value=torch.iinfo(seg.dtype).min)
+    lo = lo.view(seg.shape[0], len(tiles), block).amin((0, 2))
+    hi = hi.view(seg.shape[0], len(tiles), block).amax((0, 2))
+    return list(zip(lo.tolist(), hi.tolist()))
+
+
+def _tile_pairs(sq, sk, block, causal, offset, q_segments=None, k_segments=None):
+    """The (query tile, key tile) pairs that can see anything, each as (q0, ql, k0, kl, vis):
+    vis 'full' (nothing masked: no causal cut and no segments) or 'partial'. Pairs beyond the
+    causal diagonal, or whose document id ranges do not meet, are left out."""
+    q_tiles, k_tiles = _tiles(sq, block), _tiles(sk, block)
+    if q_segments is not None:
+        q_rng, k_rng = _tile_ranges(q_segments, block), _tile_ranges(k_segments, block)
+    pairs = []
+    for i, (q0, ql) in enumerate(q_tiles):
+        for j, (k0, kl) in enumerate(k_tiles):
+            vis = _visible(q0, ql, k0, kl, offset) if causal else "full"
+            if vis == "none":
+                continue
+            if q_segments is not None:
+                if q_rng[i][1] < k_rng[j][0] or q_rng[i][0] > k_rng[j][1]:
+                    continue
+                vis = "partial"
+            pairs.append((q0, ql, k0, kl, vis))
+    return pairs
+
+
+def _pair_mask(q0, ql, k0, kl, causal, offset, q_segments, k_segments, device):
+    """(…, ql, kl) visibility of one partial tile pair: causal cut and same document."""
+    mask = _causal_mask(q0, ql, k0, kl, offset, device) if causal else None
+    if q_segments is not None:
+        seg = _segment_mask(q_segments, k_segments, q0, ql, k0, kl)
+        mask = seg if mask is None else seg & mask
+    return mask
 
 
 def _cpu_flash_ok(q, k, causal) -> bool:
@@ -164,43 +252,123 @@ def _triton_block_kernel(q, k, v):
     return fat if fat.supports(q, k, v) else None
 
 
+def _segment_kwargs(q_segments, k_segments) -> dict:
+    return {} if q_segments is None else {"q_segments": q_segments, "k_segments": k_segments}
+
+
+def _by_query_tile(pairs):
+    """Group `_tile_pairs` output by query tile: [((q0, ql), [(k0, kl, vis), ...]), ...]."""
+    grouped: dict = {}
+    for q0, ql, k0, kl, vis in pairs:
+        grouped.setdefault((q0, ql), []).append((k0, kl, vis))
+    return list(grouped.items())
+
+
+def _additive_mask(mask, b, ql, kl, dtype):
+    """A (b, 1, ql, kl) additive mask (0 or −inf) for PyTorch's fused CPU kernel."""
+    mask = mask.expand(b, 1, 1, ql, kl).reshape(b, 1, ql, kl)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def _cpu_flash_tiles_ok(q) -> bool:
+    """Segments on CPU in float32: each tile pair on the fused CPU kernel with its mask."""
+    return q.device.type == "cpu" and q.dtype == torch.float32 and forced_path("attention") != "blockwise"
+
+
+def _cpu_flash_segments_forward(q, k, v, pairs, causal, scale, q_segments, k_segments):
+    b, sq, h, _ = q.shape
+    offset = k.shape[1] - sq
+    qb, kb, vb = _to_bhsd(q, h), _to_bhsd(k, h), _to_bhsd(v, h)
+    out = torch.zeros(b, sq, h, v.shape[-1], dtype=torch.float32, device=q.device)
+    lse = torch.full((b, h, sq), float("-inf"), dtype=torch.float32, device=q.device)
+    for q0, ql, k0, kl, _ in pairs:
+        mask = _pair_mask(q0, ql, k0, kl, causal, offset, q_segments, k_segments, q.device)
+        o_t, lse_t = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qb[:, :, q0 : q0 + ql], kb[:, :, k0 : k0 + kl], vb[:, :, k0 : k0 + kl], 0.0, False,
+            attn_mask=_additive_mask(mask, b, ql, kl, q.dtype), scale=scale,
+        )
+        # the fused kernel returns lse 0 (and o 0) for a row whose keys are all masked
+        seen = mask.expand(b, 1, 1, ql, kl).any(-1).view(b, 1, ql)
+        lse_t = torch.where(seen, lse_t.float(), float("-inf"))
+        merge_attention(out[:, q0 : q0 + ql], lse[:, :, q0 : q0 + ql], o_t.transpose(1, 2), lse_t)
+    return out, lse
+
+
+def _cpu_flash_segments_backward(do, q, k, v, o, lse, pairs, causal, scale, q_segments,
+                                 k_segments):
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    offset = sk - sq
+    # a row without any visible key (lse −inf, o 0) gets no gradient: zero its do, any lse
+    empty = torch.isinf(lse) & (lse < 0)
+    lse_k = torch.where(empty, 0.0, lse.float()).contiguous()
+    do = do.to(q.dtype).masked_fill(empty.transpose(1, 2).unsqueeze(-1), 0.0)
+    qb, kb, vb = _to_bhsd(q, h), _to_bhsd(k, h), _to_bhsd(v, h)
+    dob, ob = _to_bhsd(do, h), _to_bhsd(o.to(q.dtype), h)
+    dq = torch.zeros(b, h, sq, d, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(b, h, sk, d, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(b, h, sk, v.shape[-1], dtype=torch.float32, device=q.device)
+    for q0, ql, k0, kl, _ in pairs:
+        mask = _pair_mask(q0, ql, k0, kl, causal, offset, q_segments, k_segments, q.device)
+        rows, cols = slice(q0, q0 + ql), slice(k0, k0 + kl)
+        g_q, g_k, g_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dob[:, :, rows].contiguous(), qb[:, :, rows], kb[:, :, cols], vb[:, :, cols],
+            ob[:, :, rows].contiguous(), lse_k[:, :, rows].contiguous(), 0.0, False,
+            attn_mask=_additive_mask(mask, b, ql, kl, q.dtype), scale=scale,
+        )
+        dq[:, :, rows] += g_q
+        dk[:, :, cols] += g_k
+        dv[:, :, cols] += g_v
+    if hk != h:  # sum the gradients of the repeated kv heads back onto their owner
+        dk = dk.view(b, hk, h // hk, sk, d).sum(2)
+        dv = dv.view(b, hk, h // hk, sk, dv.shape[-1]).sum(2)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
 @torch.no_grad()
-def attention_forward(q, k, v, *, causal=True, softmax_scale=None, block_size=DEFAULT_BLOCK):
+def attention_forward(q, k, v, *, causal=True, softmax_scale=None, block_size=DEFAULT_BLOCK,
+                      q_segments=None, k_segments=None):
     """Blockwise forward. Returns `(o, lse)`: o in the compute dtype (float32, or float64 for
     float64 inputs) so callers can merge partial results exactly, lse `(batch, heads, seq_q)`.
-    On CUDA this is the Triton kernel's block entry point (`flash_attention_forward`)."""
+    On CUDA this is the Triton kernel's block entry point (`flash_attention_forward`).
+    `q_segments` / `k_segments`: document ids (see the module docstring)."""
     _check_shapes(q, k, v)
+    segmented = _check_segments(q, k, q_segments, k_segments)
+    seg_kw = _segment_kwargs(q_segments, k_segments)
     fat = _triton_block_kernel(q, k, v)
     if fat is not None:
         log_choice("attention_block", "triton")
-        return fat.flash_attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
-    if _cpu_flash_ok(q, k, causal):
-        log_choice("attention_block", "cpu_flash")
-        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-        return _cpu_flash_forward(q, k, v, causal, scale)
-    log_choice("attention_block", "blockwise")
+        return fat.flash_attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                           **seg_kw)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    if not segmented and _cpu_flash_ok(q, k, causal):
+        log_choice("attention_block", "cpu_flash")
+        return _cpu_flash_forward(q, k, v, causal, scale)
     cdt = _compute_dtype(q.dtype)
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     offset = sk - sq
+    if segmented and block_size == DEFAULT_BLOCK:
+        block_size = SEGMENT_BLOCK
+    pairs = _tile_pairs(sq, sk, block_size, causal, offset, q_segments, k_segments)
+    if segmented and _cpu_flash_tiles_ok(q):
+        log_choice("attention_block", "cpu_flash_tiles")
+        return _cpu_flash_segments_forward(q, k, v, pairs, causal, scale, q_segments, k_segments)
+    log_choice("attention_block", "blockwise")
     qg = _grouped(q, hk)  # b hk g sq d
     kT = k.permute(0, 2, 3, 1).unsqueeze(2)  # b hk 1 d sk
     vv = v.permute(0, 2, 1, 3).unsqueeze(2)  # b hk 1 sk d
     out = torch.zeros(b, hk, h // hk, sq, v.shape[-1], dtype=cdt, device=q.device)
     lse_out = torch.full((b, hk, h // hk, sq), float("-inf"), dtype=cdt, device=q.device)
-    for q0, ql in _tiles(sq, block_size):
+    for (q0, ql), keys in _by_query_tile(pairs):
         q_t = qg[:, :, :, q0 : q0 + ql].to(cdt)
         m = torch.full(q_t.shape[:-1], float("-inf"), dtype=cdt, device=q.device)
         l_sum = torch.zeros_like(m)
         acc = torch.zeros(q_t.shape[:-1] + (v.shape[-1],), dtype=cdt, device=q.device)
-        for k0, kl in _tiles(sk, block_size):
-            vis = _visible(q0, ql, k0, kl, offset) if causal else "full"
-            if vis == "none":
-                continue
+        for k0, kl, vis in keys:
             s = torch.matmul(q_t, kT[..., k0 : k0 + kl].to(cdt)) * scale
             if vis == "partial":
-                mask = _causal_mask(q0, ql, k0, kl, offset, q.device)
+                mask = _pair_mask(q0, ql, k0, kl, causal, offset, q_segments, k_segments, q.device)
                 s = s.masked_fill(~mask, float("-inf"))
             m_new = torch.maximum(m, s.amax(dim=-1))
             m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)
@@ -233,29 +401,32 @@ def merge_attention(out, lse, block_out, block_lse) -> None:
 
 @torch.no_grad()
 def attention_forward_merge(q, k, v, out, lse, *, causal=True, softmax_scale=None,
-                            block_size=DEFAULT_BLOCK) -> None:
+                            block_size=DEFAULT_BLOCK, q_segments=None, k_segments=None) -> None:
     """One block step of ring / LightSeq attention: attention of q against this key block,
     merged in place into the running `(out (b, sq, h, d), lse (b, h, sq))` (compute dtype;
     views such as a row slice of a larger buffer are allowed). On the Triton kernel the merge
     happens inside the kernel, which reads and rewrites `out` and `lse` once; elsewhere it is
     `attention_forward` followed by `merge_attention`."""
     _check_shapes(q, k, v)
+    _check_segments(q, k, q_segments, k_segments)
+    seg_kw = _segment_kwargs(q_segments, k_segments)
     fat = _triton_block_kernel(q, k, v)
     if fat is not None and fat.inplace_ok(out, lse):
         log_choice("attention_block", "triton")
         log_choice("attention_merge", "in_kernel")
         fat.flash_attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                    o_prev=out, lse_prev=lse, inplace=True)
+                                    o_prev=out, lse_prev=lse, inplace=True, **seg_kw)
         return
     o_b, lse_b = attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                   block_size=block_size)
+                                   block_size=block_size, **seg_kw)
     log_choice("attention_merge", "pytorch")
     merge_attention(out, lse, o_b, lse_b)
 
 
 @torch.no_grad()
 def attention_backward(
-    do, q, k, v, o, lse, *, causal=True, softmax_scale=None, dlse=None, block_size=DEFAULT_BLOCK
+    do, q, k, v, o, lse, *, causal=True, softmax_scale=None, dlse=None, block_size=DEFAULT_BLOCK,
+    q_segments=None, k_segments=None,
 ):
     """Blockwise backward of `(o, lse) = attention(q, k, v)`.
 
@@ -264,23 +435,30 @@ def attention_backward(
     gradients. `dlse` (optional, `(batch, heads, seq_q)`) is the gradient flowing into lse.
     Returns (dq, dk, dv) in the compute dtype (float32, or float64); dk/dv summed over the query
     heads that share a key/value head. On CUDA this is the Triton kernel's
-    `flash_attention_backward`.
+    `flash_attention_backward`. `q_segments` / `k_segments`: document ids (module docstring).
     """
     _check_shapes(q, k, v)
+    segmented = _check_segments(q, k, q_segments, k_segments)
+    seg_kw = _segment_kwargs(q_segments, k_segments)
     fat = _triton_block_kernel(q, k, v)
     if fat is not None:
         log_choice("attention_block", "triton")
         return fat.flash_attention_backward(do, q, k, v, o, lse, causal=causal,
-                                            softmax_scale=softmax_scale, dlse=dlse)
-    if dlse is None and _cpu_flash_ok(q, k, causal):
-        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-        return _cpu_flash_backward(do, q, k, v, o, lse, causal, scale)
+                                            softmax_scale=softmax_scale, dlse=dlse, **seg_kw)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    cdt = _compute_dtype(q.dtype)
+    if dlse is None and not segmented and _cpu_flash_ok(q, k, causal):
+        return _cpu_flash_backward(do, q, k, v, o, lse, causal, scale)
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
-    g = h // hk
     offset = sk - sq
+    if segmented and block_size == DEFAULT_BLOCK:
+        block_size = SEGMENT_BLOCK
+    pairs = _tile_pairs(sq, sk, block_size, causal, offset, q_segments, k_segments)
+    if dlse is None and segmented and _cpu_flash_tiles_ok(q):
+        return _cpu_flash_segments_backward(do, q, k, v, o, lse, pairs, causal, scale,
+                                            q_segments, k_segments)
+    cdt = _compute_dtype(q.dtype)
+    g = h // hk
     qg = _grouped(q, hk)
     dog = _grouped(do, hk)
     og = _grouped(o, hk)
@@ -295,21 +473,19 @@ def attention_backward(
     dq = torch.zeros(b, hk, g, sq, d, dtype=cdt, device=q.device)
     dk = torch.zeros(b, hk, 1, sk, d, dtype=cdt, device=q.device)
     dv = torch.zeros(b, hk, 1, sk, v.shape[-1], dtype=cdt, device=q.device)
-    for q0, ql in _tiles(sq, block_size):
+    for (q0, ql), keys in _by_query_tile(pairs):
         q_t = qg[:, :, :, q0 : q0 + ql].to(cdt)
         do_t = dog[:, :, :, q0 : q0 + ql].to(cdt)
         lse_t = lse_safe[:, :, :, q0 : q0 + ql].unsqueeze(-1)
         delta_t = delta[:, :, :, q0 : q0 + ql].unsqueeze(-1)
-        for k0, kl in _tiles(sk, block_size):
-            vis = _visible(q0, ql, k0, kl, offset) if causal else "full"
-            if vis == "none":
-                continue
+        for k0, kl, vis in keys:
             k_t = kk[:, :, :, k0 : k0 + kl].to(cdt)
             v_t = vv[:, :, :, k0 : k0 + kl].to(cdt)
             s = torch.matmul(q_t, k_t.transpose(-1, -2)) * scale
             p = torch.exp(s - lse_t)
             if vis == "partial":
-                p = p.masked_fill(~_causal_mask(q0, ql, k0, kl, offset, q.device), 0.0)
+                mask = _pair_mask(q0, ql, k0, kl, causal, offset, q_segments, k_segments, q.device)
+                p = p.masked_fill(~mask, 0.0)
             dv[:, :, :, k0 : k0 + kl] += torch.matmul(p.transpose(-1, -2), do_t).sum(2, keepdim=True)
             dp = torch.matmul(do_t, v_t.transpose(-1, -2))
             ds = p * (dp - delta_t) * scale
@@ -320,22 +496,24 @@ def attention_backward(
 
 @torch.no_grad()
 def attention_backward_into(do, q, k, v, o, lse, grads, *, causal=True, softmax_scale=None,
-                            dlse=None, block_size=DEFAULT_BLOCK):
+                            dlse=None, block_size=DEFAULT_BLOCK, q_segments=None, k_segments=None):
     """`attention_backward` that adds this block's gradients into running sums: `grads` is
     (dq, dk, dv), each a compute-dtype buffer shaped like q, k, v (views allowed) or None for
     a gradient to return fresh (dk and dv both or neither). Returns (dq, dk, dv) with the given
     buffers in place of the accumulated ones. On the Triton kernel the addition happens inside
     the kernel; elsewhere it is `attention_backward` followed by in-place additions."""
     _check_shapes(q, k, v)
+    _check_segments(q, k, q_segments, k_segments)
+    seg_kw = _segment_kwargs(q_segments, k_segments)
     fat = _triton_block_kernel(q, k, v)
     if fat is not None and fat.accumulate_ok(*grads):
         log_choice("attention_block", "triton")
         log_choice("attention_grad_sum", "in_kernel")
         return fat.flash_attention_backward(do, q, k, v, o, lse, causal=causal,
                                             softmax_scale=softmax_scale, dlse=dlse,
-                                            accumulate_into=tuple(grads))
+                                            accumulate_into=tuple(grads), **seg_kw)
     fresh = attention_backward(do, q, k, v, o, lse, causal=causal, softmax_scale=softmax_scale,
-                               dlse=dlse, block_size=block_size)
+                               dlse=dlse, block_size=block_size, **seg_kw)
     log_choice("attention_grad_sum", "pytorch")
     out = []
     for buf, g in zip(grads, fresh):
@@ -345,34 +523,37 @@ def attention_backward_into(do, q, k, v, o, lse, grads, *, causal=True, softmax_
 
 class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, block_size):
+    def forward(ctx, q, k, v, causal, softmax_scale, block_size, q_segments, k_segments):
         # an unused lse then arrives as dlse=None rather than zeros, so the backward can take
         # the fused CPU kernel (which has no dlse input) instead of the PyTorch tile loop
         ctx.set_materialize_grads(False)
         o, lse = attention_forward(
-            q, k, v, causal=causal, softmax_scale=softmax_scale, block_size=block_size
+            q, k, v, causal=causal, softmax_scale=softmax_scale, block_size=block_size,
+            q_segments=q_segments, k_segments=k_segments,
         )
         o = o.to(q.dtype)
-        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_backward(q, k, v, o, lse, q_segments, k_segments)
         ctx.args = (causal, softmax_scale, block_size)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, q_segments, k_segments = ctx.saved_tensors
         causal, softmax_scale, block_size = ctx.args
         if do is None:  # only lse was used
             do = torch.zeros_like(o)
         dq, dk, dv = attention_backward(
             do, q, k, v, o, lse, causal=causal, softmax_scale=softmax_scale, dlse=dlse,
-            block_size=block_size,
+            block_size=block_size, q_segments=q_segments, k_segments=k_segments,
         )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
-def attention_blockwise(q, k, v, *, causal=True, softmax_scale=None, block_size=DEFAULT_BLOCK):
+def attention_blockwise(q, k, v, *, causal=True, softmax_scale=None, block_size=DEFAULT_BLOCK,
+                        q_segments=None, k_segments=None):
     """Differentiable blockwise attention. Returns (o, lse)."""
-    return _BlockwiseAttention.apply(q, k, v, causal, softmax_scale, block_size)
+    return _BlockwiseAttention.apply(q, k, v, causal, softmax_scale, block_size, q_segments,
+                                     k_segments)
 
 
 def _sdpa(q, k, v, causal, softmax_scale):
@@ -415,25 +596,39 @@ def _flash_attn_ok(q, return_lse) -> bool:
     )
 
 
-def attention(q, k, v, *, causal=True, softmax_scale=None, return_lse=False):
+def attention(q, k, v, *, causal=True, softmax_scale=None, return_lse=False, q_segments=None,
+              k_segments=None):
     """Exact softmax attention (see the module docstring). Returns o, or (o, lse) with
     `return_lse=True` (lse float32 `(batch, heads, seq_q)`, differentiable on every path that
-    returns it)."""
+    returns it). `q_segments` / `k_segments` `(batch, seq)`: document ids; a query sees only
+    keys of its own document (module docstring)."""
     _check_shapes(q, k, v)
+    segmented = _check_segments(q, k, q_segments, k_segments)
+    seg_kw = _segment_kwargs(q_segments, k_segments)
     forced = forced_path("attention")
     sq, sk = q.shape[1], k.shape[1]
     if forced == "reference":
         log_choice("attention", "reference", "forced")
-        o, lse = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale)
+        o, lse = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale, **seg_kw)
         return (o, lse.float() if lse.dtype != torch.float64 else lse) if return_lse else o
     if _triton_wanted(forced, q.device):
         from ctxscale.kernels import flash_attention_triton as fat
 
         if fat.supports(q, k, v):
             log_choice("attention", "triton")
-            o, lse = fat.flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+            o, lse = fat.flash_attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                         **seg_kw)
             return (o, lse) if return_lse else o
         log_choice("attention", "blockwise", "shape not supported by the Triton kernel")
+    elif segmented:
+        if forced in ("flash_attn", "sdpa"):
+            raise ValueError(
+                f"CTXSCALE_KERNELS_ATTENTION={forced} has no document (segment) mask here; unset "
+                "it, or choose blockwise, triton or reference"
+            )
+        log_choice("attention", "blockwise", "document segments")
+        o, lse = attention_blockwise(q, k, v, causal=causal, softmax_scale=softmax_scale, **seg_kw)
+        return (o, lse) if return_lse else o
     elif forced == "flash_attn" or (forced is None and _flash_attn_ok(q, return_lse)):
         log_choice("attention", "flash_attn")
         return _flash_attn(q, k, v, causal, softmax_scale, return_lse)

@@ -236,6 +236,12 @@ class JobConfig:
                 "model.tie_embeddings=true cannot be pipelined (embedding and head live on "
                 "different stages); set model.tie_embeddings=false or parallel.pp=1"
             )
+        if self.data.document_mask and model.family != "transformer":
+            raise ValueError(
+                f"data.document_mask=true is supported for model.family=transformer only: the "
+                f"layers of {model.family!r} carry a recurrent state or memory along the sequence, "
+                "which would cross document boundaries; set data.document_mask=false"
+            )
         check_tensor_parallel_config(model, par.tp)
         if par.pp > 1 and model.num_layers < par.pp * par.pp_virtual_stages:
             raise ValueError(

@@ -190,6 +190,12 @@ class ConvertJob:
         self.checkpoint.validate()
         self.kernels.validate()
         c = self.convert
+        if self.data.document_mask:
+            raise ValueError(
+                "data.document_mask=true is a training option of the transformer family; "
+                "conversion distils linear-attention students, whose state crosses documents; "
+                "set data.document_mask=false for ctxscale convert"
+            )
         if c.init == "teacher" and not c.teacher:
             raise ValueError("convert.teacher is empty; give a teacher folder or set convert.init=scratch")
         if c.passkey_answer_weight < 0:

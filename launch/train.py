@@ -128,16 +128,24 @@ class TrainState:
         )
 
     # --------------------------------------------------------------- helpers
-    def shard(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's (input_ids, labels, position_ids) for context parallelism."""
+    def shard(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """This rank's (input_ids, labels, position_ids) for context parallelism, and the model
+        keyword arguments of the batch: {"document_ids": the GLOBAL ids} with document masking
+        (every cp rank keeps the whole sequence's ids: its attention needs the keys' too)."""
         ids = batch["input_ids"].to(self.device)
         labels = batch["labels"].to(self.device)
         b, s = ids.shape
-        pos = torch.arange(s, device=self.device).unsqueeze(0).expand(b, s)
+        pos = batch.get("position_ids")
+        if pos is None:
+            pos = torch.arange(s, device=self.device).unsqueeze(0).expand(b, s)
+        pos = pos.to(self.device)
         if self.dims.cp > 1:
             group, layout = self.parallel.cp_group, self.parallel.cp_layout
             ids, labels, pos = (shard_sequence(t, group=group, layout=layout) for t in (ids, labels, pos))
-        return ids, labels, pos
+        extra = {}
+        if "document_ids" in batch:
+            extra["document_ids"] = batch["document_ids"].to(self.device)
+        return ids, labels, pos, extra
 
     def global_sum(self, value: torch.Tensor, group=None) -> torch.Tensor:
         if dist.is_initialized():
@@ -151,15 +159,15 @@ class TrainState:
             value = torch.zeros_like(value)
         return self.global_sum(value)
 
-    def forward_backward(self, ids, labels, pos, scale: float) -> torch.Tensor:
+    def forward_backward(self, ids, labels, pos, extra: dict, scale: float) -> torch.Tensor:
         """Summed token loss of one micro-batch on this rank (0 where no loss is computed);
         gradients of `loss * scale` accumulate into the parameters."""
         if self.pipeline is not None:
-            loss = self.pipeline.step(ids, labels, pos, scale=scale)
+            loss = self.pipeline.step(ids, labels, pos, scale=scale, extra=extra)
             return torch.zeros((), device=self.device) if loss is None else loss
         with self.autocast:
             model = self.engine.module if self.engine is not None else self.model
-            loss = model(ids, labels=labels, position_ids=pos, loss_reduction="sum")
+            loss = model(ids, labels=labels, position_ids=pos, loss_reduction="sum", **extra)
         if self.engine is not None:
             self.engine.backward(loss * scale)
         else:
@@ -179,8 +187,8 @@ class TrainState:
         scale = grad_reduce_size(self.dims) / n_tokens
         loss_sum = torch.zeros((), device=self.device)
         for batch in batches:
-            ids, labels, pos = self.shard(batch)
-            loss_sum += self.forward_backward(ids, labels, pos, scale)
+            ids, labels, pos, extra = self.shard(batch)
+            loss_sum += self.forward_backward(ids, labels, pos, extra, scale)
         lr = self.scheduler.get_last_lr()[0]
         if self.engine is not None:
             grad_norm = self.engine.step()  # clips (gradient_clipping) and zeroes gradients
@@ -199,13 +207,13 @@ class TrainState:
         self.model.eval()
         totals = torch.zeros(4, dtype=torch.float64)  # loss_sum, tokens, correct, answered
         for batch in self.val_data.eval_batches(self.cfg.train.eval_batches):
-            ids, labels, pos = self.shard(batch)
+            ids, labels, pos, extra = self.shard(batch)
             if self.pipeline is not None:
-                totals += self.pipeline.evaluate(ids, labels, pos, eval_stats)
+                totals += self.pipeline.evaluate(ids, labels, pos, eval_stats, extra=extra)
                 continue
             model = self.engine.module if self.engine is not None else self.model
             with self.autocast:
-                totals += eval_stats(model, ids, pos, labels)
+                totals += eval_stats(model, ids, pos, labels, **extra)
         totals = self.reported_sum(totals)
         out = {"eval_loss": (totals[0] / totals[1].clamp(min=1)).item()}
         if totals[3] > 0:
@@ -217,9 +225,10 @@ class TrainState:
                                self.data.state_dict(), engine=self.engine)
 
 
-def eval_stats(model, ids, pos, labels) -> torch.Tensor:
-    """(loss_sum, labelled tokens, correct, answered) of one evaluation batch, float64."""
-    logits = model(ids, labels=labels, position_ids=pos, labelled_logits=True).float()
+def eval_stats(model, ids, pos, labels, **extra) -> torch.Tensor:
+    """(loss_sum, labelled tokens, correct, answered) of one evaluation batch, float64;
+    `extra`: model keyword arguments of the batch (document_ids)."""
+    logits = model(ids, labels=labels, position_ids=pos, labelled_logits=True, **extra).float()
     target = labels[labels != -100]
     loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
     correct, total = token_accuracy(logits.unsqueeze(0), target.unsqueeze(0))

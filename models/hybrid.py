@@ -129,6 +129,8 @@ def layer_codes(cfg: ModelConfig) -> str:
 class HybridLM(Transformer):
     """Decoder LM over `HybridBlock`s; the `mamba`, `linear` and `hybrid` families."""
 
+    supports_document_ids = False  # see Transformer.supports_document_ids
+
     def build_layers(self, cfg: ModelConfig) -> nn.ModuleDict:
         self.codes = layer_codes(cfg)
         return nn.ModuleDict(

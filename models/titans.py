@@ -341,6 +341,8 @@ class Titans(Transformer):
     """Titans language model: the Transformer's embedding, head, loss and initialization
     around `TitansBlock`s (memory + attention variant per `model.titans.variant`)."""
 
+    supports_document_ids = False  # see Transformer.supports_document_ids
+
     def build_layers(self, cfg: ModelConfig) -> nn.ModuleDict:
         return nn.ModuleDict(
             {str(i): TitansBlock(cfg, self.parallel) for i in range(cfg.num_layers)}

@@ -46,12 +46,12 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, s, -1, self.head_dim)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def core(self, q, k, v):
-        o = self.parallel.attention(q, k, v, causal=True)
+    def core(self, q, k, v, document_ids=None):
+        o = self.parallel.attention(q, k, v, causal=True, document_ids=document_ids)
         return o.flatten(2)
 
-    def forward(self, x, cos, sin):
-        return self.wo(self.core(*self.qkv(x, cos, sin)))
+    def forward(self, x, cos, sin, document_ids=None):
+        return self.wo(self.core(*self.qkv(x, cos, sin), document_ids))
 
 
 class FeedForward(nn.Module):
@@ -81,23 +81,30 @@ class TransformerBlock(nn.Module):
         h = x + self.attention.wo(o)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def _block(self, x, cos, sin):
-        return self._post_attention(x, self.attention.core(*self._pre_attention(x, cos, sin)))
+    def _block(self, x, cos, sin, document_ids=None):
+        q, k, v = self._pre_attention(x, cos, sin)
+        return self._post_attention(x, self.attention.core(q, k, v, document_ids))
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, document_ids=None):
+        """`document_ids`: None, or the `(batch, seq)` document ids of the whole sequence
+        (document masking; see `ParallelContext.attention`)."""
         mode = self.checkpointing if self.training and torch.is_grad_enabled() else "none"
         if mode == "full":
-            return checkpoint(self._block, x, cos, sin, use_reentrant=False)
+            return checkpoint(self._block, x, cos, sin, document_ids, use_reentrant=False)
         if mode == "selective":
             # The attention output is the checkpoint boundary: projections, norms and the MLP
             # are recomputed, the attention kernel (which saved q, k, v, o, lse) never is.
             q, k, v = checkpoint(self._pre_attention, x, cos, sin, use_reentrant=False)
-            o = self.attention.core(q, k, v)
+            o = self.attention.core(q, k, v, document_ids)
             return checkpoint(self._post_attention, x, o, use_reentrant=False)
-        return self._block(x, cos, sin)
+        return self._block(x, cos, sin, document_ids)
 
 
 class Transformer(nn.Module):
+    # whether forward takes `document_ids` (document masking); families whose layers carry a
+    # recurrent state across the sequence do not reset it at document boundaries, so refuse
+    supports_document_ids = True
+
     def __init__(self, cfg: ModelConfig, parallel: ParallelContext | None = None):
         super().__init__()
         cfg.validate()
@@ -145,7 +152,7 @@ class Transformer(nn.Module):
     def rope(self, position_ids: torch.Tensor):
         return rope_cos_sin(position_ids, self.rope_inv_freq, self.rope_attention_scaling)
 
-    def hidden_states(self, input_ids, position_ids=None):
+    def hidden_states(self, input_ids, position_ids=None, document_ids=None):
         """Final-norm hidden states `(batch, seq, dim)` (or the stage output in a pipeline)."""
         # positions from the token shape: a sequence-parallel embedding returns a shard of it
         b, s = input_ids.shape[:2]
@@ -154,16 +161,31 @@ class Transformer(nn.Module):
             position_ids = self.parallel.position_ids(b, s, device=h.device)
         cos, sin = self.rope(position_ids)
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin) if document_ids is None else layer(h, cos, sin, document_ids)
         return self.norm(h) if self.norm is not None else h
 
-    def forward(self, input_ids, *, labels=None, position_ids=None, loss_reduction="mean",
-                labelled_logits=False):
+    def forward(self, input_ids, *, labels=None, position_ids=None, document_ids=None,
+                loss_reduction="mean", labelled_logits=False):
         """input_ids `(batch, seq)` -> logits `(batch, seq, vocab)`; with `labels` the
         cross-entropy (`loss_reduction` "mean" over labelled tokens, or "sum"), computed in
         token chunks without materializing float32 logits; with `labelled_logits=True` the
-        logits `(n_labelled, vocab)` of the labelled positions only (for evaluation)."""
-        h = self.hidden_states(input_ids, position_ids)
+        logits `(n_labelled, vocab)` of the labelled positions only (for evaluation).
+
+        Packed sequences: `document_ids` `(batch, seq)` gives each token's document (for the
+        WHOLE sequence: under context parallelism input_ids and position_ids are this rank's
+        shard but document_ids are the same global ids on every rank); attention then stays
+        inside a document. Pass per-document `position_ids` too to restart RoPE positions."""
+        if document_ids is None:
+            h = self.hidden_states(input_ids, position_ids)
+        elif not self.supports_document_ids:
+            raise ValueError(
+                f"document masking (document_ids, data.document_mask) is supported for the "
+                f"transformer family only: the layers of model.family={self.cfg.family!r} carry "
+                "a recurrent state or memory along the sequence that would leak across "
+                "documents; set data.document_mask=false or model.family=transformer"
+            )
+        else:
+            h = self.hidden_states(input_ids, position_ids, document_ids)
         if self.output is None:
             return h
         if labels is None:

@@ -74,6 +74,13 @@ class DataConfig:
     # Folder for the trained tokenizer and the memory-mapped token cache. None means
     # $CTXSCALE_CACHE_DIR or ~/.cache/ctxscale/data. build_data(cache_dir=...) overrides it.
     cache_dir: str | None = None
+    # Packed documents (text only): keep attention inside each document of a packed window
+    # (the token after an EOS starts the next one; Megatron-LM's reset_attention_mask,
+    # torchtitan's block-causal mask), and with `document_positions` restart the RoPE positions
+    # at 0 in each document (reset_position_ids). Batches then carry "document_ids" and
+    # "position_ids". Needs model.family=transformer.
+    document_mask: bool = False
+    document_positions: bool = True
 
     def validate(self) -> None:
         """Raise ValueError naming the field and the allowed values for an impossible config."""
@@ -81,6 +88,11 @@ class DataConfig:
             raise ValueError(f"data.kind={self.kind!r} is not supported; choose one of {KINDS}")
         if self.seq_len < 2:
             raise ValueError(f"data.seq_len={self.seq_len} must be >= 2")
+        if self.document_mask and self.kind != "text":
+            raise ValueError(
+                f"data.document_mask=true needs data.kind=text (packed documents); the "
+                f"{self.kind} task has one sample per sequence: set data.document_mask=false"
+            )
         if self.kind == "mqar":
             self._validate_mqar()
         elif self.kind == "passkey":

@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .cache import (
     atomic_write_bytes,
@@ -288,6 +289,20 @@ class PackedStream:
         return np.concatenate(pieces).astype(np.int64)
 
 
+def document_layout(input_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Documents of packed windows `(batch, seq)`: each EOS ends its document, so the token after
+    it starts the next. Returns (document_ids int32, 0 for the window's first document and +1 at
+    each start; position_ids int64, counting from 0 at each document start; a window that begins
+    inside a document counts from its first token, as Megatron-LM's reset_position_ids)."""
+    b, n = input_ids.shape
+    starts = torch.zeros(b, n, dtype=torch.bool, device=input_ids.device)
+    starts[:, 1:] = input_ids[:, :-1] == eos_id
+    document_ids = starts.cumsum(1, dtype=torch.int32)
+    index = torch.arange(n, device=input_ids.device).expand(b, n)
+    start_of = torch.where(starts, index, 0).cummax(1).values
+    return document_ids, index - start_of
+
+
 class TextSource(DataSource):
     """Packed, epoch-shuffled windows of a tokenized text corpus (see module docstring)."""
 
@@ -316,6 +331,15 @@ class TextSource(DataSource):
                     "data.val_fraction"
                 )
         self._perms: dict[tuple[str, int], np.ndarray] = {}
+
+    def _batch_at(self, stream: str, step_start: int) -> dict:
+        batch = super()._batch_at(stream, step_start)
+        if self.cfg.document_mask:
+            docs, pos = document_layout(batch["input_ids"], self.corpus.meta["eos_id"])
+            batch["document_ids"] = docs
+            if self.cfg.document_positions:
+                batch["position_ids"] = pos
+        return batch
 
     def _perm(self, stream: str, epoch: int) -> np.ndarray:
         key = (stream, epoch)

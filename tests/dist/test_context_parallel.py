@@ -109,10 +109,12 @@ def _fake_modules(rank, world):
 def test_lazy_methods_called_with_the_contract():
     calls = run_distributed(_fake_modules, 2)[0]
     assert calls == [
-        ("lightseq", [("causal", False), ("overlap", True), ("softmax_scale", 0.5)]),
-        ("ulysses", [("causal", True), ("layout", "stripe"), ("softmax_scale", None)]),
-        ("usp", [("causal", True), ("layout", "zigzag"), ("softmax_scale", None),
-                 ("ulysses_degree", 2)]),
+        ("lightseq", [("causal", False), ("overlap", True), ("segments", None),
+                      ("softmax_scale", 0.5)]),
+        ("ulysses", [("causal", True), ("layout", "stripe"), ("segments", None),
+                     ("softmax_scale", None)]),
+        ("usp", [("causal", True), ("layout", "zigzag"), ("segments", None),
+                 ("softmax_scale", None), ("ulysses_degree", 2)]),
     ]
 
 
