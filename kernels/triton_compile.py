@@ -235,6 +235,13 @@ def _attention(rec, dtype, head_dim, seq, batch):
         k = _meta(batch, seq, kv_heads, head_dim, dtype=dtype)
         v = _meta(batch, seq, kv_heads, head_dim, dtype=dtype)
         _backward(fat.flash_attention(q, k, v, causal=causal), q, k, v)
+    # packed documents: segment ids mask the tiles and skip those that share no document
+    rec.case = f"b{batch} s{seq} h{heads}/{kv_heads} d{head_dim} causal segments"
+    q = _meta(batch, seq, heads, head_dim, dtype=dtype)
+    k = _meta(batch, seq, kv_heads, head_dim, dtype=dtype)
+    v = _meta(batch, seq, kv_heads, head_dim, dtype=dtype)
+    ids = torch.empty(batch, seq, dtype=torch.int32, device="meta")
+    _backward(fat.flash_attention(q, k, v, causal=True, q_segments=ids, k_segments=ids), q, k, v)
     # the ring / LightSeq step: merge into the running (o, lse) in place, backward with a
     # global lse adding into the running gradient sums
     rec.case = f"ring step b{batch} s{seq} d{head_dim} merge+dlse"

@@ -287,3 +287,192 @@ def test_supports_and_errors(device):
     with pytest.raises(ValueError, match="inplace=True needs float32"):
         flash_attention_forward(q.half(), k.half(), v.half(), o_prev=q.half(), lse_prev=lse_prev,
                                 inplace=True)
+
+
+# ------------------------------------------------------------------ document (segment) masking
+def _doc_ids(rows, device, dtype=torch.int32):
+    """(batch, seq) document ids from one [(length, id), ...] list per batch row."""
+    return torch.stack([torch.cat([torch.full((n,), i, dtype=dtype) for n, i in row])
+                        for row in rows]).to(device)
+
+
+# seq 45 in 16-row tiles [0, 16), [16, 32), [32, 45). Row 0: documents of 7, 1, 20, 17 tokens,
+# so boundaries fall inside tiles and off-diagonal tiles share no document (skipped); row 1:
+# other lengths and ids out of order, one id used twice (attention only compares ids), where
+# every tile's id range overlaps and nothing is skipped.
+DOCS_45 = [[(7, 0), (1, 1), (20, 2), (17, 3)], [(17, 5), (1, 2), (20, 9), (7, 2)]]
+
+
+def _segment_reference(q, k, v, q_ids, k_ids, causal):
+    """Dense float64 oracle: scores with the combined (bottom-right causal) and document mask,
+    softmax; a row that sees no key gets o = 0, lse = -inf (and no NaN in its gradients)."""
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    kr, vr = (t.repeat_interleave(h // hk, 2) for t in (k, v))
+    s = torch.einsum("bihd,bjhd->bhij", q, kr) * d ** -0.5
+    visible = (q_ids[:, :, None] == k_ids[:, None, :])[:, None]
+    if causal:
+        i = torch.arange(sq, device=q.device)[:, None]
+        j = torch.arange(sk, device=q.device)[None, :]
+        visible = visible & (j <= i + sk - sq)
+    seen = visible.any(-1, keepdim=True)
+    s = torch.where(seen, s.masked_fill(~visible, float("-inf")), 0.0)
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    o = torch.einsum("bhij,bjhd->bihd", torch.exp(s - lse) * visible, vr)
+    return o, torch.where(seen, lse, float("-inf")).squeeze(-1)
+
+
+def _check_segments_case(q64, k64, v64, q_ids, k_ids, causal, device):
+    """flash_attention with segments against the oracle: o, lse (-inf exactly where the oracle
+    has it), dq, dk, dv; no NaN anywhere and zero gradients for rows that see nothing."""
+    o_ref, lse_ref = _segment_reference(q64, k64, v64, q_ids, k_ids, causal)
+    q, k, v = (t.detach().float().requires_grad_() for t in (q64, k64, v64))
+    o, lse = flash_attention(q, k, v, causal=causal, q_segments=q_ids, k_segments=k_ids)
+    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
+    fin = torch.isfinite(lse_ref)
+    torch.testing.assert_close(o.double(), o_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double()[fin], lse_ref[fin], rtol=1e-5, atol=1e-5)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(o_ref.shape, generator=g, dtype=torch.float64).to(device)
+    wl = torch.randn(lse_ref.shape, generator=g, dtype=torch.float64).to(device)
+    grads = torch.autograd.grad(_loss(o, lse, w, wl), (q, k, v))
+    grads_ref = torch.autograd.grad(_loss(o_ref, lse_ref, w, wl), (q64, k64, v64))
+    for a, b in zip(grads, grads_ref):
+        assert torch.isfinite(a).all()
+        _rel_close(a, b, 1e-4)
+    blind = ~fin.any(1)  # (batch, seq_q): rows that see no key in any head
+    assert torch.all(o[blind] == 0) and torch.all(grads[0][blind] == 0)
+    return blind
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_segments_match_reference(causal, device, tiles):
+    """Packed documents of odd lengths, GQA (4 query heads on 2 key/value heads), head dim 24
+    (padded to 32), square and unequal tiles."""
+    q64, k64, v64 = (t.requires_grad_() for t in _inputs(45, 45, 4, 2, 24, device))
+    ids = _doc_ids(DOCS_45, device, torch.int64 if causal else torch.int32)
+    _check_segments_case(q64, k64, v64, ids, ids, causal, device)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_segments_head_dim_64(causal, device):
+    q64, k64, v64 = (t.requires_grad_() for t in _inputs(45, 45, 4, 2, 64, device, seed=3))
+    ids = _doc_ids(DOCS_45[::-1], device)
+    _check_segments_case(q64, k64, v64, ids, ids, causal, device)
+
+
+@pytest.mark.parametrize("sq, sk, causal", [(20, 33, True), (20, 33, False), (45, 20, True)])
+def test_segments_ring_block(sq, sk, causal, device):
+    """q rows of one ring block against the keys of another (seq_q != seq_k): a query whose
+    document is absent from the key block sees nothing, here rows straddling a tile boundary
+    (with seq_q > seq_k and causal, the first rows see nothing anyway)."""
+    q64, k64, v64 = (t.requires_grad_() for t in _inputs(sq, sk, 4, 2, 24, device))
+    q_docs = {20: [[(5, 4), (9, 5), (6, 6)], [(12, 1), (8, 7)]],
+              45: [[(3, 0), (14, 1), (28, 2)], [(20, 3), (25, 4)]]}[sq]
+    k_docs = {33: [[(10, 1), (15, 4), (8, 5)], [(33, 1)]],
+              20: [[(6, 0), (14, 2)], [(11, 3), (9, 5)]]}[sk]
+    blind = _check_segments_case(q64, k64, v64, _doc_ids(q_docs, device),
+                                 _doc_ids(k_docs, device), causal, device)
+    assert blind.any() and not blind.all()
+
+
+def _segment_blocks(causal, device):
+    """A ring step's query block (positions [20, 40) of 60 packed tokens) and the key blocks it
+    meets: [0, 20) before it (no causal mask), [20, 40) on the diagonal, and [40, 60) after it
+    (non-causal only). Documents start inside blocks, so some rows see nothing in one block."""
+    q, k, v = _inputs(20, 60, 4, 2, 24, device)
+    ids = _doc_ids([[(13, 0), (12, 1), (9, 2), (26, 3)], [(22, 4), (1, 5), (21, 6), (16, 7)]],
+                   device)
+    blocks = [(0, 20, False), (20, 40, causal)] + ([] if causal else [(40, 60, False)])
+    keys = 40 if causal else 60
+    return q, k[:, :keys], v[:, :keys], ids[:, 20:40], ids[:, :keys], blocks
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_segments_merge_over_key_blocks(causal, device):
+    """flash_attention_forward merged over the key blocks (each order: rows whose previous or
+    current lse is -inf), the last step in place, equals the oracle over all keys."""
+    q, k, v, q_ids, k_ids, blocks = _segment_blocks(causal, device)
+    o_ref, lse_ref = _segment_reference(q, k, v, q_ids, k_ids, causal)
+    q, k, v = q.float(), k.float(), v.float()
+    for order in (blocks, blocks[::-1]):
+        o = lse = None
+        for n, (lo, hi, blk_causal) in enumerate(order):
+            o, lse = flash_attention_forward(q, k[:, lo:hi], v[:, lo:hi], causal=blk_causal,
+                                             o_prev=o, lse_prev=lse, inplace=n == len(order) - 1,
+                                             q_segments=q_ids, k_segments=k_ids[:, lo:hi])
+        torch.testing.assert_close(o.double(), o_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_segments_global_lse_backward_over_key_blocks(causal, device):
+    """Backward per key block with the GLOBAL (o, lse) and dlse, summed over the blocks, equals
+    the oracle's gradients over all keys: the first block returns fresh gradients, the later
+    ones add into them (dq) and into row slices of the dk/dv buffers (accumulate_into)."""
+    q64, k64, v64, q_ids, k_ids, blocks = _segment_blocks(causal, device)
+    q64, k64, v64 = (t.requires_grad_() for t in (q64, k64, v64))
+    o_ref, lse_ref = _segment_reference(q64, k64, v64, q_ids, k_ids, causal)
+    g = torch.Generator().manual_seed(2)
+    do = torch.randn(o_ref.shape, generator=g, dtype=torch.float64).to(device)
+    dlse = torch.randn(lse_ref.shape, generator=g, dtype=torch.float64).to(device)
+    ref = torch.autograd.grad((o_ref * do).sum() + (lse_ref * dlse).sum(), (q64, k64, v64))
+    q, k, v, do32, dlse32 = (t.detach().float() for t in (q64, k64, v64, do, dlse))
+    o, lse = o_ref.detach().float(), lse_ref.detach().float()
+    (lo, hi, c), later = blocks[0], blocks[1:]
+    dq, dk0, dv0 = flash_attention_backward(do32, q, k[:, lo:hi], v[:, lo:hi], o, lse, causal=c,
+                                            dlse=dlse32, q_segments=q_ids,
+                                            k_segments=k_ids[:, lo:hi])
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    dk[:, lo:hi], dv[:, lo:hi] = dk0, dv0
+    for lo, hi, c in later:
+        flash_attention_backward(do32, q, k[:, lo:hi], v[:, lo:hi], o, lse, causal=c,
+                                 dlse=dlse32, q_segments=q_ids, k_segments=k_ids[:, lo:hi],
+                                 accumulate_into=(dq, dk[:, lo:hi], dv[:, lo:hi]))
+    for a, b in zip((dq, dk, dv), ref):
+        _rel_close(a, b, 1e-4)
+
+
+def test_segments_one_document_is_plain_attention_and_errors(device):
+    q, k, v = (t.float() for t in _inputs(21, 21, 4, 2, 24, device, batch=1))
+    one = torch.zeros(1, 21, dtype=torch.int32, device=device)
+    assert supports(q, k, v, q_segments=one, k_segments=one)
+    o, lse = flash_attention(q, k, v, q_segments=one, k_segments=one)
+    o_ref, lse_ref = attention_reference(q.double(), k.double(), v.double(), causal=True)
+    torch.testing.assert_close(o.double(), o_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="q_segments was given without k_segments"):
+        flash_attention(q, k, v, q_segments=one)
+    with pytest.raises(ValueError, match="k_segments was given without q_segments"):
+        flash_attention_forward(q, k, v, k_segments=one)
+    with pytest.raises(ValueError, match=r"k_segments must be .* shape \(1, 21\)"):
+        flash_attention(q, k, v, q_segments=one, k_segments=one[:, :20])
+    with pytest.raises(ValueError, match=r"q_segments must be an int32 or int64 .*float32"):
+        flash_attention_backward(q, q, k, v, q, lse, q_segments=one.float(), k_segments=one)
+    with pytest.raises(ValueError, match="q_segments is on meta"):
+        flash_attention(q, k, v, q_segments=one.to("meta"), k_segments=one)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_segments_skip_tiles_of_other_documents(causal, device):
+    """Tiles that share no document are skipped, not merely masked: keys [0, 128) belong to a
+    document no query is in and hold NaN (a masked tile would still form 0 · NaN in p · v and
+    ds · q), yet o, lse, dq and the other keys' dk, dv are exact, and the NaN keys get dk = dv
+    = 0 (no query tile ever met them). 128 keeps the NaN keys in tiles of their own for every
+    tile size up to 128, the GPU configs' included."""
+    q64, k64, v64 = _inputs(16, 250, 2, 1, 24, device, batch=1)
+    k64[:, :128], v64[:, :128] = float("nan"), float("nan")
+    q_ids = torch.full((1, 16), 5, dtype=torch.int32, device=device)
+    k_ids = _doc_ids([[(128, 1), (122, 5)]], device)
+    q64, k_own, v_own = (t.requires_grad_() for t in (q64, k64[:, 128:].clone(), v64[:, 128:].clone()))
+    o_ref, lse_ref = attention_reference(q64, k_own, v_own, causal=causal)
+    do = torch.randn_like(o_ref)
+    ref = torch.autograd.grad((o_ref * do).sum(), (q64, k_own, v_own))
+    q, k, v = (t.detach().float().requires_grad_() for t in (q64, k64, v64))
+    o, lse = flash_attention(q, k, v, causal=causal, q_segments=q_ids, k_segments=k_ids)
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do.float())
+    _rel_close(o, o_ref, 1e-5)
+    _rel_close(lse, lse_ref, 1e-5)
+    for a, b in zip((dq, dk[:, 128:], dv[:, 128:]), ref):
+        _rel_close(a, b, 1e-4)
+    assert torch.all(dk[:, :128] == 0) and torch.all(dv[:, :128] == 0)
