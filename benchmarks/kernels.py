@@ -202,14 +202,28 @@ def _triton_ok(device) -> str | None:
     return None
 
 
+def _attention_inputs(seq, args, device, dtype):
+    b, h, hk, d = args.batch, args.heads, args.kv_heads, args.head_dim
+    return tuple(torch.randn(b, seq, n, d, device=device, dtype=dtype, requires_grad=True)
+                 for n in (h, hk, hk))
+
+
+def _sdpa(q, k, v, *, gqa=False, **kw):
+    """PyTorch SDPA in (b, s, h, d) layout; GQA by repeating k/v unless `gqa` (enable_gqa)."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    h, hk = qt.shape[1], kt.shape[1]
+    if hk != h and not gqa:
+        kt, vt = kt.repeat_interleave(h // hk, 1), vt.repeat_interleave(h // hk, 1)
+    if gqa:
+        kw["enable_gqa"] = True
+    return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, **kw).transpose(1, 2)
+
+
 def attention_cases(seq, args, device, dtype):
     att = importlib.import_module("ctxscale.kernels.attention")
 
     b, h, hk, d = args.batch, args.heads, args.kv_heads, args.head_dim
-    q = torch.randn(b, seq, h, d, device=device, dtype=dtype, requires_grad=True)
-    k = torch.randn(b, seq, hk, d, device=device, dtype=dtype, requires_grad=True)
-    v = torch.randn(b, seq, hk, d, device=device, dtype=dtype, requires_grad=True)
-    ins = (q, k, v)
+    q, k, v = ins = _attention_inputs(seq, args, device, dtype)
     fl = att.attention_flops(b, seq, seq, h, d, causal=True)
     cases, skipped = [], []
 
@@ -218,11 +232,7 @@ def attention_cases(seq, args, device, dtype):
                           baseline=baseline))
 
     def sdpa(gqa):
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if hk != h and not gqa:
-            kt, vt = kt.repeat_interleave(h // hk, 1), vt.repeat_interleave(h // hk, 1)
-        return torch.nn.functional.scaled_dot_product_attention(
-            qt, kt, vt, is_causal=True, **({"enable_gqa": True} if gqa else {})).transpose(1, 2)
+        return _sdpa(q, k, v, gqa=gqa, is_causal=True)
 
     # the baseline repeats k/v for GQA (ctxscale's SDPA path does so on CUDA); SDPA's own
     # enable_gqa (ctxscale's choice on CPU) may be faster, or fall back to a slower backend:
@@ -258,11 +268,8 @@ def document_attention_cases(seq, args, device, dtype):
     document, the exact result of document masking)."""
     att = importlib.import_module("ctxscale.kernels.attention")
 
-    b, h, hk, d = args.batch, args.heads, args.kv_heads, args.head_dim
-    q = torch.randn(b, seq, h, d, device=device, dtype=dtype, requires_grad=True)
-    k = torch.randn(b, seq, hk, d, device=device, dtype=dtype, requires_grad=True)
-    v = torch.randn(b, seq, hk, d, device=device, dtype=dtype, requires_grad=True)
-    ins = (q, k, v)
+    b, h, d = args.batch, args.heads, args.head_dim
+    q, k, v = ins = _attention_inputs(seq, args, device, dtype)
     docs = (torch.arange(seq, device=device) // args.doc_len).expand(b, seq).contiguous()
     lens = [min(args.doc_len, seq - s) for s in range(0, seq, args.doc_len)]
     fl = sum(att.attention_flops(b, n, n, h, d, causal=True) for n in lens)
@@ -276,11 +283,7 @@ def document_attention_cases(seq, args, device, dtype):
                           baseline=baseline, extra={"expected": expected}))
 
     def sdpa(mask=None):
-        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if hk != h:
-            kt, vt = kt.repeat_interleave(h // hk, 1), vt.repeat_interleave(h // hk, 1)
-        kw = {"attn_mask": mask} if mask is not None else {"is_causal": True}
-        return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, **kw).transpose(1, 2)
+        return _sdpa(q, k, v, **({"attn_mask": mask} if mask is not None else {"is_causal": True}))
 
     add("sdpa causal, no mask", sdpa, baseline=True,
         flops=att.attention_flops(b, seq, seq, h, d, causal=True))
