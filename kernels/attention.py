@@ -58,8 +58,9 @@ from ctxscale.kernels.dispatch import forced_path, log_choice, module_available,
 
 DEFAULT_BLOCK = 1024
 # tile of the document-masked tiled paths: short documents leave most 256-token tile pairs
-# empty (measured on CPU, float32, 8192 tokens, fwd+bwd: documents of 512 tokens 645 ms with
-# 1024-token tiles, 257 ms with 256; documents of 2048: 648 vs 626 ms)
+# empty (measured on CPU, float32, 8192 tokens, fwd+bwd, tile pairs inside one document run
+# without a mask: documents of 512 tokens 151 ms with 1024-token tiles, 148 with 256, 177
+# with 128; documents of 2048: 397, 391, 531 ms)
 SEGMENT_BLOCK = 256
 
 
@@ -178,8 +179,9 @@ def attention_forward(q, k, v, *, causal=True, softmax_scale=None, block_size=DE
         acc = torch.zeros(q_t.shape[:-1] + (v.shape[-1],), dtype=cdt, device=q.device)
         for k0, kl, vis in keys:
             s = torch.matmul(q_t, kT[..., k0 : k0 + kl].to(cdt)) * scale
-            if vis == "partial":
-                mask = _pair_mask(q0, ql, k0, kl, causal, offset, q_segments, k_segments, q.device)
+            if vis != "full":
+                mask = _pair_mask(q0, ql, k0, kl, vis, causal, offset, q_segments, k_segments,
+                                  q.device)
                 s = s.masked_fill(~mask, float("-inf"))
             m_new = torch.maximum(m, s.amax(dim=-1))
             m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)
@@ -278,8 +280,9 @@ def attention_backward(
             v_t = vv[:, :, :, k0 : k0 + kl].to(cdt)
             s = torch.matmul(q_t, k_t.transpose(-1, -2)) * scale
             p = torch.exp(s - lse_t)
-            if vis == "partial":
-                mask = _pair_mask(q0, ql, k0, kl, causal, offset, q_segments, k_segments, q.device)
+            if vis != "full":
+                mask = _pair_mask(q0, ql, k0, kl, vis, causal, offset, q_segments, k_segments,
+                                  q.device)
                 p = p.masked_fill(~mask, 0.0)
             dv[:, :, :, k0 : k0 + kl] += torch.matmul(p.transpose(-1, -2), do_t).sum(2, keepdim=True)
             dp = torch.matmul(do_t, v_t.transpose(-1, -2))

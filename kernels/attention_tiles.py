@@ -73,8 +73,10 @@ def _tile_ranges(segments, block):
 
 def _tile_pairs(sq, sk, block, causal, offset, q_segments=None, k_segments=None):
     """The (query tile, key tile) pairs that can see anything, each as (q0, ql, k0, kl, vis):
-    vis 'full' (nothing masked: no causal cut and no segments) or 'partial'. Pairs beyond the
-    causal diagonal, or whose document id ranges do not meet, are left out."""
+    vis 'full' (nothing masked), 'partial' (cut by the causal mask only) or 'segments' (the
+    document mask applies, and the causal one where `causal`). Pairs beyond the causal
+    diagonal, or whose document id ranges do not meet, are left out; a pair inside one document
+    (a single id on both sides over the whole batch) needs no document mask."""
     q_tiles, k_tiles = _tiles(sq, block), _tiles(sk, block)
     if q_segments is not None:
         q_rng, k_rng = _tile_ranges(q_segments, block), _tile_ranges(k_segments, block)
@@ -87,15 +89,17 @@ def _tile_pairs(sq, sk, block, causal, offset, q_segments=None, k_segments=None)
             if q_segments is not None:
                 if q_rng[i][1] < k_rng[j][0] or q_rng[i][0] > k_rng[j][1]:
                     continue
-                vis = "partial"
+                if not q_rng[i][0] == q_rng[i][1] == k_rng[j][0] == k_rng[j][1]:
+                    vis = "segments"
             pairs.append((q0, ql, k0, kl, vis))
     return pairs
 
 
-def _pair_mask(q0, ql, k0, kl, causal, offset, q_segments, k_segments, device):
-    """(…, ql, kl) visibility of one partial tile pair: causal cut and same document."""
+def _pair_mask(q0, ql, k0, kl, vis, causal, offset, q_segments, k_segments, device):
+    """(…, ql, kl) visibility of one tile pair that is not 'full': the causal cut, and the same
+    document where vis is 'segments'."""
     mask = _causal_mask(q0, ql, k0, kl, offset, device) if causal else None
-    if q_segments is not None:
+    if vis == "segments":
         seg = _segment_mask(q_segments, k_segments, q0, ql, k0, kl)
         mask = seg if mask is None else seg & mask
     return mask
@@ -161,6 +165,20 @@ def _additive_mask(mask, b, ql, kl, dtype):
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
+def _fused_tile_args(q0, ql, k0, kl, vis, causal, offset, q_segments, k_segments, b, dtype,
+                     device):
+    """(is_causal, additive mask or None, rows that see a key or None) for the fused CPU kernel
+    on one tile pair: no mask for a 'full' pair, the kernel's own (top-left) causal flag for a
+    square pair on the diagonal, an explicit mask otherwise."""
+    if vis == "full":
+        return False, None, None
+    if vis == "partial" and ql == kl and k0 == q0 + offset:
+        return True, None, None
+    mask = _pair_mask(q0, ql, k0, kl, vis, causal, offset, q_segments, k_segments, device)
+    seen = mask.expand(b, 1, 1, ql, kl).any(-1).view(b, 1, ql)
+    return False, _additive_mask(mask, b, ql, kl, dtype), seen
+
+
 def _cpu_flash_tiles_ok(q) -> bool:
     """Segments on CPU in float32: each tile pair on the fused CPU kernel with its mask."""
     return q.device.type == "cpu" and q.dtype == torch.float32 and forced_path("attention") != "blockwise"
@@ -172,15 +190,16 @@ def _cpu_flash_segments_forward(q, k, v, pairs, causal, scale, q_segments, k_seg
     qb, kb, vb = _to_bhsd(q, h), _to_bhsd(k, h), _to_bhsd(v, h)
     out = torch.zeros(b, sq, h, v.shape[-1], dtype=torch.float32, device=q.device)
     lse = torch.full((b, h, sq), float("-inf"), dtype=torch.float32, device=q.device)
-    for q0, ql, k0, kl, _ in pairs:
-        mask = _pair_mask(q0, ql, k0, kl, causal, offset, q_segments, k_segments, q.device)
+    for q0, ql, k0, kl, vis in pairs:
+        is_causal, add, seen = _fused_tile_args(q0, ql, k0, kl, vis, causal, offset, q_segments,
+                                                k_segments, b, q.dtype, q.device)
         o_t, lse_t = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qb[:, :, q0 : q0 + ql], kb[:, :, k0 : k0 + kl], vb[:, :, k0 : k0 + kl], 0.0, False,
-            attn_mask=_additive_mask(mask, b, ql, kl, q.dtype), scale=scale,
+            qb[:, :, q0 : q0 + ql], kb[:, :, k0 : k0 + kl], vb[:, :, k0 : k0 + kl], 0.0,
+            is_causal, attn_mask=add, scale=scale,
         )
-        # the fused kernel returns lse 0 (and o 0) for a row whose keys are all masked
-        seen = mask.expand(b, 1, 1, ql, kl).any(-1).view(b, 1, ql)
-        lse_t = torch.where(seen, lse_t.float(), float("-inf"))
+        lse_t = lse_t.float()
+        if seen is not None:  # the fused kernel returns lse 0 (and o 0) for a fully masked row
+            lse_t = torch.where(seen, lse_t, float("-inf"))
         merge_attention(out[:, q0 : q0 + ql], lse[:, :, q0 : q0 + ql], o_t.transpose(1, 2), lse_t)
     return out, lse
 
@@ -199,13 +218,14 @@ def _cpu_flash_segments_backward(do, q, k, v, o, lse, pairs, causal, scale, q_se
     dq = torch.zeros(b, h, sq, d, dtype=torch.float32, device=q.device)
     dk = torch.zeros(b, h, sk, d, dtype=torch.float32, device=q.device)
     dv = torch.zeros(b, h, sk, v.shape[-1], dtype=torch.float32, device=q.device)
-    for q0, ql, k0, kl, _ in pairs:
-        mask = _pair_mask(q0, ql, k0, kl, causal, offset, q_segments, k_segments, q.device)
+    for q0, ql, k0, kl, vis in pairs:
+        is_causal, add, _ = _fused_tile_args(q0, ql, k0, kl, vis, causal, offset, q_segments,
+                                             k_segments, b, q.dtype, q.device)
         rows, cols = slice(q0, q0 + ql), slice(k0, k0 + kl)
         g_q, g_k, g_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dob[:, :, rows].contiguous(), qb[:, :, rows], kb[:, :, cols], vb[:, :, cols],
-            ob[:, :, rows].contiguous(), lse_k[:, :, rows].contiguous(), 0.0, False,
-            attn_mask=_additive_mask(mask, b, ql, kl, q.dtype), scale=scale,
+            ob[:, :, rows].contiguous(), lse_k[:, :, rows].contiguous(), 0.0, is_causal,
+            attn_mask=add, scale=scale,
         )
         dq[:, :, rows] += g_q
         dk[:, :, cols] += g_k

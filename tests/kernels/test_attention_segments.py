@@ -169,3 +169,25 @@ def test_dispatcher_and_errors(monkeypatch):
         attention(q, k, v, q_segments=seg, k_segments=seg)
     monkeypatch.setenv("CTXSCALE_KERNELS_ATTENTION", "reference")
     assert _rel(attention(q, k, v, q_segments=seg, k_segments=seg), o) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_tile_pairs_inside_one_document_run_without_the_document_mask(dtype):
+    """Documents of 40 and 8 tokens, 16-token tiles: the pairs inside the first document are
+    plain ('full' below the diagonal, 'partial' = causal only on it; the fused CPU kernel runs
+    those without a mask, the diagonal with its own causal flag), the pairs that touch the
+    boundary take the document mask, and the results still equal the reference."""
+    seg = segments_of([[40, 8]])
+    pairs = {(p[0], p[2]): p[4] for p in _tile_pairs(48, 48, 16, True, 0, seg, seg)}
+    assert pairs == {(0, 0): "partial", (16, 0): "full", (16, 16): "partial",
+                     (32, 0): "segments", (32, 16): "segments", (32, 32): "segments"}
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 48, n, 24, generator=g, dtype=torch.float64) for n in (4, 2, 2))
+    kw = dict(q_segments=seg, k_segments=seg)
+    ref = _grads(lambda *t: attention_reference(*t, causal=True, **kw), q, k, v, torch.float64,
+                 False)
+    got = _grads(lambda *t: attention_blockwise(*t, causal=True, block_size=16, **kw), q, k, v,
+                 dtype, False)
+    tol = (1e-10, 1e-10) if dtype == torch.float64 else (1e-5, 1e-4)
+    for name, a, r in zip(["o", "lse", "dq", "dk", "dv"], got, ref):
+        assert _rel(a, r) <= tol[name not in ("o", "lse")], (name, _rel(a, r))
