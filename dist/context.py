@@ -38,9 +38,10 @@ class ParallelContext:
         if not self.cp_enabled:
             from ctxscale.kernels import attention
 
-            seg = {} if document_ids is None else {"q_segments": document_ids,
-                                                   "k_segments": document_ids}
-            return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, **seg)
+            from ctxscale.kernels.attention_tiles import _segment_kwargs
+
+            return attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                             **_segment_kwargs(document_ids, document_ids))
         from ctxscale.dist.context_parallel import context_parallel_attention
 
         return context_parallel_attention(

@@ -94,8 +94,10 @@ def context_parallel_attention(q, k, v, *, group=None, method="ring", layout="co
     if world == 1:
         from ctxscale.kernels import attention
 
-        seg_kw = {} if segments is None else {"q_segments": segments, "k_segments": segments}
-        return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, **seg_kw)
+        from ctxscale.kernels.attention_tiles import _segment_kwargs
+
+        return attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                         **_segment_kwargs(segments, segments))
     common = dict(group=group, causal=causal, softmax_scale=softmax_scale, segments=segments)
     if method == "ring":
         return ring_attention(q, k, v, layout=layout, **common)

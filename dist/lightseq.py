@@ -54,6 +54,7 @@ from ctxscale.kernels import (
     merge_attention,
 )
 from ctxscale.kernels.attention import attention_flops
+from ctxscale.kernels.attention_tiles import _segment_kwargs
 
 
 # ---------------------------------------------------------------- schedule
@@ -373,8 +374,8 @@ def lightseq_attention(q, k, v, *, group=None, causal=True, softmax_scale=None, 
     check_global_segments(segments, q, 1 if single else dist.get_world_size(group),
                           "lightseq_attention")
     if single:
-        seg_kw = {} if segments is None else {"q_segments": segments, "k_segments": segments}
-        return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, **seg_kw)
+        return attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                         **_segment_kwargs(segments, segments))
     _check_even(dist.get_world_size(group))
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     return _LightSeqAttention.apply(q, k, v, group, causal, scale, overlap, segments)

@@ -95,9 +95,9 @@ def check_global_segments(segments, q, world: int, name: str) -> None:
     if segments is None:
         return
     want = (q.shape[0], q.shape[1] * world)
-    if segments.shape != want or segments.dtype.is_floating_point or segments.dtype == torch.bool:
+    if segments.shape != want or segments.dtype not in (torch.int32, torch.int64):
         raise ValueError(
-            f"{name}: segments must be the integer document ids of the whole sequence, shape "
+            f"{name}: segments must be the int32/int64 integer document ids of the whole sequence, shape "
             f"(batch, seq_local * cp) = {want}, the same on every rank; got {segments.dtype} "
             f"{tuple(segments.shape)}"
         )

@@ -237,11 +237,12 @@ def ulysses_attention(q, k, v, *, group=None, layout="contiguous", causal=True, 
     `(batch, N)` document ids (document masking), the same on every rank.
     """
     from ctxscale.dist.ring import check_global_segments
+    from ctxscale.kernels.attention_tiles import _segment_kwargs
 
     _check_inputs(q, k, v, layout)
     rank, world = _world(group)
     check_global_segments(segments, q, world, "ulysses_attention")
-    seg_kw = {} if segments is None else {"q_segments": segments, "k_segments": segments}
+    seg_kw = _segment_kwargs(segments, segments)
     if world == 1:
         return attention(q, k, v, causal=causal, softmax_scale=softmax_scale, **seg_kw)
     seq_len = q.shape[1] * world

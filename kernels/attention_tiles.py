@@ -12,20 +12,30 @@ from ctxscale.kernels.dispatch import forced_path
 
 
 def _check_segments(q, k, q_segments, k_segments) -> bool:
-    """Validate document segment ids; True when given."""
+    """Validate document segment ids (every attention path, the Triton kernel's included);
+    True when given."""
     if q_segments is None and k_segments is None:
         return False
     if q_segments is None or k_segments is None:
+        given, missing = (("q_segments", "k_segments") if k_segments is None
+                          else ("k_segments", "q_segments"))
         raise ValueError(
-            "document masking needs both q_segments and k_segments (the document id of every "
-            "query and key token); pass both, or neither for plain (causal) attention"
+            f"{given} was given without {missing}: document masking needs both q_segments and "
+            "k_segments (the document id of every query and key token); pass both, or neither "
+            "for plain (causal) attention"
         )
     for name, seg, x in (("q_segments", q_segments, q), ("k_segments", k_segments, k)):
-        if seg.shape != x.shape[:2] or seg.dtype.is_floating_point or seg.dtype == torch.bool:
-            raise ValueError(
-                f"{name} must be an integer tensor of shape (batch, seq) = {tuple(x.shape[:2])}; "
-                f"got {seg.dtype} {tuple(seg.shape)}"
-            )
+        shape = tuple(x.shape[:2])
+        if not isinstance(seg, torch.Tensor):
+            raise ValueError(f"{name} must be an int32 or int64 integer tensor of shape (batch, "
+                             f"seq) = {shape}; got a {type(seg).__name__}")
+        if tuple(seg.shape) != shape or seg.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be an int32 or int64 integer tensor of shape (batch, "
+                             f"seq) = {shape}; got {seg.dtype} {tuple(seg.shape)} (expected shape "
+                             f"{shape})")
+        if seg.device != q.device:
+            raise ValueError(f"{name} is on {seg.device} and q on {q.device}: put the document "
+                             "ids on q's device")
     return True
 
 

@@ -63,6 +63,7 @@ import torch
 import triton
 
 from ctxscale.kernels.attention import _check_shapes
+from ctxscale.kernels.attention_tiles import _check_segments
 from ctxscale.kernels.dispatch import shared_memory_per_block, triton_runnable
 from ctxscale.kernels.flash_attention_triton_jit import (
     _bwd_delta_kernel,
@@ -196,29 +197,6 @@ def _check(q, k, v):
     _require_runnable(q)
 
 
-def _check_segments(q, k, q_segments, k_segments):
-    """The document ids `(q_segments, k_segments)`, checked, or None when neither is given."""
-    if q_segments is None and k_segments is None:
-        return None
-    if q_segments is None or k_segments is None:
-        given, missing = (("q_segments", "k_segments") if k_segments is None
-                          else ("k_segments", "q_segments"))
-        raise ValueError(f"{given} was given without {missing}: pass both (the document id of "
-                         "every query and of every key token) or neither")
-    b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
-    for name, seg, shape in (("q_segments", q_segments, (b, sq)), ("k_segments", k_segments, (b, sk))):
-        if not isinstance(seg, torch.Tensor):
-            raise ValueError(f"{name} must be an int32 or int64 tensor of shape {shape} (batch, "
-                             f"seq); got a {type(seg).__name__}")
-        if tuple(seg.shape) != shape or seg.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name} must be an int32 or int64 tensor of shape {shape} (batch, "
-                             f"seq); got {tuple(seg.shape)} {seg.dtype}")
-        if seg.device != q.device:
-            raise ValueError(f"{name} is on {seg.device} and q on {q.device}: put the document "
-                             "ids on q's device")
-    return q_segments, k_segments
-
-
 def _segment_args(segments, q):
     """The kernels' (QSEG, KSEG, strides...) arguments and HAS_SEGMENTS; unused stand-ins
     without segments."""
@@ -332,7 +310,7 @@ def flash_attention(q, k, v, *, causal=True, softmax_scale=None, q_segments=None
     ids; query i then sees key j only if they are equal (and the causal mask allows it). A row
     that sees no key gets o = 0 and lse = -inf (and zero gradients)."""
     _check(q, k, v)
-    segments = _check_segments(q, k, q_segments, k_segments)
+    segments = (q_segments, k_segments) if _check_segments(q, k, q_segments, k_segments) else None
     qs, ks = segments if segments is not None else (None, None)
     return _FlashAttention.apply(q, k, v, bool(causal), softmax_scale, qs, ks)
 
@@ -357,7 +335,7 @@ def flash_attention_forward(q, k, v, *, causal=True, softmax_scale=None, o_prev=
     `q_segments` / `k_segments`: document ids of q's rows and of this key block, as in
     `flash_attention`."""
     _check(q, k, v)
-    segments = _check_segments(q, k, q_segments, k_segments)
+    segments = (q_segments, k_segments) if _check_segments(q, k, q_segments, k_segments) else None
     if (o_prev is None) != (lse_prev is None):
         raise ValueError("pass both o_prev and lse_prev (the running result), or neither")
     if inplace and o_prev is None:
@@ -405,7 +383,7 @@ def flash_attention_backward(do, q, k, v, o, lse, *, causal=True, softmax_scale=
     pass per ring step. `q_segments` / `k_segments`: document ids of q's rows and of this key
     block, as in `flash_attention`."""
     _check(q, k, v)
-    segments = _check_segments(q, k, q_segments, k_segments)
+    segments = (q_segments, k_segments) if _check_segments(q, k, q_segments, k_segments) else None
     if o.shape != q.shape or do.shape != q.shape or lse.shape != (q.shape[0], q.shape[2], q.shape[1]):
         raise ValueError(
             f"do and o must be {tuple(q.shape)} and lse {(q.shape[0], q.shape[2], q.shape[1])}; got "

@@ -59,9 +59,17 @@ def tiles(request, monkeypatch, device):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_flash_attention_matches_reference(shape, causal, device, tiles):
     q64, k64, v64 = (t.requires_grad_() for t in _inputs(*shape, device))
-    o_ref, lse_ref = attention_reference(q64, k64, v64, causal=causal)
+    _check_against_reference(q64, k64, v64, causal, device)
+
+
+def _check_against_reference(q64, k64, v64, causal, device, q_ids=None, k_ids=None):
+    """flash_attention (float32, with document ids when given) against the float64 reference:
+    o, lse (float32, -inf exactly where the reference has it), dq, dk, dv; no NaN anywhere and
+    zero output and dq for rows that see nothing. Returns those rows `(batch, seq_q)`."""
+    seg = {} if q_ids is None else {"q_segments": q_ids, "k_segments": k_ids}
+    o_ref, lse_ref = attention_reference(q64, k64, v64, causal=causal, **seg)
     q, k, v = (t.detach().float().requires_grad_() for t in (q64, k64, v64))
-    o, lse = flash_attention(q, k, v, causal=causal)
+    o, lse = flash_attention(q, k, v, causal=causal, **seg)
     assert o.dtype == torch.float32 and lse.dtype == torch.float32
     assert lse.shape == (q.shape[0], q.shape[2], q.shape[1])
     assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
@@ -74,7 +82,11 @@ def test_flash_attention_matches_reference(shape, causal, device, tiles):
     grads = torch.autograd.grad(_loss(o, lse, w, wl), (q, k, v))
     grads_ref = torch.autograd.grad(_loss(o_ref, lse_ref, w, wl), (q64, k64, v64))
     for a, b in zip(grads, grads_ref):
+        assert torch.isfinite(a).all()
         _rel_close(a, b, 1e-4)
+    blind = ~fin.any(1)  # (batch, seq_q): rows that see no key in any head
+    assert torch.all(o[blind] == 0) and torch.all(grads[0][blind] == 0)
+    return blind
 
 
 @pytest.mark.parametrize("head_dim", [128])
@@ -303,62 +315,20 @@ def _doc_ids(rows, device, dtype=torch.int32):
 DOCS_45 = [[(7, 0), (1, 1), (20, 2), (17, 3)], [(17, 5), (1, 2), (20, 9), (7, 2)]]
 
 
-def _segment_reference(q, k, v, q_ids, k_ids, causal):
-    """Dense float64 oracle: scores with the combined (bottom-right causal) and document mask,
-    softmax; a row that sees no key gets o = 0, lse = -inf (and no NaN in its gradients)."""
-    b, sq, h, d = q.shape
-    sk, hk = k.shape[1], k.shape[2]
-    kr, vr = (t.repeat_interleave(h // hk, 2) for t in (k, v))
-    s = torch.einsum("bihd,bjhd->bhij", q, kr) * d ** -0.5
-    visible = (q_ids[:, :, None] == k_ids[:, None, :])[:, None]
-    if causal:
-        i = torch.arange(sq, device=q.device)[:, None]
-        j = torch.arange(sk, device=q.device)[None, :]
-        visible = visible & (j <= i + sk - sq)
-    seen = visible.any(-1, keepdim=True)
-    s = torch.where(seen, s.masked_fill(~visible, float("-inf")), 0.0)
-    lse = torch.logsumexp(s, -1, keepdim=True)
-    o = torch.einsum("bhij,bjhd->bihd", torch.exp(s - lse) * visible, vr)
-    return o, torch.where(seen, lse, float("-inf")).squeeze(-1)
-
-
-def _check_segments_case(q64, k64, v64, q_ids, k_ids, causal, device):
-    """flash_attention with segments against the oracle: o, lse (-inf exactly where the oracle
-    has it), dq, dk, dv; no NaN anywhere and zero gradients for rows that see nothing."""
-    o_ref, lse_ref = _segment_reference(q64, k64, v64, q_ids, k_ids, causal)
-    q, k, v = (t.detach().float().requires_grad_() for t in (q64, k64, v64))
-    o, lse = flash_attention(q, k, v, causal=causal, q_segments=q_ids, k_segments=k_ids)
-    assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref))
-    fin = torch.isfinite(lse_ref)
-    torch.testing.assert_close(o.double(), o_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse.double()[fin], lse_ref[fin], rtol=1e-5, atol=1e-5)
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(o_ref.shape, generator=g, dtype=torch.float64).to(device)
-    wl = torch.randn(lse_ref.shape, generator=g, dtype=torch.float64).to(device)
-    grads = torch.autograd.grad(_loss(o, lse, w, wl), (q, k, v))
-    grads_ref = torch.autograd.grad(_loss(o_ref, lse_ref, w, wl), (q64, k64, v64))
-    for a, b in zip(grads, grads_ref):
-        assert torch.isfinite(a).all()
-        _rel_close(a, b, 1e-4)
-    blind = ~fin.any(1)  # (batch, seq_q): rows that see no key in any head
-    assert torch.all(o[blind] == 0) and torch.all(grads[0][blind] == 0)
-    return blind
-
-
 @pytest.mark.parametrize("causal", [True, False])
 def test_segments_match_reference(causal, device, tiles):
     """Packed documents of odd lengths, GQA (4 query heads on 2 key/value heads), head dim 24
     (padded to 32), square and unequal tiles."""
     q64, k64, v64 = (t.requires_grad_() for t in _inputs(45, 45, 4, 2, 24, device))
     ids = _doc_ids(DOCS_45, device, torch.int64 if causal else torch.int32)
-    _check_segments_case(q64, k64, v64, ids, ids, causal, device)
+    _check_against_reference(q64, k64, v64, causal, device, ids, ids)
 
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_segments_head_dim_64(causal, device):
     q64, k64, v64 = (t.requires_grad_() for t in _inputs(45, 45, 4, 2, 64, device, seed=3))
     ids = _doc_ids(DOCS_45[::-1], device)
-    _check_segments_case(q64, k64, v64, ids, ids, causal, device)
+    _check_against_reference(q64, k64, v64, causal, device, ids, ids)
 
 
 @pytest.mark.parametrize("sq, sk, causal", [(20, 33, True), (20, 33, False), (45, 20, True)])
@@ -371,8 +341,8 @@ def test_segments_ring_block(sq, sk, causal, device):
               45: [[(3, 0), (14, 1), (28, 2)], [(20, 3), (25, 4)]]}[sq]
     k_docs = {33: [[(10, 1), (15, 4), (8, 5)], [(33, 1)]],
               20: [[(6, 0), (14, 2)], [(11, 3), (9, 5)]]}[sk]
-    blind = _check_segments_case(q64, k64, v64, _doc_ids(q_docs, device),
-                                 _doc_ids(k_docs, device), causal, device)
+    blind = _check_against_reference(q64, k64, v64, causal, device, _doc_ids(q_docs, device),
+                                     _doc_ids(k_docs, device))
     assert blind.any() and not blind.all()
 
 
@@ -393,7 +363,8 @@ def test_segments_merge_over_key_blocks(causal, device):
     """flash_attention_forward merged over the key blocks (each order: rows whose previous or
     current lse is -inf), the last step in place, equals the oracle over all keys."""
     q, k, v, q_ids, k_ids, blocks = _segment_blocks(causal, device)
-    o_ref, lse_ref = _segment_reference(q, k, v, q_ids, k_ids, causal)
+    o_ref, lse_ref = attention_reference(q, k, v, causal=causal, q_segments=q_ids,
+                                         k_segments=k_ids)
     q, k, v = q.float(), k.float(), v.float()
     for order in (blocks, blocks[::-1]):
         o = lse = None
@@ -412,7 +383,8 @@ def test_segments_global_lse_backward_over_key_blocks(causal, device):
     ones add into them (dq) and into row slices of the dk/dv buffers (accumulate_into)."""
     q64, k64, v64, q_ids, k_ids, blocks = _segment_blocks(causal, device)
     q64, k64, v64 = (t.requires_grad_() for t in (q64, k64, v64))
-    o_ref, lse_ref = _segment_reference(q64, k64, v64, q_ids, k_ids, causal)
+    o_ref, lse_ref = attention_reference(q64, k64, v64, causal=causal, q_segments=q_ids,
+                                         k_segments=k_ids)
     g = torch.Generator().manual_seed(2)
     do = torch.randn(o_ref.shape, generator=g, dtype=torch.float64).to(device)
     dlse = torch.randn(lse_ref.shape, generator=g, dtype=torch.float64).to(device)
