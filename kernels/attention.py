@@ -137,6 +137,13 @@ def _triton_block_kernel(q, k, v):
     return fat if fat.supports(q, k, v) else None
 
 
+def _pairs(sq, sk, block_size, causal, offset, q_segments, k_segments):
+    """`_tile_pairs` of the tiled paths; with document ids the default tile is SEGMENT_BLOCK."""
+    if q_segments is not None and block_size == DEFAULT_BLOCK:
+        block_size = SEGMENT_BLOCK
+    return _tile_pairs(sq, sk, block_size, causal, offset, q_segments, k_segments)
+
+
 @torch.no_grad()
 def attention_forward(q, k, v, *, causal=True, softmax_scale=None, block_size=DEFAULT_BLOCK,
                       q_segments=None, k_segments=None):
@@ -160,9 +167,7 @@ def attention_forward(q, k, v, *, causal=True, softmax_scale=None, block_size=DE
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     offset = sk - sq
-    if segmented and block_size == DEFAULT_BLOCK:
-        block_size = SEGMENT_BLOCK
-    pairs = _tile_pairs(sq, sk, block_size, causal, offset, q_segments, k_segments)
+    pairs = _pairs(sq, sk, block_size, causal, offset, q_segments, k_segments)
     if segmented and _cpu_flash_tiles_ok(q):
         log_choice("attention_block", "cpu_flash_tiles")
         return _cpu_flash_segments_forward(q, k, v, pairs, causal, scale, q_segments, k_segments)
@@ -248,9 +253,7 @@ def attention_backward(
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
     offset = sk - sq
-    if segmented and block_size == DEFAULT_BLOCK:
-        block_size = SEGMENT_BLOCK
-    pairs = _tile_pairs(sq, sk, block_size, causal, offset, q_segments, k_segments)
+    pairs = _pairs(sq, sk, block_size, causal, offset, q_segments, k_segments)
     if dlse is None and segmented and _cpu_flash_tiles_ok(q):
         return _cpu_flash_segments_backward(do, q, k, v, o, lse, pairs, causal, scale,
                                             q_segments, k_segments)

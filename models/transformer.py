@@ -161,7 +161,7 @@ class Transformer(nn.Module):
             position_ids = self.parallel.position_ids(b, s, device=h.device)
         cos, sin = self.rope(position_ids)
         for layer in self.layers.values():
-            h = layer(h, cos, sin) if document_ids is None else layer(h, cos, sin, document_ids)
+            h = layer(h, cos, sin, document_ids)
         return self.norm(h) if self.norm is not None else h
 
     def forward(self, input_ids, *, labels=None, position_ids=None, document_ids=None,
