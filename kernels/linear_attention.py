@@ -58,11 +58,6 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def qk_group(q, v) -> int:
-    """Heads of v per q/k head (1 unless q and k are grouped)."""
-    return v.shape[2] // q.shape[2]
-
-
 def _check_inputs(q, k, v, log_decay, initial_state):
     """Validate shapes; return log decay as `(batch, heads, seq)` in the compute dtype, or None."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -114,7 +109,7 @@ def linear_attention_recurrent(
     g = _check_inputs(q, k, v, log_decay, initial_state)
     scale = _default_scale(q, scale)
     cdt = _compute_dtype(q.dtype)
-    r = qk_group(q, v)
+    r = v.shape[2] // q.shape[2]  # heads of v per q/k head (grouped q/k)
     b, n, _, dk = q.shape
     h, dv = v.shape[2], v.shape[-1]
     qc, kc = (x.to(cdt).repeat_interleave(r, dim=2) for x in (q, k))
