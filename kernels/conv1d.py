@@ -12,6 +12,12 @@ so `weight[:, -1]` multiplies the current token. Inputs before t = 0 come from `
 shorter than width − 1, older entries come from the initial state). Returns out in x's dtype, or
 `(out, final_state)` with `return_final_state`.
 
+Packed sequences: `segments` `(batch, seq)` (document ids, `kernels/recurrent_segments.py`)
+keeps every tap inside the token's document: a tap that would read a token of an earlier
+document reads zero, the initial state belongs to the first document, and the final state
+keeps the last document's inputs (zeros for older positions), so a continuation starts from
+that document only. Both paths then sum the taps with a same-document mask.
+
 Paths:
 - `reference`: a sum over the width taps (the oracle, float64 capable).
 - `torch`: `F.conv1d` with `groups=dim` on the state-padded input.
@@ -26,11 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from ctxscale.kernels.dispatch import forced_path, log_choice, module_available
+from ctxscale.kernels.recurrent_segments import check_segments, runs
 
 ACTIVATIONS = (None, "silu", "swish")
 
 
-def _check(x, weight, bias, activation, initial_state):
+def _check(x, weight, bias, activation, initial_state, segments=None):
     if x.dim() != 3:
         raise ValueError(f"x has shape {tuple(x.shape)}; expected (batch, dim, seq)")
     b, d, _ = x.shape
@@ -46,6 +53,8 @@ def _check(x, weight, bias, activation, initial_state):
             f"initial_state has shape {tuple(initial_state.shape)}; expected (batch, dim, width-1) "
             f"= {(b, d, w - 1)}"
         )
+    if segments is not None:
+        check_segments(segments, b, x.shape[-1], x.device, what="causal_conv1d")
 
 
 def _padded(x, weight, initial_state):
@@ -59,30 +68,65 @@ def _act(y, activation):
     return F.silu(y) if activation in ("silu", "swish") else y
 
 
+def _padded_runs(segments, w: int):
+    """Runs of the state-padded input `(batch, 1, w - 1 + seq)`: the state's positions take the
+    first token's run (the initial state belongs to the first document)."""
+    r = runs(segments)
+    return torch.cat([r[:, :1].expand(-1, w - 1), r], dim=1).unsqueeze(1)
+
+
+def _masked_taps(xp, weight, bias, L: int, rp):
+    """Σ_j weight[:, j] · xp[..., j : j + L], each tap times [same document] when `rp` (the
+    padded runs) is given."""
+    w = weight.shape[1]
+    y = 0
+    for j in range(w):
+        tap = weight[:, j, None].to(xp.dtype) * xp[:, :, j : j + L]
+        if rp is not None and j < w - 1:
+            tap = tap * (rp[:, :, j : j + L] == rp[:, :, w - 1 :]).to(xp.dtype)
+        y = y + tap
+    if bias is not None:
+        y = y + bias.to(xp.dtype)[:, None]
+    return y
+
+
+def _final_state(xp, w: int, rp):
+    """The last w−1 inputs; with documents, those of the last document only."""
+    tail = xp[:, :, xp.shape[-1] - (w - 1) :]
+    if rp is None or w == 1:
+        return tail
+    return tail * (rp[:, :, rp.shape[-1] - (w - 1) :] == rp[:, :, -1:]).to(xp.dtype)
+
+
 def causal_conv1d_reference(
-    x, weight, bias=None, *, activation=None, initial_state=None, return_final_state=False
+    x, weight, bias=None, *, activation=None, initial_state=None, return_final_state=False,
+    segments=None,
 ):
     """Sum over taps (the oracle); same arguments and returns as `causal_conv1d`."""
-    _check(x, weight, bias, activation, initial_state)
+    _check(x, weight, bias, activation, initial_state, segments)
     L, w = x.shape[-1], weight.shape[1]
     xp = _padded(x, weight, initial_state)
-    y = sum(weight[:, j, None].to(x.dtype) * xp[:, :, j : j + L] for j in range(w))
-    if bias is not None:
-        y = y + bias.to(x.dtype)[:, None]
-    out = _act(y, activation)
-    return (out, xp[:, :, xp.shape[-1] - (w - 1) :]) if return_final_state else out
+    rp = _padded_runs(segments, w) if segments is not None else None
+    out = _act(_masked_taps(xp, weight, bias, L, rp), activation)
+    return (out, _final_state(xp, w, rp)) if return_final_state else out
 
 
 def causal_conv1d_torch(
-    x, weight, bias=None, *, activation=None, initial_state=None, return_final_state=False
+    x, weight, bias=None, *, activation=None, initial_state=None, return_final_state=False,
+    segments=None,
 ):
-    """`F.conv1d(groups=dim)` on the state-padded input; same returns as `causal_conv1d`."""
-    _check(x, weight, bias, activation, initial_state)
+    """`F.conv1d(groups=dim)` on the state-padded input (with `segments`, the masked tap sum);
+    same returns as `causal_conv1d`."""
+    _check(x, weight, bias, activation, initial_state, segments)
     d, w = weight.shape
     xp = _padded(x, weight, initial_state)
+    if segments is not None:
+        rp = _padded_runs(segments, w)
+        out = _act(_masked_taps(xp, weight, bias, x.shape[-1], rp), activation)
+        return (out, _final_state(xp, w, rp)) if return_final_state else out
     y = F.conv1d(xp, weight.to(x.dtype).unsqueeze(1), bias.to(x.dtype) if bias is not None else None, groups=d)
     out = _act(y, activation)
-    return (out, xp[:, :, xp.shape[-1] - (w - 1) :]) if return_final_state else out
+    return (out, _final_state(xp, w, None)) if return_final_state else out
 
 
 def _cuda_fn():
@@ -95,18 +139,21 @@ def _cuda_fn():
 
 
 def causal_conv1d(
-    x, weight, bias=None, *, activation=None, initial_state=None, return_final_state=False
+    x, weight, bias=None, *, activation=None, initial_state=None, return_final_state=False,
+    segments=None,
 ):
     """Causal depthwise conv (see the module docstring). x `(batch, dim, seq)`, weight
     `(dim, width)`. The path is `CTXSCALE_KERNELS_CONV1D` (reference | torch | causal_conv1d) when
     set; else the `causal_conv1d` CUDA kernel on CUDA when installed and no states are asked for;
-    else `F.conv1d`."""
+    else `F.conv1d`. `segments`: None or the `(batch, seq)` document ids of packed rows (no tap
+    crosses a document start; see the module docstring)."""
     path = forced_path("conv1d")
-    kwargs = dict(activation=activation, initial_state=initial_state, return_final_state=return_final_state)
+    kwargs = dict(activation=activation, initial_state=initial_state,
+                  return_final_state=return_final_state, segments=segments)
     if path == "reference":
         log_choice("conv1d", "reference", "forced")
         return causal_conv1d_reference(x, weight, bias, **kwargs)
-    stateless = initial_state is None and not return_final_state
+    stateless = initial_state is None and not return_final_state and segments is None
     if path == "causal_conv1d" or (path is None and x.device.type == "cuda"):
         fn = _cuda_fn() if x.device.type == "cuda" else None
         if fn is not None and stateless:
@@ -116,7 +163,7 @@ def causal_conv1d(
         if path == "causal_conv1d":
             raise RuntimeError(
                 "CTXSCALE_KERNELS_CONV1D=causal_conv1d needs the causal-conv1d package, CUDA "
-                "inputs and no states; unset the variable to fall back"
+                "inputs, no states and no segments; unset the variable to fall back"
             )
     log_choice("conv1d", "torch", "forced" if path else "pytorch path")
     return causal_conv1d_torch(x, weight, bias, **kwargs)

@@ -33,6 +33,13 @@ Paths:
   O(seq · dim) for the inputs plus one segment's intermediates, not O(seq · chunk).
 - `triton`: `ctxscale.kernels.linear_attention_triton.linear_attention` (same signature) on CUDA
   or in the Triton interpreter, when that module exists and its `supports(...)` accepts the call.
+
+Packed sequences: `segments` `(batch, seq)` (document ids, see `kernels/recurrent_segments.py`)
+resets the state at every document start, S_t = k_t v_tᵀ there, and keeps `initial_state` to
+the first document. In the chunked form, with run_i the document index of token i, the
+intra-chunk weights get [run_i = run_j], the read of S_prev [run_i = run of the token before the
+chunk], a key's write to S_next [run_j = run of the chunk's last token] and the carry of S_prev
+[both runs equal]: the same exponents, masked, so the form stays exact and overflow-free.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from ctxscale.kernels.dispatch import (
     module_available,
     want_triton,
 )
+from ctxscale.kernels.recurrent_segments import check_segments, runs_with_previous
 
 DEFAULT_CHUNK = 64
 DEFAULT_SEGMENT_CHUNKS = 16
@@ -58,7 +66,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_inputs(q, k, v, log_decay, initial_state):
+def _check_inputs(q, k, v, log_decay, initial_state, segments=None):
     """Validate shapes; return log decay as `(batch, heads, seq)` in the compute dtype, or None."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
@@ -94,6 +102,8 @@ def _check_inputs(q, k, v, log_decay, initial_state):
             f"initial_state has shape {tuple(initial_state.shape)}; expected (batch, heads, "
             f"dim_k, dim_v) = {(b, h, dk, dv)}"
         )
+    if segments is not None:
+        check_segments(segments, b, n, q.device, what="linear_attention")
     return g
 
 
@@ -103,10 +113,11 @@ def _default_scale(q, scale):
 
 # ---------------------------------------------------------------- reference
 def linear_attention_recurrent(
-    q, k, v, *, log_decay=None, scale=None, initial_state=None, return_final_state=False
+    q, k, v, *, log_decay=None, scale=None, initial_state=None, return_final_state=False,
+    segments=None,
 ):
     """Token-by-token recurrence (the oracle). Same arguments and returns as `linear_attention`."""
-    g = _check_inputs(q, k, v, log_decay, initial_state)
+    g = _check_inputs(q, k, v, log_decay, initial_state, segments)
     scale = _default_scale(q, scale)
     cdt = _compute_dtype(q.dtype)
     r = v.shape[2] // q.shape[2]  # heads of v per q/k head (grouped q/k)
@@ -123,6 +134,9 @@ def linear_attention_recurrent(
     for t in range(n):
         if g is not None:
             state = state * torch.exp(g[:, :, t])[:, :, None, None]
+        if segments is not None and t > 0:  # a document starts: forget the state
+            keep = (segments[:, t] == segments[:, t - 1]).to(cdt)
+            state = state * keep[:, None, None, None]
         state = state + kc[:, t, :, :, None] * vc[:, t, :, None, :]
         outs.append(scale * torch.einsum("bhk,bhkv->bhv", qc[:, t], state))
     o = torch.stack(outs, dim=1) if outs else vc.new_zeros(b, 0, h, dv)
@@ -131,11 +145,30 @@ def linear_attention_recurrent(
 
 
 # ---------------------------------------------------------------- chunked (Lightning Attention-2)
-def _segment(q, k, v, g, state, chunk_size: int):
+def _document_masks(run, nc: int, C: int):
+    """Masks of one segment's documents, from `run` `(b, T + 1)` (the document index of the token
+    before the segment, then of each token; see `kernels/recurrent_segments.py`), padded to
+    nc·C tokens with the last token's run. Returns (same `(b,1,1,nc,C,C)`: query and key in one
+    document; read `(b,1,1,nc,C,1)`: the query is in the document of the token before its
+    chunk, so it reads S_prev; write `(b,1,1,nc,C,1)`: the key is in the chunk's last document,
+    so it reaches S_next; carry `(b,1,1,nc)`: S_prev survives the chunk)."""
+    b = run.shape[0]
+    pad = nc * C + 1 - run.shape[1]
+    if pad:
+        run = torch.cat([run, run[:, -1:].expand(b, pad)], dim=1)
+    tokens = run[:, 1:].reshape(b, 1, 1, nc, C)
+    prev = run[:, :-1].reshape(b, 1, 1, nc, C)[..., :1]
+    end = tokens[..., -1:]
+    same = tokens.unsqueeze(-1) == tokens.unsqueeze(-2)
+    return same, (tokens == prev).unsqueeze(-1), (tokens == end).unsqueeze(-1), (prev == end)[..., 0]
+
+
+def _segment(q, k, v, g, state, chunk_size: int, run=None):
     """One segment. q, k `(b, hk, T, dk)` (q already scaled), v `(b, h, T, dv)` with h a multiple
-    of hk, g `(b, h, T)` or None, state `(b, h, dk, dv)`. Returns (o `(b, h, T, dv)`, state after
-    the segment). Heads are laid out as (hk, r = h / hk): a group's q·k scores are formed once
-    and broadcast over its r heads, whose decays (and so masks) differ."""
+    of hk, g `(b, h, T)` or None, state `(b, h, dk, dv)`, run None or `(b, T + 1)` (document
+    resets, see `_document_masks`). Returns (o `(b, h, T, dv)`, state after the segment). Heads
+    are laid out as (hk, r = h / hk): a group's q·k scores are formed once and broadcast over
+    its r heads, whose decays (and so masks) differ."""
     b, hk, T, dk = q.shape
     h, dv = v.shape[1], v.shape[-1]
     r = h // hk
@@ -150,21 +183,30 @@ def _segment(q, k, v, g, state, chunk_size: int):
     k = k.reshape(b, hk, 1, nc, C, dk)
     v = v.reshape(b, hk, r, nc, C, dv)
     state = state.reshape(b, hk, r, dk, dv)
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    visible = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    read = write = carry = None
+    if run is not None:
+        same, read, write, carry = _document_masks(run, nc, C)
+        visible = visible & same
     scores = torch.matmul(q, k.transpose(-1, -2))  # b hk 1 nc C C
     if g is None:
-        scores = scores.masked_fill(~causal, 0.0)
-        kv_local = torch.matmul(k.transpose(-1, -2), v)  # b hk r nc dk dv
-        chunk_decay = None
-        q_inter = q
+        scores = scores.masked_fill(~visible, 0.0)
+        k_write = k if write is None else k * write
+        kv_local = torch.matmul(k_write.transpose(-1, -2), v)  # b hk r nc dk dv
+        chunk_decay = None if carry is None else carry.to(q.dtype)
+        q_inter = q if read is None else q * read
     else:
         G = g.reshape(b, hk, r, nc, C).cumsum(-1)
         diff = G.unsqueeze(-1) - G.unsqueeze(-2)  # G_i - G_j
-        scores = scores * torch.exp(torch.where(causal, diff, float("-inf")))
+        scores = scores * torch.exp(torch.where(visible, diff, float("-inf")))
         G_end = G[..., -1:]
-        kv_local = torch.matmul((k * torch.exp(G_end - G).unsqueeze(-1)).transpose(-1, -2), v)
+        w_write = torch.exp(G_end - G).unsqueeze(-1)
+        w_read = torch.exp(G).unsqueeze(-1)
         chunk_decay = torch.exp(G_end.squeeze(-1))  # b hk r nc
-        q_inter = q * torch.exp(G).unsqueeze(-1)
+        if run is not None:
+            w_write, w_read, chunk_decay = w_write * write, w_read * read, chunk_decay * carry
+        kv_local = torch.matmul((k * w_write).transpose(-1, -2), v)
+        q_inter = q * w_read
     before = []
     # unbind once: indexing inside the loop would cost a full-size gradient per chunk
     decays = chunk_decay.unbind(3) if chunk_decay is not None else [None] * nc
@@ -191,6 +233,7 @@ def linear_attention_chunked(
     chunk_size: int = DEFAULT_CHUNK,
     segment_chunks: int = DEFAULT_SEGMENT_CHUNKS,
     recompute: bool | None = None,
+    segments=None,
 ):
     """Chunked form (Lightning Attention-2); exact, same returns as `linear_attention`.
 
@@ -199,7 +242,7 @@ def linear_attention_chunked(
     are needed and there is more than one segment)."""
     if chunk_size < 1 or segment_chunks < 1:
         raise ValueError(f"chunk_size ({chunk_size}) and segment_chunks ({segment_chunks}) must be >= 1")
-    g = _check_inputs(q, k, v, log_decay, initial_state)
+    g = _check_inputs(q, k, v, log_decay, initial_state, segments)
     scale = _default_scale(q, scale)
     cdt = _compute_dtype(q.dtype)
     b, n, _, dk = q.shape
@@ -223,12 +266,14 @@ def linear_attention_chunked(
     # backward would materialize a full-length gradient, quadratic in the number of segments
     pieces = [x.split(seg, dim=2) for x in (qh, kh, vh)]
     g_pieces = g.split(seg, dim=2) if g is not None else [None] * len(pieces[0])
-    for q_seg, k_seg, v_seg, g_seg in zip(*pieces, g_pieces):
-        args = (q_seg, k_seg, v_seg, g_seg, state)
+    run = runs_with_previous(segments) if segments is not None else None
+    for i, (q_seg, k_seg, v_seg, g_seg) in enumerate(zip(*pieces, g_pieces)):
+        run_seg = run[:, i * seg : (i + 1) * seg + 1] if run is not None else None
+        args = (q_seg, k_seg, v_seg, g_seg, state, chunk_size, run_seg)
         if recompute:
-            o_seg, state = checkpoint(_segment, *args, chunk_size, use_reentrant=False)
+            o_seg, state = checkpoint(_segment, *args, use_reentrant=False)
         else:
-            o_seg, state = _segment(*args, chunk_size)
+            o_seg, state = _segment(*args)
         outs.append(o_seg)
     o = torch.cat(outs, dim=2) if outs else vh.new_zeros(b, h, 0, dv)
     o = o.transpose(1, 2).to(q.dtype)
@@ -246,15 +291,24 @@ def _triton_module():
         return None
 
 
+def _triton_supports(mod, q, k, v, kwargs, seg_kw) -> bool:
+    try:
+        return mod.supports(q, k, v, **kwargs, **seg_kw)
+    except TypeError:  # a kernel without the segments keyword: not for packed rows
+        return False
+
+
 def linear_attention(
-    q, k, v, *, log_decay=None, scale=None, initial_state=None, return_final_state=False
+    q, k, v, *, log_decay=None, scale=None, initial_state=None, return_final_state=False,
+    segments=None,
 ):
     """Causal linear attention with optional per-token decay; see the module docstring.
 
     q, k: `(batch, seq, heads_qk, dim_k)` with heads_qk dividing heads (grouped, see the module
     docstring); v: `(batch, seq, heads, dim_v)`; log_decay: `(batch, seq, heads)`, `(heads,)` or
-    None; initial_state: `(batch, heads, dim_k, dim_v)`.
-    Returns o `(batch, seq, heads, dim_v)`, or `(o, final_state)` with `return_final_state`.
+    None; initial_state: `(batch, heads, dim_k, dim_v)`; segments: None or the `(batch, seq)`
+    document ids of a packed row (the state resets at each document start; see the module
+    docstring). Returns o `(batch, seq, heads, dim_v)`, or `(o, final_state)` with `return_final_state`.
     The path is `CTXSCALE_KERNELS_LINEAR_ATTENTION` (recurrent | chunked | triton) when set, else
     Triton where `CTXSCALE_KERNELS` asks for it and the kernel supports the call, else chunked."""
     kwargs = dict(
@@ -263,15 +317,17 @@ def linear_attention(
         initial_state=initial_state,
         return_final_state=return_final_state,
     )
+    # the Triton module gets segments only when given (its older signature has none)
+    seg_kw = {} if segments is None else {"segments": segments}
     path = forced_path("linear_attention")
     if path == "recurrent":
         log_choice("linear_attention", "recurrent", "forced")
-        return linear_attention_recurrent(q, k, v, **kwargs)
+        return linear_attention_recurrent(q, k, v, **kwargs, segments=segments)
     if path == "triton" or (path is None and want_triton(q.device)):
         mod = _triton_module()
-        if mod is not None and mod.supports(q, k, v, **kwargs):
+        if mod is not None and _triton_supports(mod, q, k, v, kwargs, seg_kw):
             log_choice("linear_attention", "triton", "forced" if path else "auto")
-            return mod.linear_attention(q, k, v, **kwargs)
+            return mod.linear_attention(q, k, v, **kwargs, **seg_kw)
         if path == "triton":
             raise RuntimeError(
                 "CTXSCALE_KERNELS_LINEAR_ATTENTION=triton but the Triton linear-attention kernel "
@@ -281,4 +337,4 @@ def linear_attention(
     else:
         reason = "forced" if path else "pytorch path"
     log_choice("linear_attention", "chunked", reason)
-    return linear_attention_chunked(q, k, v, **kwargs)
+    return linear_attention_chunked(q, k, v, **kwargs, segments=segments)
