@@ -79,41 +79,47 @@ class ParallelContext:
 
         return recurrent
 
-    def linear_attention(self, q, k, v, *, log_decay=None, scale=None):
+    # `document_ids` of the recurrent ops: None, or the `(batch, seq)` document ids of the WHOLE
+    # sequence (the same on every cp rank, as for `attention`): the recurrence restarts at every
+    # document start (kernels/recurrent_segments.py)
+    def linear_attention(self, q, k, v, *, log_decay=None, scale=None, document_ids=None):
         """Causal linear attention (simple-GLA semantics, `ctxscale.kernels.linear_attention`)
         over the whole sequence; q, k `(batch, seq_local, heads, dim_k)`, v `(..., dim_v)`,
         log_decay `(batch, seq_local, heads)`, `(heads,)` or None."""
         if not self.cp_enabled:
             from ctxscale.kernels.linear_attention import linear_attention
 
-            return linear_attention(q, k, v, log_decay=log_decay, scale=scale)
+            return linear_attention(q, k, v, log_decay=log_decay, scale=scale,
+                                    segments=document_ids)
         return self._recurrent_cp("linear attention").cp_linear_attention(
             q, k, v, log_decay=log_decay, scale=scale, group=self.cp_group,
-            method=self.cp_state_method,
+            method=self.cp_state_method, segments=document_ids,
         )
 
     def selective_scan(self, u, delta, A, B, C, D=None, z=None, delta_bias=None,
-                       delta_softplus=False):
+                       delta_softplus=False, *, document_ids=None):
         """Mamba's selective scan (mamba-ssm `selective_scan_fn` arguments, sequence last)."""
         if not self.cp_enabled:
             from ctxscale.kernels.selective_scan import selective_scan
 
-            return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+            return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                  segments=document_ids)
         return self._recurrent_cp("the selective scan").cp_selective_scan(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, group=self.cp_group,
-            method=self.cp_state_method,
+            method=self.cp_state_method, segments=document_ids,
         )
 
-    def causal_conv1d(self, x, weight, bias=None, *, activation=None):
+    def causal_conv1d(self, x, weight, bias=None, *, activation=None, document_ids=None):
         """Causal depthwise conv over the sequence; x `(batch, dim, seq_local)`."""
         if not self.cp_enabled:
             from ctxscale.kernels.conv1d import causal_conv1d
 
-            return causal_conv1d(x, weight, bias, activation=activation)
+            return causal_conv1d(x, weight, bias, activation=activation, segments=document_ids)
         # contiguous: the halo exchange receives into a zeros_like of the input's tail, and
         # gloo refuses non-contiguous buffers (a transposed projection output is one)
         return self._recurrent_cp("the causal conv1d").cp_causal_conv1d(
-            x.contiguous(), weight, bias, activation=activation, group=self.cp_group
+            x.contiguous(), weight, bias, activation=activation, group=self.cp_group,
+            segments=document_ids,
         )
 
     def position_ids(self, batch: int, seq_local: int, device=None) -> torch.Tensor:

@@ -30,6 +30,13 @@ repeat the whole intra-chunk work):
   last width−1 inputs (zeros on rank 0) and uses them as the conv's initial state; in the backward
   pass their gradient goes back to the previous rank.
 
+Packed sequences (`segments`: the `(batch, seq)` document ids of the WHOLE sequence, the same
+on every rank, as for softmax attention): each rank runs its shard with its own document resets
+(kernels/recurrent_segments.py), its tokens read S_in (the conv: the halo's positions) only while
+they are in the document of the previous rank's last token, and a shard holding a document start
+passes on no decayed S_in (its a is 0, log a = −∞): the state then reaches no token of another
+document across ranks either.
+
 The exchanges are collective over `group`: every rank must make the same calls, forward and
 backward (inputs requiring grad on every rank or on none), or the others wait for it.
 
@@ -47,6 +54,7 @@ import torch.nn.functional as F
 from ctxscale.dist import comm
 from ctxscale.kernels.conv1d import causal_conv1d
 from ctxscale.kernels.linear_attention import linear_attention
+from ctxscale.kernels.recurrent_segments import check_segments, runs
 from ctxscale.kernels.selective_scan import selective_scan
 from torch.utils.checkpoint import checkpoint
 
@@ -61,6 +69,37 @@ def _check_method(method: str) -> None:
 
 def _world_rank(group):
     return dist.get_world_size(group), dist.get_rank(group)
+
+
+class _ShardDocuments:
+    """This rank's view of the global document ids of a contiguous shard of `n` tokens."""
+
+    def __init__(self, segments, batch: int, n: int, group, device, what: str):
+        world, rank = _world_rank(group)
+        check_segments(segments, batch, n * world, device, what=f"{what} (the global document "
+                       "ids of the whole sequence, the same on every context-parallel rank)")
+        r = runs(segments)
+        self.start = rank * n
+        self.local = r[:, self.start : self.start + n]  # runs serve as the shard's ids
+        # the run of the previous rank's last token (rank 0 has no S_in: any run does)
+        self.prev = r[:, self.start - 1 : self.start] if rank > 0 else r[:, :1]
+        self.runs = r
+
+    def reads(self) -> torch.Tensor:
+        """`(batch, n)` True where a token is in the document of the token before the shard."""
+        return self.local == self.prev
+
+    def carries(self) -> torch.Tensor:
+        """`(batch,)` True where the shard holds no document start (S_in reaches S_out)."""
+        if self.local.shape[1] == 0:
+            return torch.ones_like(self.prev[:, 0], dtype=torch.bool)
+        return self.local[:, -1] == self.prev[:, 0]
+
+
+def _cut_carry(total, carry):
+    """Total log decay with −∞ (a = 0) where the shard holds a document start."""
+    shape = (carry.shape[0],) + (1,) * (total.dim() - 1)
+    return torch.where(carry.view(shape), total, torch.full_like(total, float("-inf")))
 
 
 # ---------------------------------------------------------------- state passing
@@ -138,19 +177,24 @@ def pass_states(local_state, log_decay_total, *, group=None, method: str = "allg
 
 
 # ---------------------------------------------------------------- linear attention
-def cp_linear_attention(q, k, v, *, log_decay=None, scale=None, group=None, method="allgather"):
+def cp_linear_attention(q, k, v, *, log_decay=None, scale=None, group=None, method="allgather",
+                        segments=None):
     """Context-parallel `linear_attention` (causal, simple-GLA semantics) on contiguous shards.
 
     q, k `(batch, seq_local, heads_qk, dim_k)` (heads_qk dividing heads: grouped q/k),
     v `(batch, seq_local, heads, dim_v)`, log_decay `(batch, seq_local, heads)`, `(heads,)` or
-    None. Returns this rank's o `(batch, seq_local, heads, dim_v)`, equal to the matching slice of
-    single-process `linear_attention`."""
+    None; segments None or the global `(batch, seq)` document ids. Returns this rank's o
+    `(batch, seq_local, heads, dim_v)`, equal to the matching slice of single-process
+    `linear_attention`."""
     _check_method(method)
     b, n, hk, dk = q.shape
     h = v.shape[2]
     scale = dk**-0.5 if scale is None else scale
+    docs = (None if segments is None else
+            _ShardDocuments(segments, b, n, group, q.device, "cp_linear_attention"))
     o_local, s_local = linear_attention(
-        q, k, v, log_decay=log_decay, scale=scale, return_final_state=True
+        q, k, v, log_decay=log_decay, scale=scale, return_final_state=True,
+        segments=None if docs is None else docs.local,
     )
     cdt = s_local.dtype
     if log_decay is None:
@@ -163,6 +207,8 @@ def cp_linear_attention(q, k, v, *, log_decay=None, scale=None, group=None, meth
         else:
             cum = log_decay.to(cdt).cumsum(1)  # b n h
         total = (cum[:, -1] if n > 0 else torch.zeros_like(cum[:, 0])).expand(b, h)[..., None, None]
+    if docs is not None:
+        total = _cut_carry(total.expand(b, h, 1, 1), docs.carries())
     s_in = pass_states(s_local, total, group=group, method=method)
     # o_t += scale · e^{cum_t} q_tᵀ S_in, per head; a group's q is read once (no per-head copy)
     r = h // hk
@@ -171,6 +217,8 @@ def cp_linear_attention(q, k, v, *, log_decay=None, scale=None, group=None, meth
     ).reshape(b, n, h, -1)
     if cum is not None:
         correction = correction * torch.exp(cum).unsqueeze(-1)
+    if docs is not None:
+        correction = correction * docs.reads()[:, :, None, None]
     return (o_local.to(cdt) + correction).to(q.dtype)
 
 
@@ -187,12 +235,15 @@ def _scan_correction(cum_dt, A, x_in, Cg):
 
 def cp_selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, *,
-    group=None, method="allgather",
+    group=None, method="allgather", segments=None,
 ):
     """Context-parallel `selective_scan` (mamba-ssm's `selective_scan_fn` arguments, shards along
-    the last axis). Returns this rank's out `(batch, dim, seq_local)`."""
+    the last axis; segments None or the global `(batch, seq)` document ids). Returns this
+    rank's out `(batch, dim, seq_local)`."""
     _check_method(method)
     b, d, n_local = u.shape
+    docs = (None if segments is None else
+            _ShardDocuments(segments, b, n_local, group, u.device, "cp_selective_scan"))
     cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
     dt = delta.to(cdt)
     if delta_bias is not None:
@@ -201,10 +252,13 @@ def cp_selective_scan(
         dt = dt + delta_bias.to(cdt)[:, None]
     if delta_softplus:
         dt = F.softplus(dt)
-    y_local, x_local = selective_scan(u.to(cdt), dt, A, B, C, return_last_state=True)
+    y_local, x_local = selective_scan(u.to(cdt), dt, A, B, C, return_last_state=True,
+                                      segments=None if docs is None else docs.local)
     Ac = A.to(cdt)
     cum_dt = dt.cumsum(-1)  # b d L
     total = (cum_dt[..., -1:] if n_local > 0 else dt.new_zeros(b, d, 1)) * Ac  # b d n
+    if docs is not None:
+        total = _cut_carry(total, docs.carries())
     x_in = pass_states(x_local, total, group=group, method=method)
     # y_t += sum_i C_it exp(A_ci cum_dt_t) x_in_ci, with C in (batch, groups, dstate, seq)
     Cg = C.to(cdt)
@@ -225,7 +279,10 @@ def cp_selective_scan(
             )
         else:
             pieces.append(_scan_correction(cum_seg, Ac, x_in, C_seg))
-    y = y_local + (torch.cat(pieces, -1) if pieces else torch.zeros_like(y_local))
+    correction = torch.cat(pieces, -1) if pieces else torch.zeros_like(y_local)
+    if docs is not None:
+        correction = correction * docs.reads().unsqueeze(1)
+    y = y_local + correction
     uc = u.to(cdt)
     if D is not None:
         y = y + uc * D.to(cdt)[:, None]
@@ -258,21 +315,30 @@ class _Halo(torch.autograd.Function):
         return grad_tail, None
 
 
-def cp_causal_conv1d(x, weight, bias=None, *, activation=None, group=None):
-    """Context-parallel `causal_conv1d`: x `(batch, dim, seq_local)`, weight `(dim, width)`.
-    Every shard must hold at least width−1 tokens. Returns this rank's output shard."""
+def cp_causal_conv1d(x, weight, bias=None, *, activation=None, group=None, segments=None):
+    """Context-parallel `causal_conv1d`: x `(batch, dim, seq_local)`, weight `(dim, width)`;
+    segments None or the global `(batch, seq)` document ids. Every shard must hold at least
+    width−1 tokens. Returns this rank's output shard."""
     width = weight.shape[-1]
     if x.dim() != 3:
         raise ValueError(f"x has shape {tuple(x.shape)}; expected (batch, dim, seq_local)")
+    docs = (None if segments is None else _ShardDocuments(
+        segments, x.shape[0], x.shape[-1], group, x.device, "cp_causal_conv1d"))
+    local_ids = None if docs is None else docs.local
     if width == 1 or dist.get_world_size(group) == 1:
-        return causal_conv1d(x, weight, bias, activation=activation)
+        return causal_conv1d(x, weight, bias, activation=activation, segments=local_ids)
     if x.shape[-1] < width - 1:
         raise ValueError(
             f"each rank holds {x.shape[-1]} tokens but the conv width {width} needs at least "
             f"{width - 1} per rank; use fewer context-parallel ranks or a longer sequence"
         )
     halo = _Halo.apply(x[..., x.shape[-1] - (width - 1) :].contiguous(), group)
-    return causal_conv1d(x, weight, bias, activation=activation, initial_state=halo)
+    if docs is not None and docs.start > 0:
+        # halo positions of another document than the shard's first token read as zeros
+        halo_runs = docs.runs[:, docs.start - (width - 1) : docs.start]
+        halo = halo * (halo_runs == docs.local[:, :1]).to(halo.dtype).unsqueeze(1)
+    return causal_conv1d(x, weight, bias, activation=activation, initial_state=halo,
+                         segments=local_ids)
 
 
 __all__ = ["METHODS", "cp_causal_conv1d", "cp_linear_attention", "cp_selective_scan", "pass_states"]

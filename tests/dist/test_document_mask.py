@@ -1,7 +1,8 @@
 """Document masking under context parallelism: every method (ring in each layout, RSA, LightSeq,
 Ulysses, USP) with the global document ids gives this rank's shard of single-process attention
 with the same ids (float64 reference, outputs and dq/dk/dv), and ring skips the blocks between
-shards that share no document.
+shards that share no document. The recurrent layers' state passing and conv halo restart at
+document starts across ranks too.
 
 Tolerance: float32 against float64, normwise, 1e-5 (derived in tests/dist/test_ring.py; masking
 only removes terms).
@@ -14,6 +15,8 @@ from functools import partial
 import pytest
 import torch
 from ctxscale.dist import comm, context_parallel_attention, shard_sequence
+from ctxscale.dist.recurrent import cp_causal_conv1d, cp_linear_attention, cp_selective_scan
+from ctxscale.kernels import causal_conv1d, linear_attention, selective_scan
 from ctxscale.kernels.attention import attention_reference
 
 from tests.dist.test_ring import F32_TOL, _global_inputs
@@ -107,3 +110,63 @@ def test_segments_must_be_the_global_ids():
         context_parallel_attention(q, q, q, segments=torch.zeros(1, 7, dtype=torch.long))
     with pytest.raises(ValueError, match="integer document ids"):
         context_parallel_attention(q, q, q, segments=torch.zeros(1, 8))
+
+
+# ---------------------------------------------------------------- recurrent layers
+# N = 44 (tests/dist/test_recurrent.N): row 0 has documents starting at both shard boundaries of
+# cp=2 (22) and cp=4 (11, 22) and a 1-token one; row 1 a 2-token document (shorter than the
+# conv's state) right after the cp=4 boundary at 11 and one spanning every later shard
+RECURRENT_SEGMENTS = packed_segments([[5, 6, 1, 10, 16, 6], [13, 2, 29]], 44)
+
+
+def _recurrent_sweep(rank, world):
+    from tests.dist.test_recurrent import N, _compare, _la_inputs, _ss_inputs
+
+    assert RECURRENT_SEGMENTS.shape[1] == N
+    seg = RECURRENT_SEGMENTS
+    errors = {}
+    for method in ("ring", "allgather"):
+        for decay, qk_heads in (("none", None), ("token", None), ("head", None), ("token", 2)):
+            x, dims = _la_inputs(decay, torch.Generator().manual_seed(1), qk_heads=qk_heads)
+            errors[("la", decay, qk_heads, method)] = _compare(
+                f"linear_attention[{decay},{qk_heads},{method}]", torch.float32,
+                partial(linear_attention, segments=seg),
+                partial(cp_linear_attention, method=method, segments=seg), x, dims, rank, world)
+        for grouped in (False, True):
+            x, dims = _ss_inputs(grouped, torch.Generator().manual_seed(2))
+            errors[("ss", grouped, method)] = _compare(
+                f"selective_scan[grouped={grouped},{method}]", torch.float32,
+                partial(selective_scan, delta_softplus=grouped, segments=seg),
+                partial(cp_selective_scan, delta_softplus=grouped, method=method, segments=seg),
+                x, dims, rank, world)
+    g = torch.Generator().manual_seed(3)
+    x = dict(x=torch.randn(2, 5, N, generator=g, dtype=torch.float64),
+             weight=torch.randn(5, 4, generator=g, dtype=torch.float64),
+             bias=torch.randn(5, generator=g, dtype=torch.float64))
+    errors["conv"] = _compare(
+        "causal_conv1d", torch.float32,
+        lambda **a: causal_conv1d(a["x"], a["weight"], a["bias"], activation="silu", segments=seg),
+        lambda **a: cp_causal_conv1d(a["x"], a["weight"], a["bias"], activation="silu",
+                                     segments=seg),
+        x, dict(x=2, weight=None, bias=None), rank, world)
+    return errors
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_recurrent_state_passing_restarts_at_documents(world):
+    """Linear attention (every decay kind, grouped q/k), the selective scan and the conv halo
+    with the global document ids: this rank's shard of the single-process result with the same
+    ids, outputs and every gradient (`_compare` asserts float32 <= 1e-5 of float64)."""
+    per_rank = run_distributed(_recurrent_sweep, world, timeout=300)
+    assert all(len(r) == 2 * 6 + 1 for r in per_rank)
+
+
+def _local_ids_refused(rank, world):
+    q = torch.zeros(1, 4, 2, 3)
+    with pytest.raises(ValueError, match=r"global document ids.*\(batch, seq\) = \(1, 8\)"):
+        cp_linear_attention(q, q, q, segments=torch.zeros(1, 4, dtype=torch.long))
+    return True
+
+
+def test_recurrent_cp_refuses_local_document_ids():
+    assert all(run_distributed(_local_ids_refused, 2))
