@@ -236,12 +236,8 @@ class JobConfig:
                 "model.tie_embeddings=true cannot be pipelined (embedding and head live on "
                 "different stages); set model.tie_embeddings=false or parallel.pp=1"
             )
-        if self.data.document_mask and model.family != "transformer":
-            raise ValueError(
-                f"data.document_mask=true is supported for model.family=transformer only: the "
-                f"layers of {model.family!r} carry a recurrent state or memory along the sequence, "
-                "which would cross document boundaries; set data.document_mask=false"
-            )
+        if self.data.document_mask:
+            check_document_mask(model)
         check_tensor_parallel_config(model, par.tp)
         if par.pp > 1 and model.num_layers < par.pp * par.pp_virtual_stages:
             raise ValueError(
@@ -254,6 +250,25 @@ class JobConfig:
         par = self.parallel
         shard = par.dp_shard if dp_shard is None else dp_shard
         return par.dp_replicate * max(shard, 1) * par.tp * par.pp * par.cp
+
+
+def check_document_mask(model: ModelConfig) -> None:
+    """Refuse data.document_mask for the models that cannot keep documents apart: Titans (its
+    memory learns along the sequence) and windowed linear-attention layers."""
+    if model.family == "titans":
+        raise ValueError(
+            "data.document_mask=true is not supported for model.family=titans: its neural "
+            "memory learns along the sequence and would carry one document into the next; set "
+            "data.document_mask=false"
+        )
+    if model.family in ("linear", "hybrid") and "L" in model.layer_codes() \
+            and model.linear_attention.window > 0:
+        raise ValueError(
+            f"data.document_mask=true is not supported with windowed linear attention "
+            f"(model.linear_attention.window={model.linear_attention.window}): the window's "
+            "softmax and delayed keys do not stop at document starts yet; set "
+            "model.linear_attention.window=0 or data.document_mask=false"
+        )
 
 
 def load_job_config(path=None, overrides=None) -> JobConfig:

@@ -91,22 +91,24 @@ class HybridBlock(nn.Module):
     def _mlp(self, h):
         return h if self.feed_forward is None else h + self.feed_forward(self.ffn_norm(h))
 
-    def _block(self, x, cos, sin):
+    def _block(self, x, cos, sin, document_ids=None):
         n = self._norm(x)
         y = 0
         if self.attention is not None:
-            y = self.attention(n, cos, sin)
+            y = self.attention(n, cos, sin, document_ids)
         if self.mixer is not None:
-            y = y + self.mixer(n)
+            y = y + self.mixer(n, document_ids=document_ids)
         return self._mlp(x + y)
 
-    def forward(self, x, cos=None, sin=None):
+    def forward(self, x, cos=None, sin=None, document_ids=None):
+        """`document_ids`: None, or the `(batch, seq)` ids of the whole sequence (packed rows):
+        softmax attention stays inside a document and recurrent layers restart at its start."""
         # "selective" (keep the attention output) only pays off for softmax attention, whose
         # kernel saves o and lse; recurrent kernels checkpoint their own chunks, so a whole
         # block is recomputed for both "full" and "selective".
         if self.checkpointing != "none" and self.training and torch.is_grad_enabled():
-            return checkpoint(self._block, x, cos, sin, use_reentrant=False)
-        return self._block(x, cos, sin)
+            return checkpoint(self._block, x, cos, sin, document_ids, use_reentrant=False)
+        return self._block(x, cos, sin, document_ids)
 
     def step(self, x, state, cos=None, sin=None):
         """Single device: (x, state) -> (y, new_state); state None = the start of a sequence."""
@@ -128,8 +130,6 @@ def layer_codes(cfg: ModelConfig) -> str:
 
 class HybridLM(Transformer):
     """Decoder LM over `HybridBlock`s; the `mamba`, `linear` and `hybrid` families."""
-
-    supports_document_ids = False  # see Transformer.supports_document_ids
 
     def build_layers(self, cfg: ModelConfig) -> nn.ModuleDict:
         self.codes = layer_codes(cfg)
@@ -158,14 +158,14 @@ class HybridLM(Transformer):
             position_ids = self.parallel.position_ids(b, s, device=device)
         return self.rope(position_ids)
 
-    def hidden_states(self, input_ids, position_ids=None):
+    def hidden_states(self, input_ids, position_ids=None, document_ids=None):
         """Final-norm hidden states `(batch, seq, dim)` (or the stage output in a pipeline)."""
         # positions from the token shape: a sequence-parallel embedding returns a shard of it
         b, s = input_ids.shape[:2]
         h = self.tok_embeddings(input_ids) if self.tok_embeddings is not None else input_ids
         cos, sin = self._rope_for(position_ids, b, s, h.device)
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, document_ids)
         return self.norm(h) if self.norm is not None else h
 
     @torch.no_grad()

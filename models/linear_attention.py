@@ -310,15 +310,26 @@ class LinearAttention(nn.Module):
         return self.wo(o.flatten(2))
 
     # -------------------------------------------------------------- entry points
-    def forward(self, x: torch.Tensor, cos=None, sin=None) -> torch.Tensor:
-        """x `(batch, seq_local, dim)` -> `(batch, seq_local, dim)` over the whole sequence."""
+    def forward(self, x: torch.Tensor, cos=None, sin=None, document_ids=None) -> torch.Tensor:
+        """x `(batch, seq_local, dim)` -> `(batch, seq_local, dim)` over the whole sequence;
+        `document_ids` (the whole sequence's, packed rows): the state and lawcat's convs
+        restart at every document start (not for windowed layers)."""
         par = self.parallel
+        if document_ids is not None and self.window:
+            raise ValueError(
+                f"document masking (document_ids, data.document_mask) is not supported by "
+                f"windowed linear-attention layers (model.linear_attention.window="
+                f"{self.window}): the sliding-window softmax and its delayed keys do not stop "
+                "at document starts yet; set model.linear_attention.window=0 or "
+                "data.document_mask=false"
+            )
 
         def conv(t, weight, key):
-            return par.causal_conv1d(t, weight)
+            return par.causal_conv1d(t, weight, document_ids=document_ids)
 
         def attend(q, k, v, log_decay, scale):
-            return par.linear_attention(q, k, v, log_decay=log_decay, scale=scale)
+            return par.linear_attention(q, k, v, log_decay=log_decay, scale=scale,
+                                        document_ids=document_ids)
 
         def halo(t):
             return par.with_halo(t, self.window)

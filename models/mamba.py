@@ -111,17 +111,20 @@ class MambaMixer(nn.Module):
         """D and the Δ bias in float32 (this rank's channels under tensor parallelism)."""
         return local(self.D).float(), local(self.dt_proj.bias).float()
 
-    def forward(self, x: torch.Tensor, cos=None, sin=None) -> torch.Tensor:
-        """x `(batch, seq_local, dim)` -> `(batch, seq_local, dim)` over the whole sequence."""
+    def forward(self, x: torch.Tensor, cos=None, sin=None, document_ids=None) -> torch.Tensor:
+        """x `(batch, seq_local, dim)` -> `(batch, seq_local, dim)` over the whole sequence;
+        `document_ids` (the whole sequence's, packed rows): the conv and the scan restart at
+        every document start."""
         par = self.parallel
         w, b = self._conv_args()
         d_skip, dt_bias = self._scan_args()
 
         def conv(u):
-            return par.causal_conv1d(u, w, b, activation="silu")
+            return par.causal_conv1d(u, w, b, activation="silu", document_ids=document_ids)
 
         def scan(u, delta, A, B, C, z):
-            return par.selective_scan(u, delta, A, B, C, d_skip, z, dt_bias, True)
+            return par.selective_scan(u, delta, A, B, C, d_skip, z, dt_bias, True,
+                                      document_ids=document_ids)
 
         return self._mix(x, conv, scan)
 

@@ -171,16 +171,19 @@ class Mamba2Mixer(nn.Module):
                            process_group=self.norm_group, full_group_size=full)
         return self.out_proj(y.to(x.dtype))
 
-    def forward(self, x: torch.Tensor, cos=None, sin=None) -> torch.Tensor:
-        """x `(batch, seq_local, dim)` -> `(batch, seq_local, dim)` over the whole sequence."""
+    def forward(self, x: torch.Tensor, cos=None, sin=None, document_ids=None) -> torch.Tensor:
+        """x `(batch, seq_local, dim)` -> `(batch, seq_local, dim)` over the whole sequence;
+        `document_ids` (the whole sequence's, packed rows): the conv and the scan restart at
+        every document start."""
         par = self.parallel
         w, bias = self._conv_args()
 
         def conv(xbc):
-            return par.causal_conv1d(xbc, w, bias, activation="silu")
+            return par.causal_conv1d(xbc, w, bias, activation="silu", document_ids=document_ids)
 
         def scan(q, k, v, log_decay):
-            return par.linear_attention(q, k, v, log_decay=log_decay, scale=1.0)
+            return par.linear_attention(q, k, v, log_decay=log_decay, scale=1.0,
+                                        document_ids=document_ids)
 
         return self._mix(x, conv, scan)
 

@@ -1,7 +1,9 @@
-"""Packed documents (document_ids): a Transformer on a packed sequence with per-document
-positions computes, for every document, exactly what it computes on that document alone; the
-loss and its gradients are the sums of the per-document ones; families with recurrent state
-refuse document ids.
+"""Packed documents (document_ids): a model on a packed sequence with per-document positions
+computes, for every document, exactly what it computes on that document alone, and the loss and
+its gradients are the sums of the per-document ones; for the Transformer (softmax attention
+inside each document) and for the recurrent families (Mamba-1, Mamba-2, every linear-attention
+kind, hybrid stacks: the conv and the state restart at each document). Titans and windowed
+linear attention refuse document ids.
 
 Tolerance: float64, 1e-10 for logits (the same math; masked-out terms are exact zeros); the
 loss and gradients go through the chunked cross-entropy, which sums in float32 (measured 1.1e-8
@@ -12,8 +14,8 @@ import pytest
 import torch
 
 from ctxscale.models import build_model
-from ctxscale.models.config import ModelConfig
-from tests.models._recurrent_util import small_config
+from ctxscale.models.config import LinearAttentionConfig, ModelConfig
+from tests.models._recurrent_util import perturb, small_config
 
 LENGTHS = [[5, 1, 12, 7], [25]]
 
@@ -25,14 +27,35 @@ def _packed():
     return docs, pos
 
 
-@pytest.mark.parametrize("checkpointing", ["none", "full", "selective"])
-def test_packed_documents_equal_separate_runs(checkpointing):
-    cfg = ModelConfig(family="transformer", dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                      vocab_size=50, activation_checkpointing=checkpointing)
+def _transformer(checkpointing):
+    return ModelConfig(family="transformer", dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                       vocab_size=50, activation_checkpointing=checkpointing)
+
+
+CASES = {
+    **{f"transformer-{c}": (lambda c=c: _transformer(c)) for c in ("none", "full", "selective")},
+    "mamba": lambda: small_config("mamba"),
+    "mamba2": lambda: small_config("mamba2"),
+    **{f"linear-{k}": (lambda k=k: small_config("linear", kind=k)) for k in
+       ("plain", "decay", "hedgehog", "lawcat")},
+    "linear-lawcat-gated-writegate": lambda: small_config(
+        "linear", linear_attention=LinearAttentionConfig(
+            kind="lawcat", conv_width=3, feature_dim=7, ungated_heads=2, write_gate=True)),
+    # every block kind, recomputed in the backward
+    "hybrid-LSMAP-full": lambda: small_config("hybrid", kind="decay", pattern="LSMAP",
+                                              num_layers=5, activation_checkpointing="full"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_packed_documents_equal_separate_runs(case):
+    cfg = CASES[case]()
     torch.manual_seed(0)
     model = build_model(cfg).double().train()
-    ids = torch.randint(0, 50, (2, 25))
-    labels = torch.randint(0, 50, (2, 25))
+    perturb(model)
+    V = cfg.vocab_size
+    ids = torch.randint(0, V, (2, 25))
+    labels = torch.randint(0, V, (2, 25))
     docs, pos = _packed()
     logits = model(ids, position_ids=pos, document_ids=docs)
     loss = model(ids, labels=labels, position_ids=pos, document_ids=docs, loss_reduction="sum")
@@ -65,9 +88,27 @@ def test_document_ids_change_the_result():
             ).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("family", ["hybrid", "titans"])
-def test_recurrent_families_refuse_document_ids(family):
-    model = build_model(small_config(family))
-    ids = torch.randint(0, model.cfg.vocab_size, (1, 8))
-    with pytest.raises(ValueError, match="transformer family only"):
-        model(ids, document_ids=torch.zeros(1, 8, dtype=torch.long))
+@pytest.mark.parametrize("family", ["transformer", "mamba", "mamba2", "linear", "hybrid"])
+def test_document_ids_change_the_result_of_every_family(family):
+    """Without the resets a later document's logits depend on the earlier ones."""
+    cfg = _transformer("none") if family == "transformer" else small_config(
+        family, kind="decay", pattern="LSMAP", num_layers=5)
+    torch.manual_seed(0)
+    model = build_model(cfg).double()
+    perturb(model)
+    ids = torch.randint(0, cfg.vocab_size, (2, 25))
+    docs, pos = _packed()
+    diff = model(ids, position_ids=pos) - model(ids, position_ids=pos, document_ids=docs)
+    assert diff[:, :5].abs().max() == 0  # the first document has nothing before it
+    assert diff.abs().max() > 1e-3
+
+
+def test_titans_and_windowed_linear_attention_refuse_document_ids():
+    ids = torch.randint(0, 37, (1, 8))
+    docs = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="titans.*neural memory"):
+        build_model(small_config("titans"))(ids, document_ids=docs)
+    windowed = small_config("linear", linear_attention=LinearAttentionConfig(
+        kind="hedgehog", feature_dim=7, window=4))
+    with pytest.raises(ValueError, match="windowed linear-attention layers.*window=0"):
+        build_model(windowed)(ids, document_ids=docs)
