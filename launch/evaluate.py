@@ -2,7 +2,8 @@
 length and depth, and MQAR; write a markdown table, results.json and a plot.
 
 - perplexity: exp(mean token cross-entropy) over `eval_batches` fixed validation batches of the
-  text corpus (`data:`), the same batches for every model;
+  text corpus (`data:`), the same batches for every model; with `data.document_mask` the
+  models get the batches' document ids and per-document positions, as in training;
 - passkey (Mohtashami & Jaggi 2023, natural-language version `passkey_text_eval_set`): for each
   length L in `passkey_lengths` and depth d in `passkey_depths`, `passkey_samples` prompts whose
   filler is held-out text; a prompt counts only when every answer token is the argmax;
@@ -89,13 +90,20 @@ class EvalJob:
             raise ValueError("eval: passkey_lengths must be >= 2")
 
 
+def batch_kwargs(batch: dict) -> dict:
+    """Model keyword arguments a batch carries beyond its tokens: `document_ids` and the
+    per-document `position_ids` of `data.document_mask`."""
+    return {k: batch[k] for k in ("document_ids", "position_ids") if k in batch}
+
+
 @torch.no_grad()
 def perplexity(model, batches) -> float:
     model.eval()
     loss, count = 0.0, 0
     for batch in batches:
         labels = batch["labels"]
-        loss += float(model(batch["input_ids"], labels=labels, loss_reduction="sum"))
+        loss += float(model(batch["input_ids"], labels=labels, loss_reduction="sum",
+                            **batch_kwargs(batch)))
         count += int((labels != -100).sum())
     mean = loss / max(count, 1)
     return math.exp(mean) if mean < 700 else float("inf")  # an ablation may be that bad
@@ -226,5 +234,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["ABLATIONS", "EvalJob", "evaluate_models", "model_variants", "windowed_layers", "markdown_table", "mqar_eval", "passkey_curve",
+__all__ = ["ABLATIONS", "EvalJob", "batch_kwargs", "evaluate_models", "model_variants", "windowed_layers", "markdown_table", "mqar_eval", "passkey_curve",
            "perplexity", "plot_passkey"]

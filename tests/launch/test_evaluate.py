@@ -51,6 +51,32 @@ def test_perplexity_uniform_model_is_vocab_size():
     assert perplexity(Oracle(11), batches) == pytest.approx(11.0, rel=1e-6)
 
 
+@pytest.mark.skipif(not TEXT.is_file(), reason=f"{TEXT} not found")
+def test_perplexity_with_document_mask_uses_the_documents(tmp_path):
+    """With data.document_mask the batches' document ids and positions reach the model: the
+    perplexity is that of the masked forward, not of the plain one."""
+    from ctxscale.launch.data import DataConfig, build_data
+
+    data = DataConfig(kind="text", text_files=[str(TEXT)], tokenizer_vocab_size=384, seq_len=96,
+                      cache_dir=str(tmp_path / "cache"), document_mask=True, doc_separator="\n\n")
+    batches = build_data(data, batch_size=2, dp_rank=0, dp_size=1, seed=0,
+                         split="val").eval_batches(2)
+    assert all(int(b["document_ids"].amax()) > 0 for b in batches)  # windows hold several
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(family="mamba2", vocab_size=384, dim=32, num_layers=1))
+    with torch.no_grad():
+        masked = sum(float(model(b["input_ids"], labels=b["labels"], loss_reduction="sum",
+                                 document_ids=b["document_ids"], position_ids=b["position_ids"]))
+                     for b in batches)
+        b = batches[0]
+        logits_plain = model(b["input_ids"])
+        logits_masked = model(b["input_ids"], document_ids=b["document_ids"],
+                              position_ids=b["position_ids"])
+    count = sum(int((b["labels"] != -100).sum()) for b in batches)
+    assert perplexity(model, batches) == pytest.approx(math.exp(masked / count), rel=1e-6)
+    assert (logits_masked - logits_plain).abs().max() > 1e-3  # the documents matter
+
+
 def test_mqar_oracle_and_constant():
     from ctxscale.launch.data import mqar_sample
 
