@@ -291,13 +291,6 @@ def _triton_module():
         return None
 
 
-def _triton_supports(mod, q, k, v, kwargs, seg_kw) -> bool:
-    try:
-        return mod.supports(q, k, v, **kwargs, **seg_kw)
-    except TypeError:  # a kernel without the segments keyword: not for packed rows
-        return False
-
-
 def linear_attention(
     q, k, v, *, log_decay=None, scale=None, initial_state=None, return_final_state=False,
     segments=None,
@@ -317,17 +310,15 @@ def linear_attention(
         initial_state=initial_state,
         return_final_state=return_final_state,
     )
-    # the Triton module gets segments only when given (its older signature has none)
-    seg_kw = {} if segments is None else {"segments": segments}
     path = forced_path("linear_attention")
     if path == "recurrent":
         log_choice("linear_attention", "recurrent", "forced")
         return linear_attention_recurrent(q, k, v, **kwargs, segments=segments)
     if path == "triton" or (path is None and want_triton(q.device)):
         mod = _triton_module()
-        if mod is not None and _triton_supports(mod, q, k, v, kwargs, seg_kw):
+        if mod is not None and mod.supports(q, k, v, **kwargs, segments=segments):
             log_choice("linear_attention", "triton", "forced" if path else "auto")
-            return mod.linear_attention(q, k, v, **kwargs, **seg_kw)
+            return mod.linear_attention(q, k, v, **kwargs, segments=segments)
         if path == "triton":
             raise RuntimeError(
                 "CTXSCALE_KERNELS_LINEAR_ATTENTION=triton but the Triton linear-attention kernel "

@@ -39,6 +39,18 @@ Layout: q, k `(batch, seq, heads_qk, dim_k)`, v `(batch, seq, heads, dim_v)` (he
 heads: head i reads q/k head i // (heads / heads_qk), the grouped q/k of Mamba-2; the backward
 forms each head's dq, dk and sums a group's), log_decay `(batch, seq, heads)`, `(heads,)` or None, states `(batch, heads, dim_k, dim_v)` float32; scale defaults to
 dim_k ** -0.5. Reference and dispatcher: `kernels/linear_attention.py`.
+
+Packed documents (`segments`, `(batch, seq)` document ids; semantics in
+`kernels/recurrent_segments.py`): the state resets to zero where the id changes. With r_i the
+document index (run) of token i, r_prev that of the token before the chunk (token 0's for the
+first chunk) and r_end that of the chunk's last token, the chunk form gains four masks:
+D_ij ⊙ [r_i = r_j]; the read of S_{c−1} by query i ⊙ [r_i = r_prev]; key j's share of S_c
+⊙ [r_j = r_end]; the carry e^{G_C} S_{c−1} ⊙ [r_end = r_prev]; and G restarts at each
+document start (a segmented cumsum), so no document's exponents hold another's decays. The
+backward applies the same masks (they are the transposes), and dg needs nothing more: a masked
+pair contributes to neither q·dq nor k·dk. The runs (`runs_with_previous`, int32) are formed on
+the host without a sync; the masks sit behind the constexpr HAS_SEGMENTS, so calls without
+segments compile as before.
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ import triton
 import triton.language as tl
 
 from ctxscale.kernels.dispatch import triton_runnable
+from ctxscale.kernels.recurrent_segments import check_segments, runs_with_previous, valid_segments
 from ctxscale.kernels.triton_launch import INTERPRET, dot_precision, launch
 
 MAX_DIM = 256
@@ -67,11 +80,42 @@ def _chunk_decay(G_PTR, offs_t, t_mask, HAS_DECAY: tl.constexpr, C: tl.constexpr
 
 
 @triton.jit
-def _la_sweep_kernel(A, B, G_LOG, INIT, STATES, FINAL,
+def _restarting_sum(a, a_start, b, b_start):
+    """Combine of a cumulative sum that restarts where a document starts (b_start)."""
+    return tl.where(b_start, b, a + b), a_start | b_start
+
+
+@triton.jit
+def _chunk_runs_decay(RUN_ROW, c, seq, G_PTR, offs_g, HAS_DECAY: tl.constexpr, C: tl.constexpr):
+    """`_chunk_decay` for packed documents, with the runs: run (C,) of chunk c's tokens (padding
+    −1), r_prev (the token before the chunk; token 0's for the first) and r_end (its last token).
+    G restarts at each document start, so a document's exponents hold its own decays only (no
+    rounding shared with another's); G_end is the last document's total
+    (all that is read of it: the carry needs one document, key j's weight r_j = r_end).
+    RUN_ROW: the row of `runs_with_previous`, whose entry t is the run of token t − 1."""
+    offs_t = c * C + tl.arange(0, C)
+    t_mask = offs_t < seq
+    run = tl.load(RUN_ROW + offs_t + 1, mask=t_mask, other=-1)
+    run_prev = tl.load(RUN_ROW + c * C)
+    run_end = tl.load(RUN_ROW + tl.minimum(c * C + C, seq))
+    if HAS_DECAY:
+        g = tl.load(G_PTR + offs_g, mask=t_mask, other=0.0).to(tl.float32)
+        starts = run != tl.load(RUN_ROW + offs_t, mask=t_mask, other=-1)
+        G, _ = tl.associative_scan((g, starts), 0, _restarting_sum)
+        G_end = tl.sum(tl.where(run == run_end, g, 0.0), 0)
+    else:
+        G = tl.zeros([C], dtype=tl.float32)
+        G_end = tl.sum(G, 0)
+    return run, run_prev, run_end, G, G_end
+
+
+@triton.jit
+def _la_sweep_kernel(A, B, G_LOG, INIT, STATES, FINAL, RUNS,
                      stride_ab, stride_as, stride_ah, stride_bb, stride_bs, stride_bh,
                      stride_gb, stride_gs, num_heads, qk_group, seq, dim_k, dim_v, n_chunks,
                      scale,
-                     HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+                     HAS_DECAY: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+                     HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
                      REVERSE: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      DOT_PREC: tl.constexpr):
     """The sequential part, one (BK, BV) block of the state per program, over the chunks:
@@ -81,7 +125,9 @@ def _la_sweep_kernel(A, B, G_LOG, INIT, STATES, FINAL,
 
     walking the chunks backwards for REVERSE; INIT is S0 (or dS_N, the final state's gradient),
     FINAL receives S_N (or dS_{−1}, the initial state's gradient). A (k or q) has one head per
-    `qk_group` heads of B (grouped q/k)."""
+    `qk_group` heads of B (grouped q/k). HAS_SEGMENTS (RUNS: `runs_with_previous`): the carry
+    needs r_end = r_prev; forward, key j reaches S_c if r_j = r_end; reverse, query i read
+    S_{c−1} if r_i = r_prev."""
     i_k, i_v, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (bh // num_heads).to(tl.int64)
     h = bh % num_heads
@@ -107,19 +153,29 @@ def _la_sweep_kernel(A, B, G_LOG, INIT, STATES, FINAL,
                     mask=t_mask[:, None] & (offs_k < dim_k)[None, :], other=0.0)
         bv = tl.load(b_base + offs_t[:, None] * stride_bs + offs_v[None, :],
                      mask=t_mask[:, None] & (offs_v < dim_v)[None, :], other=0.0)
-        G, G_end = _chunk_decay(g_base, offs_t * stride_gs, t_mask, HAS_DECAY, C)
+        if HAS_SEGMENTS:
+            run, run_prev, run_end, G, G_end = _chunk_runs_decay(
+                RUNS + b * (seq + 1), c, seq, g_base, offs_t * stride_gs, HAS_DECAY, C)
+        else:
+            G, G_end = _chunk_decay(g_base, offs_t * stride_gs, t_mask, HAS_DECAY, C)
         weight = tl.exp(G) * scale if REVERSE else tl.exp(G_end - G)
+        if HAS_SEGMENTS:
+            weight = tl.where(run == (run_prev if REVERSE else run_end), weight, 0.0)
         a_dec = (a.to(tl.float32) * weight[:, None]).to(bv.dtype)
-        S = S * tl.exp(G_end) + tl.dot(tl.trans(a_dec), bv, input_precision=DOT_PREC)
+        carry = tl.exp(G_end)
+        if HAS_SEGMENTS:
+            carry = tl.where(run_end == run_prev, carry, 0.0)
+        S = S * carry + tl.dot(tl.trans(a_dec), bv, input_precision=DOT_PREC)
     if STORE_FINAL:
         tl.store(FINAL + state_off, S, mask=kv_mask)
 
 
 @triton.jit
-def _la_out_kernel(Q, K, V, G_LOG, HS, OUT,
+def _la_out_kernel(Q, K, V, G_LOG, HS, OUT, RUNS,
                    stride_qb, stride_qs, stride_qh, stride_vb, stride_vs, stride_vh,
                    stride_gb, stride_gs, num_heads, qk_group, seq, dim_k, dim_v, n_chunks, scale,
-                   HAS_DECAY: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                   HAS_DECAY: tl.constexpr, HAS_SEGMENTS: tl.constexpr, C: tl.constexpr,
+                   BK: tl.constexpr,
                    BV: tl.constexpr, DOT_PREC: tl.constexpr):
     """One chunk's outputs: O_c = scale [((Q Kᵀ) ⊙ D) V + (e^G ⊙ Q) S_{c-1}], all chunks at once."""
     i_v, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -144,23 +200,36 @@ def _la_out_kernel(Q, K, V, G_LOG, HS, OUT,
                      other=0.0).to(q.dtype)
         scores += tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         o_inter += tl.dot(q, hs, input_precision=DOT_PREC)
-    G, G_end = _chunk_decay(G_LOG + b * stride_gb + h, offs_t * stride_gs, t_mask, HAS_DECAY, C)
+    if HAS_SEGMENTS:
+        run, run_prev, run_end, G, G_end = _chunk_runs_decay(
+            RUNS + b * (seq + 1), c, seq, G_LOG + b * stride_gb + h, offs_t * stride_gs,
+            HAS_DECAY, C)
+    else:
+        G, G_end = _chunk_decay(G_LOG + b * stride_gb + h, offs_t * stride_gs, t_mask,
+                                HAS_DECAY, C)
     causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+    if HAS_SEGMENTS:
+        causal = causal & (run[:, None] == run[None, :])
     scores = scores * tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))
     tv_mask = t_mask[:, None] & v_mask[None, :]
     v = tl.load(V + b * stride_vb + h * stride_vh + offs_t[:, None] * stride_vs + offs_v[None, :],
                 mask=tv_mask, other=0.0)
-    o = tl.dot(scores.to(v.dtype), v, input_precision=DOT_PREC) + o_inter * tl.exp(G)[:, None]
+    o = tl.dot(scores.to(v.dtype), v, input_precision=DOT_PREC)
+    to_q = tl.exp(G)
+    if HAS_SEGMENTS:  # S_{c-1} reaches the chunk's first document only
+        to_q = tl.where(run == run_prev, to_q, 0.0)
+    o = o + o_inter * to_q[:, None]
     tl.store(OUT + b * stride_vb + h * stride_vh + offs_t[:, None] * stride_vs + offs_v[None, :],
              (o * scale).to(OUT.dtype.element_ty), mask=tv_mask)
 
 
 @triton.jit
-def _la_bwd_dqdk_kernel(Q, K, V, DO, G_LOG, HS, DHS, DQ, DK, DG_PART,
+def _la_bwd_dqdk_kernel(Q, K, V, DO, G_LOG, HS, DHS, DQ, DK, DG_PART, RUNS,
                         stride_qb, stride_qs, stride_qh, stride_vb, stride_vs, stride_vh,
                         stride_gb, stride_gs, stride_dg_part, stride_db, stride_ds, stride_dh,
                         num_heads, qk_group, seq, dim_k, dim_v, n_chunks, scale,
-                        HAS_DECAY: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                        HAS_DECAY: tl.constexpr, HAS_SEGMENTS: tl.constexpr, C: tl.constexpr,
+                        BK: tl.constexpr,
                         BV: tl.constexpr, DOT_PREC: tl.constexpr):
     """One chunk's dq and dk for one dim_k block (and that block's share of q·dq − k·dk). With
     grouped q/k, DQ and DK (strides stride_d*) hold each head's share; the wrapper sums a group."""
@@ -189,8 +258,16 @@ def _la_bwd_dqdk_kernel(Q, K, V, DO, G_LOG, HS, DHS, DQ, DK, DG_PART,
         dp += tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         dq_inter += tl.dot(do, hs_t, input_precision=DOT_PREC)
         dk_inter += tl.dot(v, dhs_t, input_precision=DOT_PREC)
-    G, G_end = _chunk_decay(G_LOG + b * stride_gb + h, offs_t * stride_gs, t_mask, HAS_DECAY, C)
+    if HAS_SEGMENTS:
+        run, run_prev, run_end, G, G_end = _chunk_runs_decay(
+            RUNS + b * (seq + 1), c, seq, G_LOG + b * stride_gb + h, offs_t * stride_gs,
+            HAS_DECAY, C)
+    else:
+        G, G_end = _chunk_decay(G_LOG + b * stride_gb + h, offs_t * stride_gs, t_mask,
+                                HAS_DECAY, C)
     causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+    if HAS_SEGMENTS:
+        causal = causal & (run[:, None] == run[None, :])
     dp = dp * tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))
     qk_mask = t_mask[:, None] & k_mask[None, :]
     qk_off = (b * stride_qb + (h // qk_group) * stride_qh + offs_t[:, None] * stride_qs
@@ -199,9 +276,16 @@ def _la_bwd_dqdk_kernel(Q, K, V, DO, G_LOG, HS, DHS, DQ, DK, DG_PART,
     q = tl.load(Q + qk_off, mask=qk_mask, other=0.0)
     k = tl.load(K + qk_off, mask=qk_mask, other=0.0)
     dp_lo = dp.to(q.dtype)
-    dq = (tl.dot(dp_lo, k, input_precision=DOT_PREC) + dq_inter * tl.exp(G)[:, None]) * scale
-    dk = (tl.dot(tl.trans(dp_lo), q, input_precision=DOT_PREC) * scale
-          + dk_inter * tl.exp(G_end - G)[:, None])
+    dq = tl.dot(dp_lo, k, input_precision=DOT_PREC)
+    to_q = tl.exp(G)
+    if HAS_SEGMENTS:
+        to_q = tl.where(run == run_prev, to_q, 0.0)
+    dq = (dq + dq_inter * to_q[:, None]) * scale
+    dk = tl.dot(tl.trans(dp_lo), q, input_precision=DOT_PREC) * scale
+    to_end = tl.exp(G_end - G)
+    if HAS_SEGMENTS:
+        to_end = tl.where(run == run_end, to_end, 0.0)
+    dk = dk + dk_inter * to_end[:, None]
     tl.store(DQ + d_off, dq.to(DQ.dtype.element_ty), mask=qk_mask)
     tl.store(DK + d_off, dk.to(DK.dtype.element_ty), mask=qk_mask)
     if HAS_DECAY:
@@ -211,10 +295,11 @@ def _la_bwd_dqdk_kernel(Q, K, V, DO, G_LOG, HS, DHS, DQ, DK, DG_PART,
 
 
 @triton.jit
-def _la_bwd_dv_kernel(Q, K, DO, G_LOG, DHS, DV,
+def _la_bwd_dv_kernel(Q, K, DO, G_LOG, DHS, DV, RUNS,
                       stride_qb, stride_qs, stride_qh, stride_vb, stride_vs, stride_vh,
                       stride_gb, stride_gs, num_heads, qk_group, seq, dim_k, dim_v, n_chunks,
-                      scale, HAS_DECAY: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+                      scale, HAS_DECAY: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+                      C: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, DOT_PREC: tl.constexpr):
     """One chunk's dv for one dim_v block: scale ((K Qᵀ) ⊙ Dᵀ) dO + (e^{G_C − G} ⊙ K) dS_c."""
     i_v, c, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -224,8 +309,16 @@ def _la_bwd_dv_kernel(Q, K, DO, G_LOG, DHS, DV,
     t_mask = offs_t < seq
     offs_v = i_v * BV + tl.arange(0, BV)
     v_mask = offs_v < dim_v
-    G, G_end = _chunk_decay(G_LOG + b * stride_gb + h, offs_t * stride_gs, t_mask, HAS_DECAY, C)
+    if HAS_SEGMENTS:
+        run, run_prev, run_end, G, G_end = _chunk_runs_decay(
+            RUNS + b * (seq + 1), c, seq, G_LOG + b * stride_gb + h, offs_t * stride_gs,
+            HAS_DECAY, C)
+    else:
+        G, G_end = _chunk_decay(G_LOG + b * stride_gb + h, offs_t * stride_gs, t_mask,
+                                HAS_DECAY, C)
     to_end = tl.exp(G_end - G)
+    if HAS_SEGMENTS:
+        to_end = tl.where(run == run_end, to_end, 0.0)
     hq = h // qk_group
     q_base = Q + b * stride_qb + hq * stride_qh + offs_t[:, None] * stride_qs
     k_base = K + b * stride_qb + hq * stride_qh + offs_t[:, None] * stride_qs
@@ -243,6 +336,8 @@ def _la_bwd_dv_kernel(Q, K, DO, G_LOG, DHS, DV,
         k_dec = (k.to(tl.float32) * to_end[:, None]).to(k.dtype)
         dv += tl.dot(k_dec, dhs, input_precision=DOT_PREC)
     causal_t = tl.arange(0, C)[:, None] <= tl.arange(0, C)[None, :]  # [j, i]: j <= i
+    if HAS_SEGMENTS:
+        causal_t = causal_t & (run[:, None] == run[None, :])
     s_t = s_t * tl.exp(tl.where(causal_t, G[None, :] - G[:, None], float("-inf")))
     tv_mask = t_mask[:, None] & v_mask[None, :]
     tv_off = b * stride_vb + h * stride_vh + offs_t[:, None] * stride_vs + offs_v[None, :]
@@ -298,17 +393,19 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
-def _sweep(a, b_, g, init, n_chunks, C, *, reverse, store_final, scale=1.0):
+def _sweep(a, b_, g, init, runs, n_chunks, C, *, reverse, store_final, scale=1.0):
     """Run the sweep kernel: returns (per-chunk states (b·h, n_chunks, dk, dv), final (b, h, dk,
-    dv) float32). Forward: a, b_ = k, v and init = S0; reverse: q, dO and the final-state grad."""
+    dv) float32). Forward: a, b_ = k, v and init = S0; reverse: q, dO and the final-state grad.
+    runs: `runs_with_previous(segments)` `(b, n + 1)` int32, or None."""
     bsz, n, _, dk = a.shape
     h, dv = b_.shape[2], b_.shape[-1]
     states = torch.empty(bsz * h, n_chunks, dk, dv, dtype=_state_dtype(a.dtype), device=a.device)
     final = torch.empty(bsz, h, dk, dv, dtype=torch.float32, device=a.device)
     grid = lambda m: (triton.cdiv(dk, m["BK"]), triton.cdiv(dv, m["BV"]), bsz * h)
     _launch(_la_sweep_kernel, _sweep_tuned, grid, a, b_, g if g is not None else final,
-            init if init is not None else final, states, final, *_strides(a, b_), h,
-            h // a.shape[2], n, dk, dv, n_chunks, float(scale), HAS_DECAY=g is not None, HAS_INIT=init is not None,
+            init if init is not None else final, states, final, runs, *_strides(a, b_), h,
+            h // a.shape[2], n, dk, dv, n_chunks, float(scale), HAS_DECAY=g is not None,
+            HAS_SEGMENTS=runs is not None, HAS_INIT=init is not None,
             STORE_FINAL=store_final, REVERSE=reverse, C=C, DOT_PREC=dot_precision(a.dtype))
     return states, final
 
@@ -321,25 +418,26 @@ def _strides(q, v):
 
 class _LinearAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, s0, scale, want_final):
+    def forward(ctx, q, k, v, g, s0, runs, scale, want_final):
         b, n, hk, dk = q.shape
         h, dv = v.shape[2], v.shape[-1]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         C = _chunk()
         n_chunks = triton.cdiv(n, C)
-        hs, s_out = _sweep(k, v, g, s0, n_chunks, C, reverse=False, store_final=True)
+        hs, s_out = _sweep(k, v, g, s0, runs, n_chunks, C, reverse=False, store_final=True)
         o = torch.empty(b, n, h, dv, dtype=q.dtype, device=q.device)
         grid = lambda m: (triton.cdiv(dv, m["BV"]), n_chunks, b * h)
         _launch(_la_out_kernel, _out_tuned, grid, q, k, v, g if g is not None else s_out, hs, o,
-                *_strides(q, v), h, h // hk, n, dk, dv, n_chunks, float(scale),
-                HAS_DECAY=g is not None, C=C, DOT_PREC=dot_precision(q.dtype))
-        ctx.save_for_backward(q, k, v, g, s0, s_out)
+                runs, *_strides(q, v), h, h // hk, n, dk, dv, n_chunks, float(scale),
+                HAS_DECAY=g is not None, HAS_SEGMENTS=runs is not None, C=C,
+                DOT_PREC=dot_precision(q.dtype))
+        ctx.save_for_backward(q, k, v, g, s0, s_out, runs)
         ctx.scale = scale
         return o, s_out
 
     @staticmethod
     def backward(ctx, do, ds_final):
-        q, k, v, g, s0, s_final = ctx.saved_tensors
+        q, k, v, g, s0, s_final, runs = ctx.saved_tensors
         scale = float(ctx.scale)
         b, n, hk, dk = q.shape
         h, dv_dim = v.shape[2], v.shape[-1]
@@ -349,9 +447,11 @@ class _LinearAttention(torch.autograd.Function):
         n_chunks = triton.cdiv(n, C)
         prec = dot_precision(q.dtype)
         # the entering states are recomputed (one sweep) rather than kept from the forward
-        hs, _ = _sweep(k, v, g, s0, n_chunks, C, reverse=False, store_final=False)
+        hs, _ = _sweep(k, v, g, s0, runs, n_chunks, C, reverse=False, store_final=False)
         dsf = ds_final.contiguous().float() if ds_final is not None else None
-        dhs, ds0 = _sweep(q, do, g, dsf, n_chunks, C, reverse=True, store_final=True, scale=scale)
+        dhs, ds0 = _sweep(q, do, g, dsf, runs, n_chunks, C, reverse=True, store_final=True,
+                          scale=scale)
+        flags = dict(HAS_DECAY=g is not None, HAS_SEGMENTS=runs is not None, C=C, DOT_PREC=prec)
         g_t = g if g is not None else ds0
         strides = _strides(q, v)
         # grouped q/k: each head's share in float32, summed over the group below
@@ -365,15 +465,14 @@ class _LinearAttention(torch.autograd.Function):
                               dtype=torch.float32, device=q.device)
         _launch(_la_bwd_dqdk_kernel, _dqdk_tuned,
                 lambda m: (triton.cdiv(dk, m["BK"]), n_chunks, b * h),
-                q, k, v, do, g_t, hs, dhs, dq, dk_, dg_part, *strides,
+                q, k, v, do, g_t, hs, dhs, dq, dk_, dg_part, runs, *strides,
                 dg_part.stride(0) if g is not None else 0, *dq.stride()[:3], h, r, n, dk, dv_dim,
-                n_chunks, scale,
-                HAS_DECAY=g is not None, C=C, DOT_PREC=prec)
+                n_chunks, scale, **flags)
         _launch(_la_bwd_dv_kernel, _dv_tuned,
                 lambda m: (triton.cdiv(dv_dim, m["BV"]), n_chunks, b * h),
-                q, k, do, g_t, dhs, dv, *strides, h, r, n, dk, dv_dim, n_chunks, scale,
-                HAS_DECAY=g is not None, C=C, DOT_PREC=prec)
-        dg = None
+                q, k, do, g_t, dhs, dv, runs, *strides, h, r, n, dk, dv_dim, n_chunks, scale,
+                **flags)
+        dg = None  # with segments too: a masked pair adds to neither q·dq nor k·dk
         if g is not None and ctx.needs_input_grad[3]:
             dG = dg_part.sum(0)  # (b, n, h): q·dq − k·dk
             if ds_final is not None:
@@ -382,13 +481,15 @@ class _LinearAttention(torch.autograd.Function):
         ds0_out = ds0 if s0 is not None else None
         if r > 1:
             dq, dk_ = (t.view(b, n, hk, r, dk).sum(3).to(q.dtype) for t in (dq, dk_))
-        return dq, dk_, dv, dg, ds0_out, None, None
+        return dq, dk_, dv, dg, ds0_out, None, None, None
 
 
 def supports(q, k, v, *, log_decay=None, scale=None, initial_state=None,
-             return_final_state=False) -> bool:
+             return_final_state=False, segments=None) -> bool:
     """Whether the Triton kernel runs these inputs (else the dispatcher uses the chunked path)."""
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:2] != q.shape[:2]:
+        return False
+    if not valid_segments(segments, q.shape[0], q.shape[1], q.device):
         return False
     if q.shape[2] < 1 or v.shape[2] % q.shape[2]:
         return False
@@ -407,13 +508,16 @@ def supports(q, k, v, *, log_decay=None, scale=None, initial_state=None,
 
 
 def linear_attention(q, k, v, *, log_decay=None, scale=None, initial_state=None,
-                     return_final_state=False):
+                     return_final_state=False, segments=None):
     """Causal linear attention with optional decay (see the module docstring). q, k `(b, n, hk,
-    dk)` with hk dividing h (grouped q/k), v `(b, n, h, dv)`, log_decay `(b, n, h)` / `(h,)` / None, initial_state `(b, h, dk, dv)`.
+    dk)` with hk dividing h (grouped q/k), v `(b, n, h, dv)`, log_decay `(b, n, h)` / `(h,)` / None, initial_state `(b, h, dk, dv)`,
+    segments `(b, n)` int32/int64 document ids or None (the state resets where the id changes).
     Returns o `(b, n, h, dv)` in q.dtype, or `(o, final_state float32)`."""
     from ctxscale.kernels.linear_attention import _check_inputs
 
     _check_inputs(q, k, v, log_decay, initial_state)
+    if segments is not None:
+        check_segments(segments, q.shape[0], q.shape[1], q.device, what="linear_attention")
     if not supports(q, k, v, log_decay=log_decay, initial_state=initial_state):
         raise ValueError(
             f"the Triton linear attention does not support q {tuple(q.shape)} {q.dtype} on "
@@ -428,7 +532,8 @@ def linear_attention(q, k, v, *, log_decay=None, scale=None, initial_state=None,
         g = log_decay.view(1, 1, h).expand(b, n, h) if log_decay.dim() == 1 else log_decay
         g = g.float().contiguous()
     s0 = initial_state.float().contiguous() if initial_state is not None else None
-    o, s_final = _LinearAttention.apply(q, k, v, g, s0, scale, return_final_state)
+    runs = runs_with_previous(segments).contiguous() if segments is not None else None
+    o, s_final = _LinearAttention.apply(q, k, v, g, s0, runs, scale, return_final_state)
     return (o, s_final) if return_final_state else o
 
 

@@ -42,6 +42,13 @@ def check_segments(segments, batch: int, seq: int, device: torch.device, *, what
                          "put the document ids on the inputs' device")
 
 
+def valid_segments(segments, batch: int, seq: int, device: torch.device) -> bool:
+    """Whether `segments` passes `check_segments` (for the Triton kernels' `supports`)."""
+    return segments is None or (
+        isinstance(segments, torch.Tensor) and segments.dtype in (torch.int32, torch.int64)
+        and tuple(segments.shape) == (batch, seq) and segments.device == torch.device(device))
+
+
 def runs(segments: torch.Tensor) -> torch.Tensor:
     """Document index of every token within its row, `(batch, seq)` int32: 0 up to the first
     change of id, +1 at each change."""
@@ -56,4 +63,4 @@ def runs_with_previous(segments: torch.Tensor) -> torch.Tensor:
     return torch.cat([r[:, :1], r], dim=1)
 
 
-__all__ = ["check_segments", "runs", "runs_with_previous"]
+__all__ = ["check_segments", "runs", "runs_with_previous", "valid_segments"]

@@ -418,13 +418,6 @@ def _mamba_ssm_fn():
     return getattr(mod, "selective_scan_fn", None) if mod is not None else None
 
 
-def _triton_supports(mod, args, initial_state, seg_kw) -> bool:
-    try:
-        return mod.supports(*args, initial_state=initial_state, **seg_kw)
-    except TypeError:  # a kernel without the segments keyword: not for packed rows
-        return False
-
-
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
     return_last_state=False, *, initial_state=None, segments=None,
@@ -437,7 +430,6 @@ def selective_scan(
     `segments`: None or the `(batch, seq)` document ids of packed rows (the state resets at each
     document start; see the module docstring)."""
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    seg_kw = {} if segments is None else {"segments": segments}
     path = forced_path("selective_scan")
     if path == "reference":
         log_choice("selective_scan", "reference", "forced")
@@ -445,9 +437,9 @@ def selective_scan(
     reason = "forced" if path else "pytorch path"
     if path == "triton" or (path is None and want_triton(u.device)):
         mod = _import("ctxscale.kernels.selective_scan_triton")
-        if mod is not None and _triton_supports(mod, args, initial_state, seg_kw):
+        if mod is not None and mod.supports(*args, initial_state=initial_state, segments=segments):
             log_choice("selective_scan", "triton", reason if path else "auto")
-            return mod.selective_scan(*args, initial_state=initial_state, **seg_kw)
+            return mod.selective_scan(*args, initial_state=initial_state, segments=segments)
         if path == "triton":
             raise RuntimeError(
                 "CTXSCALE_KERNELS_SELECTIVE_SCAN=triton but the Triton selective-scan kernel is "

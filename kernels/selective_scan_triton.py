@@ -23,6 +23,13 @@ scan h_t = C_t dy_t + a_{t+1} h_{t+1} (h after the last token = d last_state):
 (a_t x_{t−1} = x_t − b_t), then the softplus / bias chain rule. dB and dC are summed over the
 channels of a group with atomic adds into float32 buffers.
 
+Packed documents (`segments` `(batch, seq)` ids, semantics in `kernels/recurrent_segments.py`):
+the host turns the ids into a per-token uint8 flag (1 where t > 0 starts a document) and the
+kernels, under the constexpr HAS_SEGMENTS (segments=None compiles to the same code as before),
+replace a_t by 0 at a start: the forward scan gives x_t = b_t there; the backward's reversed scan
+uses a_{t+1} = 0 across a start, so h stops at the document edge, a_t x_{t−1} = x_t − b_t is
+exactly 0 there (no dΔ / dA term through a_t), and d x_0 = a_1 h_1 sees the first document only.
+
 Shapes (mamba-ssm): u, delta, z `(batch, dim, seq)`; A `(dim, dstate)` real; B, C `(batch, dstate,
 seq)` or grouped `(batch, groups, dstate, seq)` (fixed `(dim, dstate)` B/C are left to the PyTorch
 path: `supports` says no); D, delta_bias `(dim,)`; initial / last state `(batch, dim, dstate)`
@@ -36,6 +43,7 @@ import triton
 import triton.language as tl
 
 from ctxscale.kernels.dispatch import triton_runnable
+from ctxscale.kernels.recurrent_segments import valid_segments
 from ctxscale.kernels.triton_launch import INTERPRET
 
 
@@ -67,17 +75,33 @@ def _load_delta(DELTA, DBIAS, row_off, offs_c, offs_t, mask, HAS_BIAS: tl.conste
 
 
 @triton.jit
+def _decay(dt, a_n, starts, HAS_SEGMENTS: tl.constexpr):
+    """a_t = exp(Δ_t A_n) (BD, T); 0 where a document starts (`starts` (T,), only read when
+    HAS_SEGMENTS): the scan then drops the carried state there, x_t = b_t."""
+    a = tl.exp(dt * a_n[:, None])
+    if HAS_SEGMENTS:
+        a = tl.where(starts[None, :], 0.0, a)
+    return a
+
+
+@triton.jit
+def _load_starts(RESET, b, seq, offs_t):
+    """Whether each token of the chunk starts a document (t > 0 with a new id), (T,) bool."""
+    return tl.load(RESET + b * seq + offs_t, mask=offs_t < seq, other=0) != 0
+
+
+@triton.jit
 def _column(tile, cols, n):
     return tl.sum(tl.where(cols[None, :] == n, tile, 0.0), 1)
 
 
 @triton.jit
-def _ss_fwd_kernel(U, DELTA, A, B, C, D, Z, DBIAS, X0, OUT, XLAST, XCHUNK,
+def _ss_fwd_kernel(U, DELTA, A, B, C, D, Z, DBIAS, X0, RESET, OUT, XLAST, XCHUNK,
                    stride_ub, stride_Bb, stride_Bg, stride_Bn, stride_xc,
                    dim, seq, dstate, chans_per_group,
                    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
                    SOFTPLUS: tl.constexpr, HAS_X0: tl.constexpr, STORE_CHUNKS: tl.constexpr,
-                   BD: tl.constexpr, T: tl.constexpr, N: tl.constexpr):
+                   HAS_SEGMENTS: tl.constexpr, BD: tl.constexpr, T: tl.constexpr, N: tl.constexpr):
     pid_d, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_c = pid_d * BD + tl.arange(0, BD)
     offs_n = tl.arange(0, N)
@@ -100,13 +124,17 @@ def _ss_fwd_kernel(U, DELTA, A, B, C, D, Z, DBIAS, X0, OUT, XLAST, XCHUNK,
         dt, _ = _load_delta(DELTA, DBIAS, row_off, offs_c, offs_t, ct_mask, HAS_BIAS, SOFTPLUS)
         if STORE_CHUNKS:
             tl.store(XCHUNK + (t0 // T) * stride_xc + state_off, x, mask=cn_mask)
+        starts = 0  # no document starts (only read when HAS_SEGMENTS)
+        if HAS_SEGMENTS:
+            starts = _load_starts(RESET, b, seq, offs_t)
         dtu = dt * u
         y = tl.zeros([BD, T], dtype=tl.float32)
         for n in range(dstate):
             a_n = tl.load(A + offs_c * dstate + n, mask=c_mask, other=0.0).to(tl.float32)
             b_n = tl.load(B + bc_off + n * stride_Bn + offs_t[None, :], mask=ct_mask, other=0.0).to(tl.float32)
             c_n = tl.load(C + bc_off + n * stride_Bn + offs_t[None, :], mask=ct_mask, other=0.0).to(tl.float32)
-            prod, local = tl.associative_scan((tl.exp(dt * a_n[:, None]), dtu * b_n), 1, _linear_combine)
+            prod, local = tl.associative_scan((_decay(dt, a_n, starts, HAS_SEGMENTS), dtu * b_n), 1,
+                                              _linear_combine)
             xs = local + prod * _column(x, offs_n, n)[:, None]
             y += xs * c_n
             x_end = tl.sum(tl.where(tl.arange(0, T)[None, :] == T - 1, xs, 0.0), 1)
@@ -121,12 +149,12 @@ def _ss_fwd_kernel(U, DELTA, A, B, C, D, Z, DBIAS, X0, OUT, XLAST, XCHUNK,
 
 
 @triton.jit
-def _ss_bwd_kernel(U, DELTA, A, B, C, D, Z, DBIAS, DOUT, DLAST, XCHUNK,
+def _ss_bwd_kernel(U, DELTA, A, B, C, D, Z, DBIAS, DOUT, DLAST, XCHUNK, RESET,
                    DU, DDELTA, DZ, DB, DC, DA_PART, DD_PART, DX0,
                    stride_ub, stride_Bb, stride_Bg, stride_Bn, stride_xc,
                    dim, seq, dstate, chans_per_group,
                    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr,
+                   SOFTPLUS: tl.constexpr, HAS_DLAST: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
                    BD: tl.constexpr, T: tl.constexpr, N: tl.constexpr):
     pid_d, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_c = pid_d * BD + tl.arange(0, BD)
@@ -158,6 +186,10 @@ def _ss_bwd_kernel(U, DELTA, A, B, C, D, Z, DBIAS, DOUT, DLAST, XCHUNK,
         dt_next, _ = _load_delta(DELTA, DBIAS, row_off, offs_c, offs_t + 1, next_mask, HAS_BIAS, SOFTPLUS)
         dout = tl.load(DOUT + row_off + offs_t[None, :], mask=ct_mask, other=0.0).to(tl.float32)
         x_start = tl.load(XCHUNK + (t0 // T) * stride_xc + state_off, mask=cn_mask, other=0.0)
+        starts, starts_next = 0, 0  # document starts at t and t + 1 (only read when HAS_SEGMENTS)
+        if HAS_SEGMENTS:
+            starts = _load_starts(RESET, b, seq, offs_t)
+            starts_next = _load_starts(RESET, b, seq, offs_t + 1)
         dtu = dt * u
         dy = dout
         if HAS_Z:  # dz needs y: one forward pass over the states of this chunk
@@ -167,7 +199,8 @@ def _ss_bwd_kernel(U, DELTA, A, B, C, D, Z, DBIAS, DOUT, DLAST, XCHUNK,
                 a_n = tl.load(A + offs_c * dstate + n, mask=c_mask, other=0.0).to(tl.float32)
                 b_n = tl.load(B + bc_off + n * stride_Bn + offs_t[None, :], mask=ct_mask, other=0.0).to(tl.float32)
                 c_n = tl.load(C + bc_off + n * stride_Bn + offs_t[None, :], mask=ct_mask, other=0.0).to(tl.float32)
-                prod, local = tl.associative_scan((tl.exp(dt * a_n[:, None]), dtu * b_n), 1, _linear_combine)
+                prod, local = tl.associative_scan((_decay(dt, a_n, starts, HAS_SEGMENTS), dtu * b_n),
+                                                  1, _linear_combine)
                 y += (local + prod * _column(x_start, offs_n, n)[:, None]) * c_n
             sig = tl.sigmoid(z)
             dy = dout * z * sig
@@ -181,12 +214,14 @@ def _ss_bwd_kernel(U, DELTA, A, B, C, D, Z, DBIAS, DOUT, DLAST, XCHUNK,
             b_n = tl.load(B + bc_off + n * stride_Bn + offs_t[None, :], mask=ct_mask, other=0.0).to(tl.float32)
             c_n = tl.load(C + bc_off + n * stride_Bn + offs_t[None, :], mask=ct_mask, other=0.0).to(tl.float32)
             bb = dtu * b_n
-            prod, local = tl.associative_scan((tl.exp(dt * a_n[:, None]), bb), 1, _linear_combine)
+            prod, local = tl.associative_scan((_decay(dt, a_n, starts, HAS_SEGMENTS), bb), 1,
+                                              _linear_combine)
             xs = local + prod * _column(x_start, offs_n, n)[:, None]
-            rprod, rlocal = tl.associative_scan((tl.exp(dt_next * a_n[:, None]), c_n * dy), 1,
-                                                _linear_combine, reverse=True)
+            # h_t = C_t dy_t + a_{t+1} h_{t+1}: a_{t+1} = 0 cuts the adjoint at a document start
+            rprod, rlocal = tl.associative_scan((_decay(dt_next, a_n, starts_next, HAS_SEGMENTS),
+                                                 c_n * dy), 1, _linear_combine, reverse=True)
             h = rlocal + rprod * _column(h_carry, offs_n, n)[:, None]
-            ax_prev = xs - bb  # a_t x_{t-1}
+            ax_prev = xs - bb  # a_t x_{t-1}: exactly 0 at a document start (xs = bb there)
             ddt += h * (a_n[:, None] * ax_prev + u * b_n)
             du += h * dt * b_n
             dA = tl.where(offs_n[None, :] == n, dA + tl.sum(h * dt * ax_prev, 1)[:, None], dA)
@@ -229,7 +264,7 @@ def _as_groups(X: torch.Tensor) -> torch.Tensor:
 
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, x0, softplus, needs_grad):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, x0, reset, softplus, needs_grad):
         batch, dim, seq = u.shape
         dstate = A.shape[1]
         u, delta = u.contiguous(), delta.contiguous()
@@ -248,19 +283,19 @@ class _SelectiveScan(torch.autograd.Function):
         _ss_fwd_kernel[(triton.cdiv(dim, BD), batch)](
             u, delta, A32, Bg, Cg, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy, x0 if x0 is not None else dummy,
-            out, x_last, x_chunks, u.stride(0), Bg.stride(0), Bg.stride(1), Bg.stride(2),
+            reset, out, x_last, x_chunks, u.stride(0), Bg.stride(0), Bg.stride(1), Bg.stride(2),
             x_chunks.stride(0) if needs_grad else 0, dim, seq, dstate, cpg,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=bool(softplus), HAS_X0=x0 is not None, STORE_CHUNKS=bool(needs_grad),
-            BD=BD, T=T, N=N, num_warps=warps)
+            HAS_SEGMENTS=reset is not None, BD=BD, T=T, N=N, num_warps=warps)
         if needs_grad:
-            ctx.save_for_backward(u, delta, A32, Bg, Cg, D, z, delta_bias, x_chunks)
+            ctx.save_for_backward(u, delta, A32, Bg, Cg, D, z, delta_bias, x_chunks, reset)
             ctx.meta = (softplus, B.dim(), C.dim(), x0 is not None, A.dtype)
         return out, x_last
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        u, delta, A32, Bg, Cg, D, z, delta_bias, x_chunks = ctx.saved_tensors
+        u, delta, A32, Bg, Cg, D, z, delta_bias, x_chunks, reset = ctx.saved_tensors
         softplus, b_dim, c_dim, has_x0, a_dtype = ctx.meta
         batch, dim, seq = u.shape
         dstate = A32.shape[1]
@@ -279,12 +314,12 @@ class _SelectiveScan(torch.autograd.Function):
         _ss_bwd_kernel[(triton.cdiv(dim, BD), batch)](
             u, delta, A32, Bg, Cg, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy, dout.contiguous(),
-            dlast.contiguous() if dlast is not None else dummy, x_chunks,
+            dlast.contiguous() if dlast is not None else dummy, x_chunks, reset,
             du, ddelta, dz, dB, dC, dA, dD, dx0,
             u.stride(0), Bg.stride(0), Bg.stride(1), Bg.stride(2), x_chunks.stride(0),
             dim, seq, dstate, cpg,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(softplus), HAS_DLAST=dlast is not None,
+            SOFTPLUS=bool(softplus), HAS_DLAST=dlast is not None, HAS_SEGMENTS=reset is not None,
             BD=BD, T=T, N=N, num_warps=warps)
         gB = dB.squeeze(1) if b_dim == 3 else dB
         gC = dC.squeeze(1) if c_dim == 3 else dC
@@ -293,12 +328,20 @@ class _SelectiveScan(torch.autograd.Function):
             gC.to(Cg.dtype), dD.sum(0).to(D.dtype) if D is not None else None,
             dz.to(z.dtype) if z is not None else None,
             ddelta.sum((0, 2)).to(delta_bias.dtype) if delta_bias is not None else None,
-            dx0 if has_x0 else None, None, None,
+            dx0 if has_x0 else None, None, None, None,
         )
 
 
+def _document_starts(segments: torch.Tensor) -> torch.Tensor:
+    """`(batch, seq)` uint8: 1 where a document starts after the first token (the id differs
+    from the previous token's), else 0. Computed on the device, no host sync."""
+    starts = torch.zeros(segments.shape, dtype=torch.uint8, device=segments.device)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return starts
+
+
 def supports(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-             return_last_state=False, *, initial_state=None) -> bool:
+             return_last_state=False, *, initial_state=None, segments=None) -> bool:
     """Whether the Triton kernel runs this call (else the dispatcher uses the chunked path)."""
     on_device = triton_runnable(u.device)
     dtypes = (torch.float16, torch.bfloat16, torch.float32) if u.device.type != "cpu" else (
@@ -315,18 +358,23 @@ def supports(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=
         and A.shape[1] <= 256
         and all(t.dtype in dtypes for t in tensors)
         and all(t.device == u.device for t in tensors)
+        and valid_segments(segments, u.shape[0], u.shape[2], u.device)
     )
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, *, initial_state=None):
+                   return_last_state=False, *, initial_state=None, segments=None):
     """mamba-ssm `selective_scan_fn` (see the module docstring). Returns out `(batch, dim, seq)`
-    in u's dtype, or `(out, last_state float32 (batch, dim, dstate))`."""
+    in u's dtype, or `(out, last_state float32 (batch, dim, dstate))`. `segments` `(batch, seq)`
+    int32/int64 document ids reset the state where the id changes (`kernels/recurrent_segments.py`)."""
+    from ctxscale.kernels.recurrent_segments import check_segments
     from ctxscale.kernels.selective_scan import _prepare
 
     _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)  # shape checks
+    if segments is not None:
+        check_segments(segments, u.shape[0], u.shape[2], u.device, what="selective_scan")
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    if not supports(*args, initial_state=initial_state):
+    if not supports(*args, initial_state=initial_state, segments=segments):
         raise ValueError(
             "the Triton selective scan needs CUDA tensors (or TRITON_INTERPRET=1), float16/float32 "
             "(bfloat16 on CUDA) inputs, a real A, dstate <= 256 and time-varying B and C "
@@ -335,7 +383,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
     x0 = initial_state.float().contiguous() if initial_state is not None else None
-    out, last = _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, x0,
+    reset = _document_starts(segments) if segments is not None else None
+    out, last = _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, x0, reset,
                                      bool(delta_softplus), needs_grad)
     return (out, last) if return_last_state else out
 

@@ -272,6 +272,15 @@ def _linear_attention(rec, dtype, head_dim, seq, batch):
         out = lat.linear_attention(q, k, v, log_decay=g, initial_state=s0, return_final_state=decay)
         out = out if isinstance(out, tuple) else (out,)
         _backward(out, *[t for t in (q, k, v, g, s0) if t is not None])
+    # packed documents: the state resets where the id changes (masks and a restarting cumsum)
+    rec.case = f"b{batch} s{seq} h{heads} dk=dv={head_dim} decay+states segments"
+    q, k, v = (_meta(batch, seq, heads, head_dim, dtype=dtype) for _ in range(3))
+    g = _meta(batch, seq, heads, dtype=torch.float32)
+    s0 = _meta(batch, heads, head_dim, head_dim, dtype=torch.float32)
+    ids = torch.empty(batch, seq, dtype=torch.int32, device="meta")
+    out = lat.linear_attention(q, k, v, log_decay=g, initial_state=s0, return_final_state=True,
+                               segments=ids)
+    _backward(out, q, k, v, g, s0)
 
 
 def _selective_scan(rec, dtype, seq, batch):
@@ -289,6 +298,12 @@ def _selective_scan(rec, dtype, seq, batch):
     bias = _meta(dim, dtype=torch.float32)
     x0 = _meta(batch, dim, dstate, dtype=torch.float32)
     out = sst.selective_scan(u, delta, A, B, C, D, z, bias, True, True, initial_state=x0)
+    _backward(out, u, delta, A, B, C, D, z, bias, x0)
+    # packed documents: the state resets where the document id changes
+    rec.case = f"b{batch} s{seq} dim{dim} dstate{dstate} D z softplus states segments"
+    ids = torch.empty(batch, seq, dtype=torch.int32, device="meta")
+    out = sst.selective_scan(u, delta, A, B, C, D, z, bias, True, True, initial_state=x0,
+                             segments=ids)
     _backward(out, u, delta, A, B, C, D, z, bias, x0)
 
 

@@ -285,3 +285,20 @@ def test_vendor_kernels_are_not_used_with_segments(monkeypatch):
     monkeypatch.setenv("CTXSCALE_KERNELS_CONV1D", "causal_conv1d")
     with pytest.raises(RuntimeError, match="no segments"):
         cv.causal_conv1d(u, torch.ones(4, 3), segments=ids)
+
+
+def test_dispatchers_hand_segments_to_the_triton_kernels(monkeypatch):
+    """Forced Triton paths (the interpreter here) take the document ids and agree with the
+    chunked PyTorch paths."""
+    q, k, v, log_decay, s0 = (t.detach() for t in _la_inputs(torch.float32, "token"))
+    ids = _ids()
+    want = la.linear_attention_chunked(q, k, v, log_decay=log_decay, initial_state=s0,
+                                       segments=ids)
+    monkeypatch.setenv("CTXSCALE_KERNELS_LINEAR_ATTENTION", "triton")
+    got = la.linear_attention(q, k, v, log_decay=log_decay, initial_state=s0, segments=ids)
+    assert _rel(got, want) <= 1e-5
+    inputs = [t.detach() for t in _ss_inputs(torch.float32, True)]
+    want = ss.selective_scan_chunked(*inputs[:8], True, initial_state=inputs[8], segments=ids)
+    monkeypatch.setenv("CTXSCALE_KERNELS_SELECTIVE_SCAN", "triton")
+    got = ss.selective_scan(*inputs[:8], True, initial_state=inputs[8], segments=ids)
+    assert _rel(got, want) <= 1e-5
