@@ -185,7 +185,8 @@ def test_dispatcher_uses_triton_module_when_it_supports_the_call(monkeypatch):
     monkeypatch.delenv("CTXSCALE_KERNELS_LINEAR_ATTENTION", raising=False)
     q, k, v, ld, _ = _inputs(torch.float64, "token", n=5)
     assert torch.equal(linear_attention(q, k, v, log_decay=ld), torch.zeros_like(v))
-    assert set(calls[0]) == {"log_decay", "scale", "initial_state", "return_final_state"}
+    assert set(calls[0]) == {"log_decay", "scale", "initial_state", "return_final_state",
+                             "segments"}
     assert dispatch.chosen_paths()["linear_attention"] == "triton"
     ref = linear_attention_recurrent(q, k, v)
     assert _rel(linear_attention(q, k, v), ref) <= 1e-10  # unsupported: falls back

@@ -186,7 +186,7 @@ def test_dispatcher_uses_triton_module_when_it_supports_the_call(monkeypatch):
     x = _inputs("plain", L=7)
     args = (x["u"], x["delta"], x["A"], x["B"], x["C"])
     assert torch.equal(selective_scan(*args, x["D"]), torch.zeros_like(x["u"]))
-    assert len(calls[0][0]) == 10 and set(calls[0][1]) == {"initial_state"}
+    assert len(calls[0][0]) == 10 and set(calls[0][1]) == {"initial_state", "segments"}
     assert dispatch.chosen_paths()["selective_scan"] == "triton"
     assert _rel(selective_scan(*args), selective_scan_reference(*args)) <= 1e-10
     assert dispatch.chosen_paths()["selective_scan"] == "chunked"
