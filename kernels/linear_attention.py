@@ -56,7 +56,7 @@ from ctxscale.kernels.dispatch import (
     module_available,
     want_triton,
 )
-from ctxscale.kernels.recurrent_segments import check_segments, runs_with_previous
+from ctxscale.kernels.recurrent_segments import check_segments, pad_runs, runs_with_previous
 
 DEFAULT_CHUNK = 64
 DEFAULT_SEGMENT_CHUNKS = 16
@@ -153,9 +153,7 @@ def _document_masks(run, nc: int, C: int):
     chunk, so it reads S_prev; write `(b,1,1,nc,C,1)`: the key is in the chunk's last document,
     so it reaches S_next; carry `(b,1,1,nc)`: S_prev survives the chunk)."""
     b = run.shape[0]
-    pad = nc * C + 1 - run.shape[1]
-    if pad:
-        run = torch.cat([run, run[:, -1:].expand(b, pad)], dim=1)
+    run = pad_runs(run, nc * C + 1)
     tokens = run[:, 1:].reshape(b, 1, 1, nc, C)
     prev = run[:, :-1].reshape(b, 1, 1, nc, C)[..., :1]
     end = tokens[..., -1:]

@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 
 from ctxscale.kernels.dispatch import triton_runnable
-from ctxscale.kernels.recurrent_segments import check_segments, runs_with_previous, valid_segments
+from ctxscale.kernels.recurrent_segments import runs_with_previous, valid_segments
 from ctxscale.kernels.triton_launch import INTERPRET, dot_precision, launch
 
 MAX_DIM = 256
@@ -515,9 +515,7 @@ def linear_attention(q, k, v, *, log_decay=None, scale=None, initial_state=None,
     Returns o `(b, n, h, dv)` in q.dtype, or `(o, final_state float32)`."""
     from ctxscale.kernels.linear_attention import _check_inputs
 
-    _check_inputs(q, k, v, log_decay, initial_state)
-    if segments is not None:
-        check_segments(segments, q.shape[0], q.shape[1], q.device, what="linear_attention")
+    _check_inputs(q, k, v, log_decay, initial_state, segments)
     if not supports(q, k, v, log_decay=log_decay, initial_state=initial_state):
         raise ValueError(
             f"the Triton linear attention does not support q {tuple(q.shape)} {q.dtype} on "

@@ -63,4 +63,11 @@ def runs_with_previous(segments: torch.Tensor) -> torch.Tensor:
     return torch.cat([r[:, :1], r], dim=1)
 
 
-__all__ = ["check_segments", "runs", "runs_with_previous", "valid_segments"]
+def pad_runs(run: torch.Tensor, length: int) -> torch.Tensor:
+    """`run` `(batch, ·)` extended to `length` entries with its last run (padding tokens stay in
+    the last document)."""
+    pad = length - run.shape[1]
+    return torch.cat([run, run[:, -1:].expand(run.shape[0], pad)], dim=1) if pad > 0 else run
+
+
+__all__ = ["check_segments", "pad_runs", "runs", "runs_with_previous", "valid_segments"]

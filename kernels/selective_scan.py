@@ -63,7 +63,7 @@ from ctxscale.kernels.dispatch import (
     module_available,
     want_triton,
 )
-from ctxscale.kernels.recurrent_segments import check_segments, runs_with_previous
+from ctxscale.kernels.recurrent_segments import check_segments, pad_runs, runs_with_previous
 
 DEFAULT_CHUNK = 32
 DEFAULT_SEGMENT_CHUNKS = 32
@@ -215,8 +215,7 @@ def _document_chunk_scan(dt, A, bu, run, nc: int, C: int):
     b, d, T = dt.shape
     pad = nc * C - T
     dtp = F.pad(dt, (0, pad)) if pad else dt
-    if pad:  # padded tokens stay in the last document (Δ = 0, no input: they change nothing)
-        run = torch.cat([run, run[:, -1:].expand(b, pad)], dim=1)
+    run = pad_runs(run, nc * C + 1)  # padded tokens: Δ = 0, no input, they change nothing
     keep = (run[:, 1:] == run[:, :-1]).to(dt.dtype).reshape(b, 1, nc, C, 1)
     prod = torch.exp(dtp.reshape(b, d, nc, C, 1) * A[:, None, None, :]) * keep
     x_local = bu

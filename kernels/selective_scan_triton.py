@@ -367,12 +367,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """mamba-ssm `selective_scan_fn` (see the module docstring). Returns out `(batch, dim, seq)`
     in u's dtype, or `(out, last_state float32 (batch, dim, dstate))`. `segments` `(batch, seq)`
     int32/int64 document ids reset the state where the id changes (`kernels/recurrent_segments.py`)."""
-    from ctxscale.kernels.recurrent_segments import check_segments
     from ctxscale.kernels.selective_scan import _prepare
 
-    _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)  # shape checks
-    if segments is not None:
-        check_segments(segments, u.shape[0], u.shape[2], u.device, what="selective_scan")
+    # shape checks (document ids included)
+    _prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, segments)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if not supports(*args, initial_state=initial_state, segments=segments):
         raise ValueError(
