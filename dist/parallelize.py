@@ -33,7 +33,7 @@ def parallel_context(dims: ParallelDims, mesh, par_cfg) -> ParallelContext:
     return ParallelContext(
         cp_group=axis_group(mesh, "cp"), cp_size=dims.cp, cp_rank=axis_rank(mesh, "cp"),
         cp_method=par_cfg.cp_method, cp_layout=par_cfg.cp_layout,
-        ulysses_degree=par_cfg.ulysses_degree,
+        ulysses_degree=par_cfg.ulysses_degree, cp_state_method=par_cfg.cp_state_method,
     )
 
 

@@ -38,6 +38,10 @@ class ParallelConfig:
     cp_layout: Literal["contiguous", "zigzag", "stripe"] = "contiguous"
     # For usp: ranks of the Ulysses (all-to-all) dimension; the rest form rings.
     ulysses_degree: int | None = None
+    # How recurrent layers (Mamba, linear attention, hybrids) pass their states between cp
+    # shards: one all-gather of every shard's (state, decay) (one step, cp x state bytes per
+    # rank), or a ring of cp - 1 sends (one state per step, latency cp - 1 hops).
+    cp_state_method: Literal["allgather", "ring"] = "allgather"
     # Data-parallel engine: FSDP2 (fully_shard), DDP-style replication, or DeepSpeed ZeRO.
     dp_engine: Literal["fsdp", "ddp", "deepspeed"] = "fsdp"
     # ZeRO stage when dp_engine is deepspeed.

@@ -38,6 +38,7 @@ def test_unknown_key_names_key_file_and_suggestion(tmp_path):
         ("train.steps=1.5", r"must be an integer"),
         ("train.progress=maybe", r"must be true or false"),
         ("parallel.cp_method=spiral", r"choose one of \['rsa', 'ring', 'lightseq', 'ulysses', 'usp'\]"),
+        ("parallel.cp_state_method=tree", r"choose one of \['allgather', 'ring'\]"),
         ("model.num_heads=0", r"model.num_heads must be positive"),
         ("model.num_kv_heads=3", r"multiple of\s+model.num_kv_heads=3"),
         ("parallel.cp=3", r"data.seq_len=64 .* multiple of 3"),
@@ -82,3 +83,15 @@ def test_cli_print_config_and_error_exit_code():
         capture_output=True, text=True,
     )
     assert bad.returncode == 2 and "unknown config key 'train.bogus'" in bad.stderr
+
+
+def test_cp_state_method_reaches_the_parallel_context():
+    from ctxscale.dist.mesh import ParallelDims
+    from ctxscale.dist.parallelize import parallel_context
+
+    cfg = load_job_config(TINY, ["parallel.cp=2", "parallel.cp_state_method=ring"])
+    assert cfg.parallel.cp_state_method == "ring"
+    assert load_job_config(TINY, ["parallel.cp=2"]).parallel.cp_state_method == "allgather"
+    dims = ParallelDims.from_config(cfg.parallel, world_size=2)
+    ctx = parallel_context(dims, None, cfg.parallel)
+    assert ctx.cp_state_method == "ring"

@@ -85,7 +85,8 @@ HYBRID = BASE + ["model.family=hybrid", "model.layer_pattern=LMAP", "model.mamba
                  "model.linear_attention.write_gate=true"]
 HYBRID_LAYOUTS = {
     "tp2_dp2": (["parallel.tp=2", "checkpoint.every=3", "checkpoint.keep_last=1"], 2),
-    "tp2_cp2": (["parallel.tp=2", "parallel.cp=2"], 1),
+    # the ring state exchange here (the other tests use the default all-gather)
+    "tp2_cp2": (["parallel.tp=2", "parallel.cp=2", "parallel.cp_state_method=ring"], 1),
     "pp2_tp2": (["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=1f1b"], 1),
 }
 
