@@ -258,20 +258,12 @@ class JobConfig:
 
 def check_document_mask(model: ModelConfig) -> None:
     """Refuse data.document_mask for the models that cannot keep documents apart: Titans (its
-    memory learns along the sequence) and windowed linear-attention layers."""
+    memory learns along the sequence)."""
     if model.family == "titans":
         raise ValueError(
             "data.document_mask=true is not supported for model.family=titans: its neural "
             "memory learns along the sequence and would carry one document into the next; set "
             "data.document_mask=false"
-        )
-    if model.family in ("linear", "hybrid") and "L" in model.layer_codes() \
-            and model.linear_attention.window > 0:
-        raise ValueError(
-            f"data.document_mask=true is not supported with windowed linear attention "
-            f"(model.linear_attention.window={model.linear_attention.window}): the window's "
-            "softmax and delayed keys do not stop at document starts yet; set "
-            "model.linear_attention.window=0 or data.document_mask=false"
         )
 
 

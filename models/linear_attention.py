@@ -73,6 +73,8 @@ from ctxscale.dist.context import SINGLE, ParallelContext
 from ctxscale.dist.tensor_parallel import local, replicated_output
 from ctxscale.kernels.conv1d import causal_conv1d
 from ctxscale.kernels.linear_attention import linear_attention
+from ctxscale.kernels.recurrent_segments import check_segments
+from ctxscale.kernels.recurrent_segments import runs as document_runs
 from ctxscale.kernels.rotary import apply_rotary
 from ctxscale.models.config import DECAY_KINDS, ModelConfig
 from ctxscale.models.window_attention import HYBRID_MODES, window_linear_attention
@@ -269,10 +271,12 @@ class LinearAttention(nn.Module):
             )
         return apply_rotary(t, cos, sin)
 
-    def _run(self, x, cos, sin, conv, attend, halo):
+    def _run(self, x, cos, sin, conv, attend, halo, runs=None):
         """x `(batch, seq, dim)`; `conv(t, weight, key) -> t` convolves `(b, channels, s)` over
         tokens; `attend(q, k, v, log_decay, scale) -> o`; `halo(t)` prepends the previous
-        ≤ window packed tokens (windowed layers). Returns `(batch, seq, dim)`."""
+        ≤ window packed tokens (windowed layers); `runs`: None or the `(batch, seq)` document
+        runs of these rows (windowed layers; `attend` restarts at the same starts). Returns
+        `(batch, seq, dim)`."""
         b, s, _ = x.shape
         hd, rep = self.head_dim, self.num_heads // self.kv_heads
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
@@ -296,7 +300,7 @@ class LinearAttention(nn.Module):
             o = window_linear_attention(
                 q_w, k_w, v, q, k, log_decay, window=self.window, log_mix=local(self.linear_mix),
                 halo=halo, linear=lambda pq, pk, pv, g: attend(pq, pk, pv, g, 1.0),
-                mode=self.hybrid_mode, eps=self.la.eps, block=self.window_block)
+                mode=self.hybrid_mode, eps=self.la.eps, block=self.window_block, runs=runs)
         elif self.normalize == "denominator":
             v = torch.cat([v, v.new_ones(b, s, self.num_heads, 1)], dim=-1)
             o = attend(q, k, v, log_decay, 1.0)
@@ -313,16 +317,18 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos=None, sin=None, document_ids=None) -> torch.Tensor:
         """x `(batch, seq_local, dim)` -> `(batch, seq_local, dim)` over the whole sequence;
         `document_ids` (the whole sequence's, packed rows): the state and lawcat's convs
-        restart at every document start (not for windowed layers)."""
+        restart at every document start, and a windowed layer's softmax window and delayed keys
+        stay inside the query's document."""
         par = self.parallel
+        runs_local = None
         if document_ids is not None and self.window:
-            raise ValueError(
-                f"document masking (document_ids, data.document_mask) is not supported by "
-                f"windowed linear-attention layers (model.linear_attention.window="
-                f"{self.window}): the sliding-window softmax and its delayed keys do not stop "
-                "at document starts yet; set model.linear_attention.window=0 or "
-                "data.document_mask=false"
-            )
+            b, s = x.shape[:2]
+            check_segments(document_ids, b, s * par.cp_size, x.device, what=(
+                "windowed linear attention: document_ids (the ids of the whole sequence, the "
+                "same on every context-parallel rank)"))
+            if par.cp_enabled:
+                par._require_contiguous("windowed linear attention with document ids")
+            runs_local = document_runs(document_ids)[:, par.cp_rank * s : (par.cp_rank + 1) * s]
 
         def conv(t, weight, key):
             return par.causal_conv1d(t, weight, document_ids=document_ids)
@@ -334,7 +340,7 @@ class LinearAttention(nn.Module):
         def halo(t):
             return par.with_halo(t, self.window)
 
-        return self._run(x, cos, sin, conv, attend, halo)
+        return self._run(x, cos, sin, conv, attend, halo, runs_local)
 
     def step(self, x: torch.Tensor, state: dict | None = None, cos=None, sin=None):
         """Single device: x `(batch, seq, dim)` continuing from `state`; returns (y, new_state)."""

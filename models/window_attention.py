@@ -42,11 +42,14 @@ import torch.nn.functional as F
 HYBRID_MODES = ("both", "linear_only", "window_only", "none")
 
 
-def _window_softmax(q, kk, vv, *, window: int, valid_from: int, scale: float, block: int):
+def _window_softmax(q, kk, vv, *, window: int, valid_from: int, scale: float, block: int,
+                    q_runs=None, k_runs=None):
     """Blocked sliding-window softmax numerator and denominator.
 
     q `(b, s, h, d)`; kk, vv `(b, w + s, h, ·)`: keys/values left-padded so local token u sits
-    at index w + u; indices < `valid_from` are padding (before the sequence start).
+    at index w + u; indices < `valid_from` are padding (before the sequence start). q_runs
+    `(b, s)` / k_runs `(b, w + s)`: None, or the document of each query / key (a query sees only
+    keys of its own document).
     Returns num `(b, s, h, dv)`, den `(b, s, h, 1)` with the row max of the window subtracted."""
     b, s, h, d = q.shape
     w = window
@@ -62,6 +65,10 @@ def _window_softmax(q, kk, vv, *, window: int, valid_from: int, scale: float, bl
     start = (torch.arange(nb, device=q.device) * B).view(nb, 1, 1)
     mask = (c > i) & (c <= i + w) & (start + c >= valid_from)  # (nb, B, B+w)
     mask = mask.unsqueeze(1)  # (nb, 1, B, B+w) against (b, nb, h, B, B+w)
+    if q_runs is not None:
+        qr = F.pad(q_runs, (0, pad), value=-1).view(b, nb, B)
+        kr = F.pad(k_runs, (0, pad), value=-2).unfold(1, B + w, B)  # (b, nb, B+w)
+        mask = mask & (qr.unsqueeze(-1) == kr.unsqueeze(-2)).unsqueeze(2)  # (b, nb, 1, B, B+w)
     scores = scores.masked_fill(~mask, float("-inf"))
     m = scores.amax(-1, keepdim=True)
     p = torch.exp(scores - m).masked_fill(~mask, 0.0)
@@ -72,7 +79,7 @@ def _window_softmax(q, kk, vv, *, window: int, valid_from: int, scale: float, bl
 
 def window_linear_attention(q, k, v, phi_q, phi_k, log_decay, *, window: int, log_mix,
                             halo, linear, mode: str = "both", eps: float = 1e-6,
-                            scale: float | None = None, block: int = 64):
+                            scale: float | None = None, block: int = 64, runs=None):
     """o `(b, s, h, dv)` of the module docstring.
 
     q, k `(b, s, h, d)` (RoPE'd, k repeated to q's heads), v `(b, s, h, dv)`; phi_q, phi_k
@@ -80,7 +87,14 @@ def window_linear_attention(q, k, v, phi_q, phi_k, log_decay, *, window: int, lo
     `halo(t)` returns the packed `(b, s, h, P)` tensor t with up to `window` previous tokens
     prepended (cp: `ParallelContext.with_halo`; step: the carried tail); `linear(phi_q, k, v,
     log_decay)` is unnormalized causal linear attention with scale 1 (kernel or cp state
-    passing; `step` keeps the last `window` packed tokens that `halo` saw as its next halo)."""
+    passing; `step` keeps the last `window` packed tokens that `halo` saw as its next halo).
+
+    runs: None, or `(b, s)` integer document runs of these rows (packed documents; ids that
+    change exactly at each document start, `kernels.recurrent_segments.runs`): the window sees
+    only its query's document, and a delayed key whose token lies in another document than its
+    slot is dropped, so with `linear` restarting its state at the same starts a query's linear
+    part holds exactly its document's keys s ≤ t − w. The runs travel through `halo` with the
+    packed keys (exact as floats below 2^24 runs)."""
     if mode not in HYBRID_MODES:
         raise ValueError(f"hybrid mode {mode!r} is not known; choose one of {HYBRID_MODES}")
     b, s, h, d = q.shape
@@ -90,12 +104,18 @@ def window_linear_attention(q, k, v, phi_q, phi_k, log_decay, *, window: int, lo
         g = q.new_zeros(b, s, h, dtype=cdt)
     else:
         g = log_decay.to(cdt).expand(b, s, h) if log_decay.dim() == 1 else log_decay.to(cdt)
-    pack = torch.cat([k.to(cdt), v.to(cdt), phi_k.to(cdt), g.unsqueeze(-1)], dim=-1)
-    ext = halo(pack)
+    parts = [k.to(cdt), v.to(cdt), phi_k.to(cdt), g.unsqueeze(-1)]
+    if runs is not None:
+        if runs.shape != (b, s):
+            raise ValueError(f"runs must be (batch, seq) = {(b, s)}, got {tuple(runs.shape)}")
+        parts.append(runs.to(cdt).view(b, s, 1, 1).expand(b, s, h, 1))
+    ext = halo(torch.cat(parts, dim=-1))
     lh = ext.shape[1] - s
     assert 0 <= lh <= w, (lh, w)
     padded = F.pad(ext, (0, 0, 0, 0, w - lh, 0))  # local token u at index w + u
-    kk, vv, pk, gg = padded.split([d, dv, fdim, 1], dim=-1)
+    sizes = [d, dv, fdim, 1] + ([1] if runs is not None else [])
+    kk, vv, pk, gg, *rest = padded.split(sizes, dim=-1)
+    k_runs = rest[0][:, :, 0, 0].round().long() if rest else None  # (b, w + s)
     num = q.new_zeros(b, s, h, dv, dtype=cdt)
     den = q.new_zeros(b, s, h, 1, dtype=cdt)
     if mode in ("both", "linear_only"):
@@ -103,6 +123,8 @@ def window_linear_attention(q, k, v, phi_q, phi_k, log_decay, *, window: int, lo
         c0 = F.pad(torch.cumsum(gg.squeeze(-1).double(), dim=1), (0, 0, 1, 0))
         shift = (c0[:, w + 1 : w + 1 + s] - c0[:, 1 : 1 + s]).to(cdt)  # Σ g over (u−w, u]
         k_del = pk[:, :s] * torch.exp(shift).unsqueeze(-1)
+        if runs is not None:  # slot u's token u − w must be in the document of slot u
+            k_del = k_del * (k_runs[:, :s] == runs).to(cdt)[..., None, None]
         v_del = torch.cat([vv[:, :s], vv.new_ones(b, s, h, 1)], dim=-1)
         lin = linear(phi_q, k_del.to(phi_q.dtype), v_del.to(phi_q.dtype), log_decay).to(cdt)
         lam = torch.exp(log_mix.to(cdt)).view(1, 1, h, 1)
@@ -111,7 +133,7 @@ def window_linear_attention(q, k, v, phi_q, phi_k, log_decay, *, window: int, lo
     if mode in ("both", "window_only"):
         sc = d ** -0.5 if scale is None else scale
         nw, dw = _window_softmax(q.to(cdt), kk, vv, window=w, valid_from=w - lh, scale=sc,
-                                 block=block)
+                                 block=block, q_runs=runs, k_runs=k_runs)
         num, den = num + nw, den + dw
     if mode == "linear_only":
         den = den + eps

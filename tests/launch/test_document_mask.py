@@ -64,9 +64,10 @@ def test_config_errors(tmp_path):
             "data.document_mask=true", "data.seq_len=40"]
     with pytest.raises(ValueError, match="not supported for model.family=titans"):
         load_job_config(TINY, over + ["model.family=titans"])
-    with pytest.raises(ValueError, match="windowed linear attention.*window=0"):
-        load_job_config(TINY, over + ["model.family=linear", "model.linear_attention.kind=hedgehog",
-                                      "model.linear_attention.window=8"])
+    windowed = load_job_config(TINY, over + ["model.family=linear",
+                                             "model.linear_attention.kind=hedgehog",
+                                             "model.linear_attention.window=8"])
+    assert windowed.data.document_mask and windowed.model.linear_attention.window == 8
     for family in ("mamba", "mamba2", "linear", "hybrid"):
         assert load_job_config(TINY, over + [f"model.family={family}"]).data.document_mask
 

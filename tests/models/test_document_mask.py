@@ -2,8 +2,9 @@
 computes, for every document, exactly what it computes on that document alone, and the loss and
 its gradients are the sums of the per-document ones; for the Transformer (softmax attention
 inside each document) and for the recurrent families (Mamba-1, Mamba-2, every linear-attention
-kind, hybrid stacks: the conv and the state restart at each document). Titans and windowed
-linear attention refuse document ids.
+kind, hybrid stacks: the conv and the state restart at each document; LoLCATs sliding window +
+linear attention: the window and the delayed keys stay inside the document). Titans refuses
+document ids.
 
 Tolerance: float64, 1e-10 for logits (the same math; masked-out terms are exact zeros); the
 loss and gradients go through the chunked cross-entropy, which sums in float32 (measured 1.1e-8
@@ -32,6 +33,8 @@ def _transformer(checkpointing):
                        vocab_size=50, activation_checkpointing=checkpointing)
 
 
+WINDOW_MODES = (("hedgehog", "both"), ("lawcat", "both"), ("hedgehog", "linear_only"),
+                ("hedgehog", "window_only"))
 CASES = {
     **{f"transformer-{c}": (lambda c=c: _transformer(c)) for c in ("none", "full", "selective")},
     "mamba": lambda: small_config("mamba"),
@@ -41,6 +44,12 @@ CASES = {
     "linear-lawcat-gated-writegate": lambda: small_config(
         "linear", linear_attention=LinearAttentionConfig(
             kind="lawcat", conv_width=3, feature_dim=7, ungated_heads=2, write_gate=True)),
+    # LoLCATs sliding window + linear attention: the window (4, longer and shorter than the
+    # documents) and the delayed keys stay inside each document
+    **{f"linear-window-{k}-{m}": (lambda k=k: small_config(
+        "linear", linear_attention=LinearAttentionConfig(
+            kind=k, conv_width=3, feature_dim=7, window=4, rope=True)))
+       for k, m in WINDOW_MODES},
     # every block kind, recomputed in the backward
     "hybrid-LSMAP-full": lambda: small_config("hybrid", kind="decay", pattern="LSMAP",
                                               num_layers=5, activation_checkpointing="full"),
@@ -53,13 +62,17 @@ def test_packed_documents_equal_separate_runs(case):
     torch.manual_seed(0)
     model = build_model(cfg).double().train()
     perturb(model)
+    for m in model.modules():
+        if getattr(m, "window", 0):  # several query blocks of the window softmax, the last partial
+            m.window_block = 8
+            m.hybrid_mode = case.rsplit("-", 1)[1]
     V = cfg.vocab_size
     ids = torch.randint(0, V, (2, 25))
     labels = torch.randint(0, V, (2, 25))
     docs, pos = _packed()
     logits = model(ids, position_ids=pos, document_ids=docs)
     loss = model(ids, labels=labels, position_ids=pos, document_ids=docs, loss_reduction="sum")
-    grads = torch.autograd.grad(loss, list(model.parameters()))
+    grads = torch.autograd.grad(loss, list(model.parameters()), materialize_grads=True)
     ref_loss, ref_grads = 0.0, [torch.zeros_like(g) for g in grads]
     for b, lens in enumerate(LENGTHS):
         start = 0
@@ -68,7 +81,8 @@ def test_packed_documents_equal_separate_runs(case):
             alone = model(ids[b:b + 1, sl])
             assert (logits[b:b + 1, sl] - alone).abs().max() <= 1e-10
             doc_loss = model(ids[b:b + 1, sl], labels=labels[b:b + 1, sl], loss_reduction="sum")
-            for acc, g in zip(ref_grads, torch.autograd.grad(doc_loss, list(model.parameters()))):
+            for acc, g in zip(ref_grads, torch.autograd.grad(doc_loss, list(model.parameters()),
+                                                          materialize_grads=True)):
                 acc += g
             ref_loss = ref_loss + doc_loss.item()
             start += n
@@ -103,12 +117,17 @@ def test_document_ids_change_the_result_of_every_family(family):
     assert diff.abs().max() > 1e-3
 
 
-def test_titans_and_windowed_linear_attention_refuse_document_ids():
+def test_titans_refuses_document_ids():
     ids = torch.randint(0, 37, (1, 8))
     docs = torch.zeros(1, 8, dtype=torch.long)
     with pytest.raises(ValueError, match="titans.*neural memory"):
         build_model(small_config("titans"))(ids, document_ids=docs)
-    windowed = small_config("linear", linear_attention=LinearAttentionConfig(
-        kind="hedgehog", feature_dim=7, window=4))
-    with pytest.raises(ValueError, match="windowed linear-attention layers.*window=0"):
-        build_model(windowed)(ids, document_ids=docs)
+
+
+def test_windowed_layer_checks_document_ids():
+    cfg = small_config("linear", linear_attention=LinearAttentionConfig(
+        kind="hedgehog", feature_dim=7, window=4, rope=True))
+    model = build_model(cfg)
+    ids = torch.randint(0, 37, (1, 8))
+    with pytest.raises(ValueError, match=r"windowed linear attention: document_ids .*\(1, 8\)"):
+        model(ids, document_ids=torch.zeros(1, 6, dtype=torch.long))

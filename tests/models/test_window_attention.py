@@ -194,8 +194,13 @@ def test_window_needs_denominator_normalization():
 
 # ------------------------------------------------------------------ context parallel
 SEQ = 44
-CP_CASES = [("hedgehog", {"rope": True}), ("hedgehog", {"rope": True, "window": 7}),
-            ("lawcat", {"rope": True, "window": 11})]
+# (kind, la, document lengths or None); the documents' starts (3, 13, 14, 31) and a window
+# of 7 cross the shard boundaries at cp 2 and 4 (shards of 22 and 11 tokens)
+DOCS = [3, 10, 1, 17, 13]
+CP_CASES = [("hedgehog", {"rope": True}, None), ("hedgehog", {"rope": True, "window": 7}, None),
+            ("lawcat", {"rope": True, "window": 11}, None),
+            ("hedgehog", {"rope": True, "window": 7}, DOCS),
+            ("lawcat", {"rope": True, "window": 7}, DOCS)]
 
 
 def _cfg(kind, la):
@@ -212,24 +217,28 @@ def _close(actual, expected, what):
 
 
 def _cp_oracle(rank, world_size, cases):
-    for kind, la in cases:
+    for kind, la, lengths in cases:
         torch.manual_seed(0)
         ref = build_model(_cfg(kind, la)).double()
         perturb(ref)
         g = torch.Generator().manual_seed(5)
         ids = torch.randint(0, 37, (2, SEQ), generator=g)
         labels = torch.randint(0, 37, (2, SEQ), generator=g)
-        ref_logits = ref(ids)
-        ref(ids, labels=labels, loss_reduction="sum").backward()
+        kw = {}
+        if lengths is not None:  # packed documents: the same global ids on every rank
+            docs = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+            kw = {"document_ids": torch.stack([docs, docs.flip(0)])}
+        ref_logits = ref(ids, **kw)
+        ref(ids, labels=labels, loss_reduction="sum", **kw).backward()
         ctx = ParallelContext(cp_group=dist.group.WORLD, cp_size=world_size, cp_rank=rank,
                               cp_layout="contiguous")
         model = build_model(_cfg(kind, la), ctx)
         model.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
         n = SEQ // world_size
         sl = slice(rank * n, (rank + 1) * n)
-        what = f"{kind} {la} cp={world_size} rank {rank}"
-        _close(model(ids[:, sl]), ref_logits[:, sl], f"{what} logits")
-        model(ids[:, sl], labels=labels[:, sl], loss_reduction="sum").backward()
+        what = f"{kind} {la} documents {lengths} cp={world_size} rank {rank}"
+        _close(model(ids[:, sl], **kw), ref_logits[:, sl], f"{what} logits")
+        model(ids[:, sl], labels=labels[:, sl], loss_reduction="sum", **kw).backward()
         for (name, p), (_, pr) in zip(model.named_parameters(), ref.named_parameters()):
             grad = p.grad.clone()
             dist.all_reduce(grad)
