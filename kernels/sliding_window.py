@@ -10,7 +10,9 @@ parallel rank's halo) and attends the `window` keys p_i − window < j ≤ p_i:
     o_i = Σ_j softmax_j(scale · q_i·k_j) v_j    over those keys, plus every `prefix` key
 
 Optional `prefix_k`/`prefix_v` are keys every query sees whatever its position (Titans'
-persistent memory tokens, or attention sinks); they carry no position.
+persistent memory tokens, or attention sinks); they carry no position. Optional `segments`
+`(batch, seq_k)` (packed documents: each key's document id, the queries being the last seq_q
+keys) keeps every query to the keys of its own document; the prefix stays visible to all.
 
 The blockwise path walks query blocks of `block_size` rows; each block scores only the
 `block_size + window − 1` keys it can reach (plus the prefix), so memory and work are
@@ -29,7 +31,7 @@ from __future__ import annotations
 import torch
 
 
-def _check(q, k, v, window, prefix_k, prefix_v):
+def _check(q, k, v, window, prefix_k, prefix_v, segments=None):
     if window < 1:
         raise ValueError(f"window={window} must be >= 1 (the number of keys each query sees, "
                          "itself included)")
@@ -43,6 +45,11 @@ def _check(q, k, v, window, prefix_k, prefix_v):
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
     if (prefix_k is None) != (prefix_v is None):
         raise ValueError("pass both prefix_k and prefix_v, or neither")
+    if segments is not None and (tuple(segments.shape) != tuple(k.shape[:2])
+                                 or segments.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"segments must be the int32/int64 document ids of the keys, shape "
+                         f"(batch, seq_k) = {tuple(k.shape[:2])}; got {segments.dtype} "
+                         f"{tuple(segments.shape)}")
 
 
 def _expand_heads(t, heads):
@@ -53,10 +60,15 @@ def _compute_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _same_document(segments, qpos, kpos, allowed):
+    """`allowed` `(nq, nk)` narrowed to pairs of one document: `(b, nq, nk)`."""
+    return allowed & (segments[:, qpos, None] == segments[:, None, kpos])
+
+
 def sliding_window_attention(q, k, v, *, window: int, softmax_scale: float | None = None,
-                             prefix_k=None, prefix_v=None, block_size: int = 64):
+                             prefix_k=None, prefix_v=None, segments=None, block_size: int = 64):
     """Exact causal sliding-window attention, blockwise over queries (see module docstring)."""
-    _check(q, k, v, window, prefix_k, prefix_v)
+    _check(q, k, v, window, prefix_k, prefix_v, segments)
     b, sq, h, d = q.shape
     sk = k.shape[1]
     offset = sk - sq
@@ -75,12 +87,15 @@ def sliding_window_attention(q, k, v, *, window: int, softmax_scale: float | Non
         kpos = torch.arange(lo, hi, device=q.device)
         dist_ = qpos[:, None] - kpos[None, :]
         allowed = (dist_ >= 0) & (dist_ < window)  # (nq, nk)
+        if segments is not None:
+            allowed = _same_document(segments, qpos, kpos, allowed)
         kb, vb = kc[:, lo:hi], vc[:, lo:hi]
         if prefix_k is not None:
             kb, vb = torch.cat([pk, kb], 1), torch.cat([pv, vb], 1)
-            allowed = torch.cat([allowed.new_ones(qe - qs, pk.shape[1]), allowed], 1)
+            allowed = torch.cat([allowed.new_ones(*allowed.shape[:-1], pk.shape[1]), allowed], -1)
         scores = torch.einsum("bqhd,bkhd->bhqk", qc[:, qs:qe], kb) * scale
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        scores = scores.masked_fill(~(allowed if segments is None else allowed[:, None]),
+                                    float("-inf"))
         outs.append(torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), vb))
     if not outs:
         return q.new_zeros(b, 0, h, v.shape[-1])
@@ -88,9 +103,9 @@ def sliding_window_attention(q, k, v, *, window: int, softmax_scale: float | Non
 
 
 def sliding_window_attention_reference(q, k, v, *, window: int, softmax_scale=None,
-                                       prefix_k=None, prefix_v=None):
+                                       prefix_k=None, prefix_v=None, segments=None):
     """Oracle: the full (seq_q × (n_prefix + seq_k)) masked score matrix, one softmax."""
-    _check(q, k, v, window, prefix_k, prefix_v)
+    _check(q, k, v, window, prefix_k, prefix_v, segments)
     b, sq, h, d = q.shape
     sk = k.shape[1]
     scale = d**-0.5 if softmax_scale is None else softmax_scale
@@ -99,11 +114,13 @@ def sliding_window_attention_reference(q, k, v, *, window: int, softmax_scale=No
     qpos = torch.arange(sq, device=q.device) + (sk - sq)
     dist_ = qpos[:, None] - torch.arange(sk, device=q.device)[None, :]
     allowed = (dist_ >= 0) & (dist_ < window)
+    if segments is not None:
+        allowed = (allowed & (segments[:, sk - sq :, None] == segments[:, None, :]))[:, None]
     if prefix_k is not None:
         n_p = prefix_k.shape[1]
         kc = torch.cat([_expand_heads(prefix_k, h).to(cdt).expand(b, -1, -1, -1), kc], 1)
         vc = torch.cat([_expand_heads(prefix_v, h).to(cdt).expand(b, -1, -1, -1), vc], 1)
-        allowed = torch.cat([allowed.new_ones(sq, n_p), allowed], 1)
+        allowed = torch.cat([allowed.new_ones(*allowed.shape[:-1], n_p), allowed], -1)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.to(cdt), kc) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), vc).to(q.dtype)

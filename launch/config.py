@@ -241,7 +241,7 @@ class JobConfig:
                 "different stages); set model.tie_embeddings=false or parallel.pp=1"
             )
         if self.data.document_mask:
-            check_document_mask(model)
+            check_document_mask(model, par.cp)
         check_tensor_parallel_config(model, par.tp)
         if par.pp > 1 and model.num_layers < par.pp * par.pp_virtual_stages:
             raise ValueError(
@@ -256,13 +256,14 @@ class JobConfig:
         return par.dp_replicate * max(shard, 1) * par.tp * par.pp * par.cp
 
 
-def check_document_mask(model: ModelConfig) -> None:
-    """Refuse data.document_mask for the models that cannot keep documents apart: Titans (its
-    memory learns along the sequence)."""
-    if model.family == "titans":
+def check_document_mask(model: ModelConfig, cp: int = 1) -> None:
+    """Refuse data.document_mask where documents cannot be kept apart: Titans under context
+    parallelism (a document's memory chunks and segments would straddle the shards)."""
+    if model.family == "titans" and cp > 1:
         raise ValueError(
-            "data.document_mask=true is not supported for model.family=titans: its neural "
-            "memory learns along the sequence and would carry one document into the next; set "
+            f"data.document_mask=true with model.family=titans does not support parallel.cp={cp}: "
+            "a document's memory chunks and segments would straddle the shards. Set "
+            "parallel.cp=1 (tensor, pipeline and data parallelism work), or "
             "data.document_mask=false"
         )
 

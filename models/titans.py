@@ -22,6 +22,17 @@ here: the model's `ParallelContext` passes the memory state between ranks in ord
 (`recv_state` / `send_state`) and supplies the previous rank's keys to the window
 (`with_halo`); see `dist/titans_cp.py` for the algorithm and its cost.
 
+Packed documents (`document_ids`, data.document_mask): every document computes what it would
+alone. The memory restarts from M_0 (zero momentum) at each document, and its mini-batch chunks
+(mac: its segments) are cut from the document's own start. `DocumentLayout` pads every document
+to whole units (mac: `segment_len`, mag / mal: `chunk_size`) in a padded row; the memory runs
+there, and the padding slots (at the ends of units) do not move it (`neural_memory`'s `pad`).
+mac's segment attention is causal, so a document's tokens never see the padding behind them.
+The sliding window of mag / mal runs on the unpadded row and masks keys of other documents;
+persistent tokens stay visible to all. Cost: up to unit − 1 padding slots per document. Not
+supported with context parallelism (a document's units would straddle shards) or with `state`
+(a continued sequence).
+
 Activations are `(batch, seq, dim)`; attention `(batch, seq, heads, head_dim)`; memory
 `(batch, memory_heads, seq, memory_head_dim)`.
 """
@@ -33,21 +44,78 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from ctxscale.dist.context import ParallelContext
 from ctxscale.dist.tensor_parallel import local, replicated_output, sequence_shard
 from ctxscale.kernels.norm import RMSNorm
+from ctxscale.kernels.recurrent_segments import check_segments, runs
 from ctxscale.kernels.rotary import apply_rotary
 from ctxscale.kernels.sliding_window import sliding_window_attention
 from ctxscale.models.config import ModelConfig
-from ctxscale.models.titans_memory import MemoryState, neural_memory, retrieve
+from ctxscale.models.titans_memory import MemoryState, neural_memory, restart, retrieve
 from ctxscale.models.transformer import FeedForward, Transformer
 
 
 class BlockState(NamedTuple):
     memory: MemoryState
     kv: tuple[torch.Tensor, torch.Tensor] | None = None  # last window−1 keys/values (mag, mal)
+
+
+def _take(x, index, dim):
+    """x gathered along `dim` at `index` `(batch, m)` (the same positions for every channel)."""
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = index.shape
+    size = list(x.shape)
+    size[dim] = index.shape[1]
+    index = index.view(shape).expand(size)
+    if isinstance(x, DTensor):  # a replicated activation under tensor parallelism (mac)
+        index = DTensor.from_local(index, x.device_mesh, x.placements, run_check=False)
+    return x.gather(dim, index)
+
+
+class DocumentLayout(NamedTuple):
+    """Packed documents padded to whole units: a row of `length` slots (a multiple of `unit`,
+    the longest row's) where every document begins at a multiple of `unit`, its tokens in order,
+    then padding up to the next multiple (module docstring)."""
+
+    source: torch.Tensor  # (b, length) long: the token in each slot, or n at padding slots
+    index: torch.Tensor  # (b, n) long: the slot of each token
+    pad: torch.Tensor  # (b, length) bool: padding slots
+    resets: torch.Tensor  # (b, length // unit) bool: units that begin a later document
+    unit: int
+
+    @classmethod
+    def build(cls, document_ids: torch.Tensor, unit: int) -> DocumentLayout:
+        b, n = document_ids.shape
+        run = runs(document_ids).long()
+        n_docs = int(run[:, -1].max()) + 1 if n else 1
+        lengths = torch.zeros(b, n_docs, dtype=torch.long, device=run.device)
+        lengths.scatter_add_(1, run, torch.ones_like(run))
+        padded = (lengths + unit - 1) // unit * unit
+        first_slot = (padded.cumsum(1) - padded).gather(1, run)
+        first_token = (lengths.cumsum(1) - lengths).gather(1, run)
+        tokens = torch.arange(n, device=run.device).expand(b, n)
+        index = first_slot + tokens - first_token
+        length = max(int(padded.sum(1).max()), unit)
+        source = torch.full((b, length), n, dtype=torch.long, device=run.device)
+        source.scatter_(1, index, tokens)
+        begins = torch.zeros(b, length, dtype=torch.bool, device=run.device)
+        later = torch.zeros_like(run, dtype=torch.bool)
+        later[:, 1:] = run[:, 1:] != run[:, :-1]
+        begins.scatter_(1, index, later)
+        return cls(source, index, source == n, begins[:, ::unit].contiguous(), unit)
+
+    def pack(self, x, dim: int = 1):
+        """`x` with the token axis `dim` (length n) laid out in slots (zeros at padding)."""
+        shape = list(x.shape)
+        shape[dim] = 1
+        return _take(torch.cat([x, x.new_zeros(shape)], dim), self.source, dim)
+
+    def unpack(self, y, dim: int = 1):
+        """Back from slots to the n tokens."""
+        return _take(y, self.index, dim)
 
 
 # ------------------------------------------------------------------ neural memory layer
@@ -132,17 +200,28 @@ class NeuralMemory(nn.Module):
         theta = self.max_lr * torch.sigmoid(t_raw)
         return q, k, v, log_eta, log_keep, theta
 
-    def forward(self, x, state: MemoryState | None = None, *, region=None):
+    def forward(self, x, state: MemoryState | None = None, *, region=None,
+                layout: DocumentLayout | None = None, pad=None):
         """Learn from every token of x (chunked), reading y_t = M_t(q_t) after each update.
         Returns ((b, n, dim), final MemoryState). `region` (activation checkpointing: a
         function that runs `fn(*args)` as a recomputed region) wraps the projections and the
-        output map, and the inner loop then recomputes chunk by chunk in its backward."""
+        output map, and the inner loop then recomputes chunk by chunk in its backward.
+        Packed documents: `layout` (units of `chunk_size`) runs the inner loop in its padded
+        slots, restarting the memory at each later document; `pad` `(b, n)` marks padding
+        tokens of an input that is already laid out (mac), which must not move the memory."""
         if state is None:
             state = self.initial_state(x.shape[0])
         run = region or (lambda fn, *args: fn(*args))
         inputs = run(self.project, x, state.weights[0].dtype)
+        resets = fresh = None
+        if layout is not None:
+            inputs = [layout.pack(t, 2) for t in inputs]
+            pad, resets, fresh = layout.pad, layout.resets, self.initial_state(x.shape[0])
         y, state = neural_memory(state, *inputs, chunk_size=self.chunk_size,
-                                 recompute=region is not None)
+                                 recompute=region is not None, resets=resets, fresh=fresh,
+                                 pad=pad)
+        if layout is not None:
+            y = layout.unpack(y, 2)
         return run(self.merge, y, x.dtype), state
 
 
@@ -196,9 +275,11 @@ class WindowAttention(_Projections):
         keep = min(n_halo, k.shape[1])
         return k, v, (k[:, k.shape[1] - keep :], v[:, v.shape[1] - keep :])
 
-    def attend(self, q, k, v):
+    def attend(self, q, k, v, segments=None):
+        """`segments`: the document ids of the keys (packed documents, no cache or halo)."""
         pk, pv = self.persistent_kv()
-        o = sliding_window_attention(q, k, v, window=self.window, prefix_k=pk, prefix_v=pv)
+        o = sliding_window_attention(q, k, v, window=self.window, prefix_k=pk, prefix_v=pv,
+                                     segments=segments)
         return self.wo(o.flatten(2))
 
     def forward(self, x, cos, sin, cache=None):
@@ -285,11 +366,13 @@ class TitansBlock(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def _memory(self, x, mem):
+    def _memory(self, x, mem, **documents):
         """The memory learns from x; under activation checkpointing its projections and output
         map are regions and its inner loop recomputes chunk by chunk (its many small saved
-        tensors would cost a Python hook each inside a checkpoint region)."""
-        return self.memory(x, mem, region=self._region if self._checkpointing() else None)
+        tensors would cost a Python hook each inside a checkpoint region). `documents`: the
+        memory's `layout` or `pad` (packed documents)."""
+        return self.memory(x, mem, region=self._region if self._checkpointing() else None,
+                           **documents)
 
     def _mac_attention(self, xs, cos, sin, mem):
         """mac, one segment S: attention over [P | M(q(S)) | S]."""
@@ -301,7 +384,10 @@ class TitansBlock(nn.Module):
     def _mlp(self, h):
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def forward(self, x, cos, sin, state: BlockState | None = None):
+    def forward(self, x, cos, sin, state: BlockState | None = None,
+                layout: DocumentLayout | None = None, document_ids=None):
+        """`layout` and `document_ids` (packed documents, module docstring): the document
+        layout in units of segment_len (mac) or chunk_size (mag, mal), and the ids."""
         b = x.shape[0]
         self._check_shard(cos.shape[1])  # the whole local sequence (x: a tp shard of it)
         kv = state.kv if state is not None else None
@@ -309,29 +395,41 @@ class TitansBlock(nn.Module):
         if self.variant == "mac":
             xn = self.memory_norm(x)
             mem = self._memory_state(state, b)
+            if layout is not None:  # slots: every document begins a segment
+                xn = layout.pack(xn)
+                cos, sin = (layout.pack(t.expand(b, -1, -1)) for t in (cos, sin))
+                fresh = self.memory.initial_state(b)
             outs = []
             for s in range(0, xn.shape[1], self.segment_len):
                 e = s + self.segment_len
+                documents = {}
+                if layout is not None:
+                    mem = restart(mem, layout.resets[:, s // self.segment_len], fresh)
+                    documents = {"pad": layout.pad[:, s:e]}
                 y = run(self._mac_attention, xn[:, s:e], cos[:, s:e], sin[:, s:e], mem)
-                m, mem = self._memory(y, mem)  # the memory learns from the attention output
+                # the memory learns from the attention output
+                m, mem = self._memory(y, mem, **documents)
                 outs.append(y * torch.sigmoid(m))
-            out = sequence_shard(torch.cat(outs, 1))  # under tp: whole inside, then the shard
+            out = torch.cat(outs, 1)
+            if layout is not None:
+                out = layout.unpack(out)
+            out = sequence_shard(out)  # under tp: whole inside, then the shard
             h = x + self.parallel.send_state(out, mem.tensors())
         elif self.variant == "mag":
             xn = self.memory_norm(x)
             q, k, v = run(attn.qkv, xn, cos, sin)
             k, v, kv = attn.with_context(k, v, kv)  # halo exchange first, then the memory chain
-            a = run(attn.attend, q, k, v)
+            a = run(attn.attend, q, k, v, document_ids)
             mem = self._memory_state(state, b)
-            m, mem = self._memory(xn, mem)
+            m, mem = self._memory(xn, mem, layout=layout)
             h = x + self.parallel.send_state(a * torch.sigmoid(m), mem.tensors())
         else:  # mal
             mem = self._memory_state(state, b)
-            m, mem = self._memory(self.memory_norm(x), mem)
+            m, mem = self._memory(self.memory_norm(x), mem, layout=layout)
             h = x + self.parallel.send_state(m, mem.tensors())
             q, k, v = run(self._mal_qkv, h, cos, sin)
             k, v, kv = attn.with_context(k, v, kv)
-            h = h + run(attn.attend, q, k, v)
+            h = h + run(attn.attend, q, k, v, document_ids)
         h = run(self._mlp, h)
         return h, BlockState(mem, kv)
 
@@ -341,7 +439,6 @@ class Titans(Transformer):
     """Titans language model: the Transformer's embedding, head, loss and initialization
     around `TitansBlock`s (memory + attention variant per `model.titans.variant`)."""
 
-    supports_document_ids = False  # see Transformer.supports_document_ids
 
     def build_layers(self, cfg: ModelConfig) -> nn.ModuleDict:
         return nn.ModuleDict(
@@ -358,22 +455,43 @@ class Titans(Transformer):
             elif isinstance(module, _Projections) and module.persistent is not None:
                 nn.init.normal_(module.persistent, std=1.0)
 
-    def hidden_states(self, input_ids, position_ids=None, *, state=None, return_state=False):
+    def hidden_states(self, input_ids, position_ids=None, document_ids=None, *, state=None,
+                      return_state=False):
         """Final-norm hidden states `(batch, seq, dim)`. `state` (a list with one BlockState per
         layer, from an earlier call with `return_state=True`) continues a sequence; then pass
-        the continuing `position_ids` too."""
+        the continuing `position_ids` too. `document_ids` `(batch, seq)`: packed documents
+        (module docstring), with per-document `position_ids`."""
         # positions from the token shape: a sequence-parallel embedding returns a shard of it
         b, s = input_ids.shape[:2]
         h = self.tok_embeddings(input_ids) if self.tok_embeddings is not None else input_ids
         if position_ids is None:
             position_ids = self.parallel.position_ids(b, s, device=h.device)
         cos, sin = self.rope(position_ids)
+        layout = None
+        if document_ids is not None:
+            layout = self._document_layout(document_ids, b, s, state, cos)
         new_state = []
         for i, layer in enumerate(self.layers.values()):
-            h, st = layer(h, cos, sin, None if state is None else state[i])
+            h, st = layer(h, cos, sin, None if state is None else state[i], layout, document_ids)
             new_state.append(st)
         h = self.norm(h) if self.norm is not None else h
         return (h, new_state) if return_state else h
+
+    def _document_layout(self, document_ids, b, s, state, cos) -> DocumentLayout:
+        if self.parallel.cp_enabled:
+            raise ValueError(
+                "model.family=titans with data.document_mask=true does not support context "
+                "parallelism: a document's memory chunks and segments would straddle the shards. "
+                "Set parallel.cp=1 (tensor, pipeline and data parallelism work), or "
+                "data.document_mask=false"
+            )
+        if state is not None:
+            raise ValueError("Titans: document_ids cannot be combined with `state` (continuing a "
+                             "sequence); pass one packed sequence whole")
+        check_segments(document_ids, b, s, cos.device, what="Titans document_ids")
+        t = self.cfg.titans
+        return DocumentLayout.build(document_ids,
+                                    t.segment_len if t.variant == "mac" else t.chunk_size)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Estimate: 6·params, plus attention over the keys a query sees (segment or window,

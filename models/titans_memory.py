@@ -37,6 +37,15 @@ descent, the paper's parallel training, Section 3.2). Exact equivalences:
   and `neural_memory_reference(chunk_size=C)` (token loop, gradients at the chunk start) equals
   it exactly.
 
+Packed documents (`resets`): before chunk c the rows with `resets[:, c]` set restart from
+`fresh` (the initial memory: the learned M_0 and zero momentum), so a document that begins at a
+chunk start learns exactly as it would alone. Padding tokens (`pad`) do not move the memory:
+they may only sit at the end of a chunk (after its other tokens, so no token reads past them);
+the chunk's final state is taken at its last other token (the start state for a chunk of
+padding only), and their outputs are undefined. No choice of gates would do this (η = 1, θ = 0
+still adds the momentum to the weights each token). `models/titans.py` pads each document to
+whole chunks this way (`DocumentLayout`).
+
 Layout: q, k, v `(batch, heads, seq, dim)`, gates `(batch, heads,
 seq)` given as log η, log(1 − α) (both ≤ 0) and θ. The state is `MemoryState(weights,
 momentum)`, each a tuple of per-layer tensors `(batch, heads, d_{i−1}, d_i)` in float32 (float64
@@ -120,6 +129,14 @@ def _associative_grads(weights, k, v):
     return inputs, deltas
 
 
+def restart(state: MemoryState, flags, fresh: MemoryState) -> MemoryState:
+    """`state` with the rows where `flags` `(batch,)` is True replaced by `fresh` (a document
+    starts there; differentiable in both)."""
+    f = flags.view(-1, 1, 1, 1)
+    return MemoryState.from_tensors([torch.where(f, n, s)
+                                     for s, n in zip(state.tensors(), fresh.tensors())])
+
+
 def _decay_matrix(cum):
     """D[t, s] = exp(cum_t − cum_s) for t ≥ s else 0; cum `(b, h, C)` -> `(b, h, C, C)`."""
     n = cum.shape[-1]
@@ -128,8 +145,19 @@ def _decay_matrix(cum):
     return torch.where(mask, diff, torch.full_like(diff, float("-inf"))).exp()
 
 
-def memory_chunk(state: MemoryState, q, k, v, log_eta, log_keep, theta):
-    """One chunk of the parallel form (module docstring). Returns (y `(b, h, C, d)`, state)."""
+def _at(t, end):
+    """Entries `(b, h)` of `t` `(b, h, C)` at position end `(b,)`, or its rows `(b, h, C)`
+    for `t` `(b, h, C, C)`."""
+    e = end.clamp_min(0).view(-1, 1, 1).expand(*t.shape[:2], 1)
+    if t.dim() == 3:
+        return t.gather(-1, e).squeeze(-1)
+    return t.gather(-2, e.unsqueeze(-1).expand(*t.shape[:2], 1, t.shape[-1])).squeeze(-2)
+
+
+def memory_chunk(state: MemoryState, q, k, v, log_eta, log_keep, theta, end=None):
+    """One chunk of the parallel form (module docstring). Returns (y `(b, h, C, d)`, state).
+    `end` `(b,)`: the position whose state is returned (the chunk's last token that is not
+    padding; -1: none, the start state is returned); None: the last position."""
     w0, s0 = state.weights, state.momentum
     cum_eta, cum_keep = log_eta.cumsum(-1), log_keep.cumsum(-1)
     d_eta, d_keep = _decay_matrix(cum_eta), _decay_matrix(cum_keep)
@@ -144,21 +172,48 @@ def memory_chunk(state: MemoryState, q, k, v, log_eta, log_keep, theta):
         z = (beta.unsqueeze(-1) * (x @ w0[i]) + g.unsqueeze(-1) * (x @ s0[i])
              - (a * (x @ inputs[i].transpose(-1, -2))) @ deltas[i])
         x = F.silu(z) if i < n_layers - 1 else _readout(z, q)
-    last_a = a[..., -1, :].unsqueeze(-1)  # (b, h, C, 1)
-    last_m = (d_eta[..., -1, :] * theta).unsqueeze(-1)
+    if end is None:
+        row_a, row_eta = a[..., -1, :], d_eta[..., -1, :]
+        beta_e, g_e, eta_e = beta[..., -1], g[..., -1], cum_eta[..., -1]
+    else:  # rows of a later position: its later tokens have zero weight (K is triangular)
+        row_a, row_eta = _at(a, end), _at(d_eta, end)
+        beta_e, g_e, eta_e = _at(beta, end), _at(g, end), _at(cum_eta, end)
+    last_a = row_a.unsqueeze(-1)  # (b, h, C, 1)
+    last_m = (row_eta * theta).unsqueeze(-1)
     new_w, new_s = [], []
     for i in range(n_layers):
         h_t = inputs[i].transpose(-1, -2)
-        new_w.append(beta[..., -1, None, None] * w0[i] + g[..., -1, None, None] * s0[i]
+        new_w.append(beta_e[..., None, None] * w0[i] + g_e[..., None, None] * s0[i]
                      - h_t @ (last_a * deltas[i]))
-        new_s.append(cum_eta[..., -1, None, None].exp() * s0[i] - h_t @ (last_m * deltas[i]))
-    return x, MemoryState(tuple(new_w), tuple(new_s))
+        new_s.append(eta_e[..., None, None].exp() * s0[i] - h_t @ (last_m * deltas[i]))
+    new = MemoryState(tuple(new_w), tuple(new_s))
+    return x, (new if end is None else restart(new, end < 0, state))
 
 
-def _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size):
+def _chunk_end(pad, lo, hi):
+    """Per row, the last position of chunk [lo, hi) that is not padding (-1: none)."""
+    if pad is None:
+        return None
+    real = ~pad[:, lo:hi]
+    pos = torch.arange(real.shape[1], device=real.device)
+    return torch.where(real, pos, -1).amax(1)
+
+
+def _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size, resets=None,
+                  fresh=None, pad=None):
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     b, h, n, _ = q.shape
+    if resets is not None:
+        n_chunks = -(-n // chunk_size)
+        if resets.dtype != torch.bool or tuple(resets.shape) != (b, n_chunks):
+            raise ValueError(f"resets must be a bool tensor (batch, chunks) = {(b, n_chunks)}; "
+                             f"got {resets.dtype} {tuple(resets.shape)}")
+        if fresh is None:
+            raise ValueError("resets need `fresh`, the state a restarted row begins from")
+    if pad is not None and (pad.dtype != torch.bool or tuple(pad.shape) != (b, n)):
+        raise ValueError(f"pad must be a bool tensor (batch, seq) = {(b, n)}; got {pad.dtype} "
+                         f"{tuple(pad.shape)}")
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must have one shape (batch, heads, seq, dim) (the memory's "
                          f"output is x + LN(·)); got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -172,34 +227,46 @@ def _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size):
 
 
 def neural_memory(state: MemoryState, q, k, v, log_eta, log_keep, theta, *, chunk_size: int,
-                  recompute: bool = False):
+                  recompute: bool = False, resets=None, fresh: MemoryState | None = None,
+                  pad=None):
     """Chunked (parallel) memory over a sequence; returns (y `(b, h, n, d)`, final state).
     A trailing partial chunk is allowed; splitting a sequence at multiples of `chunk_size` and
-    carrying the state gives the same result as one call.
+    carrying the state gives the same result as one call. `resets` `(b, chunks)` bool: the
+    rows that restart from `fresh` before each chunk; `pad` `(b, n)` bool: padding tokens, at
+    the ends of chunks (packed documents, module docstring).
 
     recompute=True (activation checkpointing) keeps only the inputs and the state at every
     chunk start for the backward, which recomputes one chunk at a time from its start state
     (one more forward of the memory; no per-chunk activations are held between the passes)."""
-    _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size)
+    _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size, resets, fresh, pad)
     cdt = state.weights[0].dtype
     q, k, v, log_eta, log_keep, theta = (t.to(cdt) for t in (q, k, v, log_eta, log_keep, theta))
-    inputs = (*state.tensors(), q, k, v, log_eta, log_keep, theta)
+    fresh_t = () if resets is None else tuple(t.to(cdt) for t in fresh.tensors())
+    inputs = (*state.tensors(), *fresh_t, q, k, v, log_eta, log_keep, theta)
     if (recompute and q.shape[2] and torch.is_grad_enabled()
             and any(t.requires_grad for t in inputs)):
-        y, *final = _RecomputedMemory.apply(chunk_size, len(state.weights), *inputs)
+        y, *final = _RecomputedMemory.apply(chunk_size, len(state.weights), resets, pad,
+                                            *inputs)
         return y, MemoryState.from_tensors(final)
-    return _chunks(state, q, k, v, log_eta, log_keep, theta, chunk_size)
+    fresh = None if resets is None else MemoryState.from_tensors(fresh_t)
+    return _chunks(state, q, k, v, log_eta, log_keep, theta, chunk_size, resets=resets,
+                   fresh=fresh, pad=pad)
 
 
-def _chunks(state, q, k, v, log_eta, log_keep, theta, chunk_size, starts=None):
-    """The chunk loop of `neural_memory`; appends each chunk's start state to `starts`."""
+def _chunks(state, q, k, v, log_eta, log_keep, theta, chunk_size, starts=None, resets=None,
+            fresh=None, pad=None):
+    """The chunk loop of `neural_memory`; appends each chunk's start state (before any restart)
+    to `starts`."""
     ys = []
     for s in range(0, q.shape[2], chunk_size):
         e = s + chunk_size
         if starts is not None:
             starts.append(state)
+        if resets is not None:
+            state = restart(state, resets[:, s // chunk_size], fresh)
         y, state = memory_chunk(state, q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
-                                log_eta[:, :, s:e], log_keep[:, :, s:e], theta[:, :, s:e])
+                                log_eta[:, :, s:e], log_keep[:, :, s:e], theta[:, :, s:e],
+                                _chunk_end(pad, s, e))
         ys.append(y)
     y = torch.cat(ys, 2) if ys else q.new_zeros(*q.shape[:3], state.weights[-1].shape[-1])
     return y, state
@@ -213,48 +280,65 @@ class _RecomputedMemory(torch.autograd.Function):
     (compatible with FSDP and pipeline schedules, unlike a reentrant checkpoint)."""
 
     @staticmethod
-    def forward(ctx, chunk_size, n_layers, *inputs):
-        state = MemoryState.from_tensors(inputs[: 2 * n_layers])
-        seq = inputs[2 * n_layers :]
+    def forward(ctx, chunk_size, n_layers, resets, pad, *inputs):
+        n_state = 2 * n_layers
+        n_fresh = 0 if resets is None else n_state
+        state = MemoryState.from_tensors(inputs[:n_state])
+        fresh = MemoryState.from_tensors(inputs[n_state : n_state + n_fresh]) if n_fresh else None
+        seq = inputs[n_state + n_fresh :]
         starts: list[MemoryState] = []
         with torch.no_grad():
-            y, final = _chunks(state, *seq, chunk_size, starts)
+            y, final = _chunks(state, *seq, chunk_size, starts, resets, fresh, pad)
         ctx.chunk_size, ctx.n_layers, ctx.n_chunks = chunk_size, n_layers, len(starts)
+        ctx.resets, ctx.pad, ctx.n_fresh = resets, pad, n_fresh
         between = (t for st in starts[1:] for t in st.tensors())
-        ctx.save_for_backward(*seq, *between, *inputs[: 2 * n_layers])
+        ctx.save_for_backward(*seq, *inputs[n_state : n_state + n_fresh], *between,
+                              *inputs[:n_state])
         return (y, *final.tensors())
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, *dstate):
         saved = ctx.saved_tensors
-        seq, n_state = saved[:6], 2 * ctx.n_layers
-        starts = [saved[-n_state:]] + [saved[6 + i * n_state : 6 + (i + 1) * n_state]
+        n_state, n_fresh = 2 * ctx.n_layers, ctx.n_fresh
+        seq, fresh = saved[:6], saved[6 : 6 + n_fresh]
+        base = 6 + n_fresh
+        starts = [saved[-n_state:]] + [saved[base + i * n_state : base + (i + 1) * n_state]
                                        for i in range(ctx.n_chunks - 1)]
         c = ctx.chunk_size
         dseq = [torch.zeros_like(t) for t in seq]
+        dfresh = [torch.zeros_like(t) for t in fresh]
         dstate = [torch.zeros_like(t) if g is None else g for g, t in zip(dstate, starts[-1])]
         for i in range(ctx.n_chunks - 1, -1, -1):
             lo, hi = i * c, (i + 1) * c
             with torch.enable_grad():
                 st = [t.detach().requires_grad_() for t in starts[i]]
+                fr = [t.detach().requires_grad_() for t in fresh]
                 xs = [t[:, :, lo:hi].detach().requires_grad_() for t in seq]
-                y, new = memory_chunk(MemoryState.from_tensors(st), *xs)
+                begin = MemoryState.from_tensors(st)
+                if n_fresh:
+                    begin = restart(begin, ctx.resets[:, i], MemoryState.from_tensors(fr))
+                y, new = memory_chunk(begin, *xs, _chunk_end(ctx.pad, lo, hi))
                 outs = [y, *new.tensors()]
-                grads = torch.autograd.grad(outs, st + xs, [dy[:, :, lo:hi], *dstate],
+                grads = torch.autograd.grad(outs, st + fr + xs, [dy[:, :, lo:hi], *dstate],
                                             allow_unused=True)
             dstate = [torch.zeros_like(t) if g is None else g for g, t in zip(grads[:n_state], st)]
-            for d, g in zip(dseq, grads[n_state:]):
+            for d, g in zip(dfresh, grads[n_state : n_state + n_fresh]):
+                if g is not None:
+                    d += g
+            for d, g in zip(dseq, grads[n_state + n_fresh :]):
                 if g is not None:
                     d[:, :, lo:hi] = g
-        return (None, None, *dstate, *dseq)
+        return (None, None, None, None, *dstate, *dfresh, *dseq)
 
 
 def neural_memory_reference(state: MemoryState, q, k, v, log_eta, log_keep, theta, *,
-                            chunk_size: int = 1):
+                            chunk_size: int = 1, resets=None, fresh: MemoryState | None = None,
+                            pad=None):
     """Token-by-token oracle: per token, ∇ℓ by autograd at the weights of the chunk start, then
-    the momentum and forgetting recurrences, then y_t = M_t(q_t). chunk_size=1 is sequential."""
-    _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size)
+    the momentum and forgetting recurrences, then y_t = M_t(q_t). chunk_size=1 is sequential.
+    `resets` / `fresh` as in `neural_memory`; a `pad` token leaves the memory as it is."""
+    _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size, resets, fresh, pad)
     cdt = state.weights[0].dtype
     q, k, v, log_eta, log_keep, theta = (t.to(cdt) for t in (q, k, v, log_eta, log_keep, theta))
     weights, momentum = list(state.weights), list(state.momentum)
@@ -262,6 +346,10 @@ def neural_memory_reference(state: MemoryState, q, k, v, log_eta, log_keep, thet
     ys = []
     for t in range(q.shape[2]):
         if t % chunk_size == 0:
+            if resets is not None:
+                st = restart(MemoryState(tuple(weights), tuple(momentum)),
+                             resets[:, t // chunk_size], fresh)
+                weights, momentum = list(st.weights), list(st.momentum)
             anchor = weights
         with torch.enable_grad():
             w_req = [w if w.requires_grad else w.detach().requires_grad_() for w in anchor]
@@ -270,12 +358,17 @@ def neural_memory_reference(state: MemoryState, q, k, v, log_eta, log_keep, thet
         eta = log_eta[:, :, t].exp()[..., None, None]
         keep = log_keep[:, :, t].exp()[..., None, None]
         th = theta[:, :, t][..., None, None]
-        momentum = [eta * s - th * gr for s, gr in zip(momentum, grads)]
-        weights = [keep * w + s for w, s in zip(weights, momentum)]
+        new_s = [eta * s - th * gr for s, gr in zip(momentum, grads)]
+        new_w = [keep * w + s for w, s in zip(weights, new_s)]
+        if pad is not None:
+            skip = pad[:, t].view(-1, 1, 1, 1)
+            new_s = [torch.where(skip, s, n) for s, n in zip(momentum, new_s)]
+            new_w = [torch.where(skip, w, n) for w, n in zip(weights, new_w)]
+        momentum, weights = new_s, new_w
         ys.append(mlp_apply(weights, q[:, :, t : t + 1]))
     y = torch.cat(ys, 2) if ys else q.new_zeros(*q.shape[:3], weights[-1].shape[-1])
     return y, MemoryState(tuple(weights), tuple(momentum))
 
 
 __all__ = ["MemoryState", "memory_chunk", "mlp_apply", "neural_memory",
-           "neural_memory_reference", "retrieve"]
+           "neural_memory_reference", "restart", "retrieve"]

@@ -101,10 +101,6 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    # whether forward takes `document_ids` (document masking); Titans, whose neural memory
-    # learns along the sequence and has no per-document reset, refuses it
-    supports_document_ids = True
-
     def __init__(self, cfg: ModelConfig, parallel: ParallelContext | None = None):
         super().__init__()
         cfg.validate()
@@ -174,17 +170,10 @@ class Transformer(nn.Module):
         Packed sequences: `document_ids` `(batch, seq)` gives each token's document (for the
         WHOLE sequence: under context parallelism input_ids and position_ids are this rank's
         shard but document_ids are the same global ids on every rank); attention then stays
-        inside a document, and recurrent layers (HybridLM) restart their state at each document
-        start. Pass per-document `position_ids` too to restart RoPE positions."""
+        inside a document, and recurrent layers (HybridLM) and the Titans memory restart their
+        state at each document start. Pass per-document `position_ids` too to restart RoPE positions."""
         if document_ids is None:
             h = self.hidden_states(input_ids, position_ids)
-        elif not self.supports_document_ids:
-            raise ValueError(
-                f"document masking (document_ids, data.document_mask) is not supported by "
-                f"model.family={self.cfg.family!r}: its neural memory learns along the sequence "
-                "and would carry one document into the next; set data.document_mask=false, or "
-                "use the transformer, mamba, mamba2, linear or hybrid family"
-            )
         else:
             h = self.hidden_states(input_ids, position_ids, document_ids)
         if self.output is None:

@@ -62,13 +62,13 @@ def test_config_errors(tmp_path):
     data = _text_cfg(tmp_path)
     over = ["data.kind=text", f"data.text_files=[{data.text_files[0]}]",
             "data.document_mask=true", "data.seq_len=40"]
-    with pytest.raises(ValueError, match="not supported for model.family=titans"):
-        load_job_config(TINY, over + ["model.family=titans"])
+    with pytest.raises(ValueError, match="model.family=titans does not support parallel.cp=2"):
+        load_job_config(TINY, over + ["model.family=titans", "parallel.cp=2"])
     windowed = load_job_config(TINY, over + ["model.family=linear",
                                              "model.linear_attention.kind=hedgehog",
                                              "model.linear_attention.window=8"])
     assert windowed.data.document_mask and windowed.model.linear_attention.window == 8
-    for family in ("mamba", "mamba2", "linear", "hybrid"):
+    for family in ("mamba", "mamba2", "linear", "hybrid", "titans"):
         assert load_job_config(TINY, over + [f"model.family={family}"]).data.document_mask
 
 
@@ -135,3 +135,18 @@ RECURRENT_LAYOUTS = {
 
 def test_recurrent_training_with_document_mask_matches_one_process(tmp_path):
     _check_layouts(tmp_path, _base(tmp_path) + RECURRENT, RECURRENT_LAYOUTS)
+
+
+# Titans memory-as-context: the memory restarts and its segments are cut at each document; under
+# tensor parallelism (the segment loop on replicated activations) and the 1F1B pipeline
+TITANS = ["model.family=titans", "model.titans.variant=mac", "model.titans.segment_len=8",
+          "model.titans.chunk_size=4", "model.titans.persistent_tokens=2",
+          "model.titans.memory_heads=4", "model.num_layers=2"]
+TITANS_LAYOUTS = {
+    "tp2_dp2": (["parallel.tp=2"], 2),
+    "pp2_dp2_1f1b": (["parallel.pp=2", "parallel.pp_schedule=1f1b"], 2),
+}
+
+
+def test_titans_training_with_document_mask_matches_one_process(tmp_path):
+    _check_layouts(tmp_path, _base(tmp_path) + TITANS, TITANS_LAYOUTS)

@@ -3,8 +3,8 @@ computes, for every document, exactly what it computes on that document alone, a
 its gradients are the sums of the per-document ones; for the Transformer (softmax attention
 inside each document) and for the recurrent families (Mamba-1, Mamba-2, every linear-attention
 kind, hybrid stacks: the conv and the state restart at each document; LoLCATs sliding window +
-linear attention: the window and the delayed keys stay inside the document). Titans refuses
-document ids.
+linear attention: the window and the delayed keys stay inside the document). Titans:
+tests/models/test_titans_documents.py.
 
 Tolerance: float64, 1e-10 for logits (the same math; masked-out terms are exact zeros); the
 loss and gradients go through the chunked cross-entropy, which sums in float32 (measured 1.1e-8
@@ -115,13 +115,6 @@ def test_document_ids_change_the_result_of_every_family(family):
     diff = model(ids, position_ids=pos) - model(ids, position_ids=pos, document_ids=docs)
     assert diff[:, :5].abs().max() == 0  # the first document has nothing before it
     assert diff.abs().max() > 1e-3
-
-
-def test_titans_refuses_document_ids():
-    ids = torch.randint(0, 37, (1, 8))
-    docs = torch.zeros(1, 8, dtype=torch.long)
-    with pytest.raises(ValueError, match="titans.*neural memory"):
-        build_model(small_config("titans"))(ids, document_ids=docs)
 
 
 def test_windowed_layer_checks_document_ids():
