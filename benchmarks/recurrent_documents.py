@@ -3,8 +3,10 @@ mixer's forward+backward on a packed row with its document ids against the same 
 them (the baseline: state carried across documents), in one run on one process, float32.
 
 Layers: Mamba-1 (conv + chunked selective scan, whose chunks run as a log-depth scan with
-resets), Mamba-2 (conv + chunked linear attention with document masks) and a `decay` linear
-attention layer. Writes `benchmarks/results/recurrent_documents_cpu.md`.
+resets), Mamba-2 (conv + chunked linear attention with document masks), a `decay` linear
+attention layer, and Titans blocks (mac: segments of 32; mag: memory chunks of 16 and a window
+of 32), whose documents are laid out padded to whole segments / chunks. Writes
+`benchmarks/results/recurrent_documents_cpu.md`.
 
     python benchmarks/recurrent_documents.py [--seq 8192] [--doc-len 1024] [--repeats 3]
 """
@@ -18,10 +20,11 @@ import torch
 import torch.nn as nn
 from machine import best_fwd_bwd, cpu_name  # benchmarks/ is sys.path[0] when run as a script
 
-from ctxscale.models.config import LinearAttentionConfig, MambaConfig, ModelConfig
+from ctxscale.models.config import LinearAttentionConfig, MambaConfig, ModelConfig, TitansConfig
 from ctxscale.models.linear_attention import LinearAttention
 from ctxscale.models.mamba import MambaMixer
 from ctxscale.models.mamba2 import Mamba2Mixer
+from ctxscale.models.titans import DocumentLayout, Titans
 
 
 class WithDocuments(nn.Module):
@@ -34,6 +37,13 @@ class WithDocuments(nn.Module):
     def forward(self, x):
         if isinstance(self.layer, LinearAttention):
             return self.layer(x, None, None, document_ids=self.ids)
+        if hasattr(self.layer, "memory"):  # a Titans block, positions 0.. (timing only)
+            t = self.layer
+            unit = t.segment_len if t.variant == "mac" else t.chunk_size
+            layout = None if self.ids is None else DocumentLayout.build(self.ids, unit)
+            hd = t.attention.head_dim
+            cos, sin = x.new_ones(1, x.shape[1], hd), x.new_zeros(1, x.shape[1], hd)
+            return t(x, cos, sin, None, layout, self.ids)[0]
         return self.layer(x, document_ids=self.ids)
 
 
@@ -43,9 +53,17 @@ def layers(dim: int):
                       mamba=mamba, linear_attention=LinearAttentionConfig(kind="decay"))
     cfg2 = ModelConfig(family="mamba2", dim=dim, num_layers=1, num_heads=4, vocab_size=8,
                        mamba=MambaConfig(d_state=64, expand=2, head_dim=32, n_groups=1))
+    titans = {
+        variant: Titans(ModelConfig(
+            family="titans", dim=dim, num_layers=1, num_heads=dim // 64, vocab_size=8,
+            titans=TitansConfig(variant=variant, chunk_size=16, segment_len=32, window=32)
+        )).layers["0"]
+        for variant in ("mac", "mag")}
     return {"Mamba-1 mixer (d_state 16)": MambaMixer(cfg),
             "Mamba-2 mixer (d_state 64, head_dim 32)": Mamba2Mixer(cfg2),
-            "linear attention, decay (head_dim 64)": LinearAttention(cfg)}
+            "linear attention, decay (head_dim 64)": LinearAttention(cfg),
+            "Titans block, mac (segments 32, chunks 16)": titans["mac"],
+            "Titans block, mag (chunks 16, window 32)": titans["mag"]}
 
 
 def main(argv=None) -> None:

@@ -85,6 +85,8 @@ class DocumentLayout(NamedTuple):
     pad: torch.Tensor  # (b, length) bool: padding slots
     resets: torch.Tensor  # (b, length // unit) bool: units that begin a later document
     unit: int
+    restarts: list[bool]  # per unit: whether any row restarts there (on the host)
+    padded: list[bool]  # per unit: whether any row has padding there
 
     @classmethod
     def build(cls, document_ids: torch.Tensor, unit: int) -> DocumentLayout:
@@ -105,7 +107,9 @@ class DocumentLayout(NamedTuple):
         later = torch.zeros_like(run, dtype=torch.bool)
         later[:, 1:] = run[:, 1:] != run[:, :-1]
         begins.scatter_(1, index, later)
-        return cls(source, index, source == n, begins[:, ::unit].contiguous(), unit)
+        pad, resets = source == n, begins[:, ::unit].contiguous()
+        return cls(source, index, pad, resets, unit, resets.any(0).tolist(),
+                   pad.view(b, -1, unit).any(2).any(0).tolist())
 
     def pack(self, x, dim: int = 1):
         """`x` with the token axis `dim` (length n) laid out in slots (zeros at padding)."""
@@ -402,9 +406,10 @@ class TitansBlock(nn.Module):
             outs = []
             for s in range(0, xn.shape[1], self.segment_len):
                 e = s + self.segment_len
-                documents = {}
-                if layout is not None:
-                    mem = restart(mem, layout.resets[:, s // self.segment_len], fresh)
+                documents, unit = {}, s // self.segment_len
+                if layout is not None and layout.restarts[unit]:
+                    mem = restart(mem, layout.resets[:, unit], fresh)
+                if layout is not None and layout.padded[unit]:
                     documents = {"pad": layout.pad[:, s:e]}
                 y = run(self._mac_attention, xn[:, s:e], cos[:, s:e], sin[:, s:e], mem)
                 # the memory learns from the attention output

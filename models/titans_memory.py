@@ -192,11 +192,33 @@ def memory_chunk(state: MemoryState, q, k, v, log_eta, log_keep, theta, end=None
 
 def _chunk_end(pad, lo, hi):
     """Per row, the last position of chunk [lo, hi) that is not padding (-1: none)."""
-    if pad is None:
-        return None
     real = ~pad[:, lo:hi]
     pos = torch.arange(real.shape[1], device=real.device)
     return torch.where(real, pos, -1).amax(1)
+
+
+class _Documents(NamedTuple):
+    """Per chunk, whether any row restarts before it / holds padding (read once, on the host,
+    so chunks without either run the plain chunk)."""
+
+    restarts: list[bool]
+    padded: list[bool]
+
+    @classmethod
+    def of(cls, resets, pad, n: int, chunk_size: int) -> _Documents:
+        n_chunks = -(-n // chunk_size)
+        restarts = [False] * n_chunks if resets is None else resets.any(0).tolist()
+        if pad is None:
+            return cls(restarts, [False] * n_chunks)
+        padded = torch.nn.functional.pad(pad, (0, n_chunks * chunk_size - n))
+        return cls(restarts, padded.view(pad.shape[0], n_chunks, chunk_size).any(2).any(0)
+                   .tolist())
+
+    def start(self, state, i, resets, fresh):
+        return restart(state, resets[:, i], fresh) if self.restarts[i] else state
+
+    def end(self, pad, i, lo, hi):
+        return _chunk_end(pad, lo, hi) if self.padded[i] else None
 
 
 def _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size, resets=None,
@@ -258,15 +280,15 @@ def _chunks(state, q, k, v, log_eta, log_keep, theta, chunk_size, starts=None, r
     """The chunk loop of `neural_memory`; appends each chunk's start state (before any restart)
     to `starts`."""
     ys = []
+    docs = _Documents.of(resets, pad, q.shape[2], chunk_size)
     for s in range(0, q.shape[2], chunk_size):
-        e = s + chunk_size
+        e, i = s + chunk_size, s // chunk_size
         if starts is not None:
             starts.append(state)
-        if resets is not None:
-            state = restart(state, resets[:, s // chunk_size], fresh)
+        state = docs.start(state, i, resets, fresh)
         y, state = memory_chunk(state, q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
                                 log_eta[:, :, s:e], log_keep[:, :, s:e], theta[:, :, s:e],
-                                _chunk_end(pad, s, e))
+                                docs.end(pad, i, s, e))
         ys.append(y)
     y = torch.cat(ys, 2) if ys else q.new_zeros(*q.shape[:3], state.weights[-1].shape[-1])
     return y, state
@@ -291,6 +313,7 @@ class _RecomputedMemory(torch.autograd.Function):
             y, final = _chunks(state, *seq, chunk_size, starts, resets, fresh, pad)
         ctx.chunk_size, ctx.n_layers, ctx.n_chunks = chunk_size, n_layers, len(starts)
         ctx.resets, ctx.pad, ctx.n_fresh = resets, pad, n_fresh
+        ctx.docs = _Documents.of(resets, pad, seq[0].shape[2], chunk_size)
         between = (t for st in starts[1:] for t in st.tensors())
         ctx.save_for_backward(*seq, *inputs[n_state : n_state + n_fresh], *between,
                               *inputs[:n_state])
@@ -317,8 +340,8 @@ class _RecomputedMemory(torch.autograd.Function):
                 xs = [t[:, :, lo:hi].detach().requires_grad_() for t in seq]
                 begin = MemoryState.from_tensors(st)
                 if n_fresh:
-                    begin = restart(begin, ctx.resets[:, i], MemoryState.from_tensors(fr))
-                y, new = memory_chunk(begin, *xs, _chunk_end(ctx.pad, lo, hi))
+                    begin = ctx.docs.start(begin, i, ctx.resets, MemoryState.from_tensors(fr))
+                y, new = memory_chunk(begin, *xs, ctx.docs.end(ctx.pad, i, lo, hi))
                 outs = [y, *new.tensors()]
                 grads = torch.autograd.grad(outs, st + fr + xs, [dy[:, :, lo:hi], *dstate],
                                             allow_unused=True)

@@ -16,16 +16,13 @@ import torch
 
 from ctxscale.models import build_model
 from ctxscale.models.config import LinearAttentionConfig, ModelConfig
-from tests.models._recurrent_util import perturb, small_config
+from tests.models._recurrent_util import assert_packed_equals_alone, packed, perturb, small_config
 
 LENGTHS = [[5, 1, 12, 7], [25]]
 
 
 def _packed():
-    docs = torch.stack([torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
-                        for lens in LENGTHS])
-    pos = torch.stack([torch.cat([torch.arange(n) for n in lens]) for lens in LENGTHS])
-    return docs, pos
+    return packed(LENGTHS)
 
 
 def _transformer(checkpointing):
@@ -69,26 +66,7 @@ def test_packed_documents_equal_separate_runs(case):
     V = cfg.vocab_size
     ids = torch.randint(0, V, (2, 25))
     labels = torch.randint(0, V, (2, 25))
-    docs, pos = _packed()
-    logits = model(ids, position_ids=pos, document_ids=docs)
-    loss = model(ids, labels=labels, position_ids=pos, document_ids=docs, loss_reduction="sum")
-    grads = torch.autograd.grad(loss, list(model.parameters()), materialize_grads=True)
-    ref_loss, ref_grads = 0.0, [torch.zeros_like(g) for g in grads]
-    for b, lens in enumerate(LENGTHS):
-        start = 0
-        for n in lens:
-            sl = slice(start, start + n)
-            alone = model(ids[b:b + 1, sl])
-            assert (logits[b:b + 1, sl] - alone).abs().max() <= 1e-10
-            doc_loss = model(ids[b:b + 1, sl], labels=labels[b:b + 1, sl], loss_reduction="sum")
-            for acc, g in zip(ref_grads, torch.autograd.grad(doc_loss, list(model.parameters()),
-                                                          materialize_grads=True)):
-                acc += g
-            ref_loss = ref_loss + doc_loss.item()
-            start += n
-    assert abs(loss.item() - ref_loss) <= 1e-6 * abs(ref_loss)
-    for g, r in zip(grads, ref_grads):
-        assert (g - r).abs().max() <= 1e-6 * r.abs().max().clamp_min(1e-30)
+    assert_packed_equals_alone(model, ids, labels, LENGTHS)
 
 
 def test_document_ids_change_the_result():

@@ -17,24 +17,14 @@ from ctxscale.kernels.sliding_window import (
 from ctxscale.models.config import ModelConfig, TitansConfig
 from ctxscale.models.titans import DocumentLayout, Titans
 from ctxscale.models.titans_memory import MemoryState, neural_memory, neural_memory_reference
+from tests.models._recurrent_util import assert_packed_equals_alone, packed  # one torch thread
 
 VARIANTS = ["mac", "mag", "mal"]
 LENGTHS = [[5, 1, 12, 7], [25]]  # documents shorter and longer than the units, none aligned
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _packed(lengths=LENGTHS):
-    docs = torch.stack([torch.repeat_interleave(torch.arange(len(ls)), torch.tensor(ls))
-                        for ls in lengths])
-    pos = torch.stack([torch.cat([torch.arange(n) for n in ls]) for ls in lengths])
-    return docs, pos
+    return packed(lengths)
 
 
 def _model(variant, checkpointing="none"):
@@ -58,27 +48,7 @@ def test_packed_documents_equal_separate_runs(variant, checkpointing):
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 37, (2, 25), generator=gen)
     labels = torch.randint(0, 37, (2, 25), generator=gen)
-    docs, pos = _packed()
-    params = list(model.parameters())
-    logits = model(ids, position_ids=pos, document_ids=docs)
-    loss = model(ids, labels=labels, position_ids=pos, document_ids=docs, loss_reduction="sum")
-    grads = torch.autograd.grad(loss, params, materialize_grads=True)
-    ref_loss, ref_grads = 0.0, [torch.zeros_like(g) for g in grads]
-    for b, lens in enumerate(LENGTHS):
-        start = 0
-        for n in lens:
-            sl = slice(start, start + n)
-            alone = model(ids[b:b + 1, sl])
-            assert (logits[b:b + 1, sl] - alone).abs().max() <= 1e-10
-            doc_loss = model(ids[b:b + 1, sl], labels=labels[b:b + 1, sl], loss_reduction="sum")
-            for acc, g in zip(ref_grads, torch.autograd.grad(doc_loss, params,
-                                                          materialize_grads=True)):
-                acc += g
-            ref_loss += doc_loss.item()
-            start += n
-    assert abs(loss.item() - ref_loss) <= 1e-6 * abs(ref_loss)
-    for g, r in zip(grads, ref_grads):
-        assert (g - r).abs().max() <= 1e-6 * r.abs().max().clamp_min(1e-30)
+    assert_packed_equals_alone(model, ids, labels, LENGTHS)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
