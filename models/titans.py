@@ -444,7 +444,6 @@ class Titans(Transformer):
     """Titans language model: the Transformer's embedding, head, loss and initialization
     around `TitansBlock`s (memory + attention variant per `model.titans.variant`)."""
 
-
     def build_layers(self, cfg: ModelConfig) -> nn.ModuleDict:
         return nn.ModuleDict(
             {str(i): TitansBlock(cfg, self.parallel) for i in range(cfg.num_layers)}
