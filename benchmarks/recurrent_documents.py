@@ -24,7 +24,8 @@ from ctxscale.models.config import LinearAttentionConfig, MambaConfig, ModelConf
 from ctxscale.models.linear_attention import LinearAttention
 from ctxscale.models.mamba import MambaMixer
 from ctxscale.models.mamba2 import Mamba2Mixer
-from ctxscale.models.titans import DocumentLayout, Titans
+from ctxscale.models.titans import Titans
+from ctxscale.models.titans_documents import DocumentLayout
 
 
 class WithDocuments(nn.Module):

@@ -240,8 +240,6 @@ class JobConfig:
                 "model.tie_embeddings=true cannot be pipelined (embedding and head live on "
                 "different stages); set model.tie_embeddings=false or parallel.pp=1"
             )
-        if self.data.document_mask:
-            check_document_mask(model, par.cp)
         check_tensor_parallel_config(model, par.tp)
         if par.pp > 1 and model.num_layers < par.pp * par.pp_virtual_stages:
             raise ValueError(
@@ -254,18 +252,6 @@ class JobConfig:
         par = self.parallel
         shard = par.dp_shard if dp_shard is None else dp_shard
         return par.dp_replicate * max(shard, 1) * par.tp * par.pp * par.cp
-
-
-def check_document_mask(model: ModelConfig, cp: int = 1) -> None:
-    """Refuse data.document_mask where documents cannot be kept apart: Titans under context
-    parallelism (a document's memory chunks and segments would straddle the shards)."""
-    if model.family == "titans" and cp > 1:
-        raise ValueError(
-            f"data.document_mask=true with model.family=titans does not support parallel.cp={cp}: "
-            "a document's memory chunks and segments would straddle the shards. Set "
-            "parallel.cp=1 (tensor, pipeline and data parallelism work), or "
-            "data.document_mask=false"
-        )
 
 
 def load_job_config(path=None, overrides=None) -> JobConfig:

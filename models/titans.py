@@ -24,14 +24,14 @@ here: the model's `ParallelContext` passes the memory state between ranks in ord
 
 Packed documents (`document_ids`, data.document_mask): every document computes what it would
 alone. The memory restarts from M_0 (zero momentum) at each document, and its mini-batch chunks
-(mac: its segments) are cut from the document's own start. `DocumentLayout` pads every document
-to whole units (mac: `segment_len`, mag / mal: `chunk_size`) in a padded row; the memory runs
-there, and the padding slots (at the ends of units) do not move it (`neural_memory`'s `pad`).
-mac's segment attention is causal, so a document's tokens never see the padding behind them.
-The sliding window of mag / mal runs on the unpadded row and masks keys of other documents;
-persistent tokens stay visible to all. Cost: up to unit − 1 padding slots per document. Not
-supported with context parallelism (a document's units would straddle shards) or with `state`
-(a continued sequence).
+(mac: its segments) are cut from the document's own start: `models/titans_documents.py` lays
+every document out padded to whole units (mac: `segment_len`, mag / mal: `chunk_size`), and the
+padding slots do not move the memory. mac's segment attention is causal, so a document's tokens
+never see the padding behind them. The sliding window of mag / mal runs on the unpadded row and
+masks keys of other documents; persistent tokens stay visible to all. Cost: up to unit − 1
+padding slots per document. Under context parallelism a unit that straddles two ranks is
+recomputed by the later one from a halo of unit − 1 tokens and the state at the unit's start
+(`titans_documents`). Not supported with `state` (a continued sequence).
 
 Activations are `(batch, seq, dim)`; attention `(batch, seq, heads, head_dim)`; memory
 `(batch, memory_heads, seq, memory_head_dim)`.
@@ -50,10 +50,11 @@ from torch.utils.checkpoint import checkpoint
 from ctxscale.dist.context import ParallelContext
 from ctxscale.dist.tensor_parallel import local, replicated_output, sequence_shard
 from ctxscale.kernels.norm import RMSNorm
-from ctxscale.kernels.recurrent_segments import check_segments, runs
+from ctxscale.kernels.recurrent_segments import check_segments
 from ctxscale.kernels.rotary import apply_rotary
 from ctxscale.kernels.sliding_window import sliding_window_attention
 from ctxscale.models.config import ModelConfig
+from ctxscale.models.titans_documents import DocumentLayout, cp_document_layout
 from ctxscale.models.titans_memory import MemoryState, neural_memory, restart, retrieve
 from ctxscale.models.transformer import FeedForward, Transformer
 
@@ -63,74 +64,16 @@ class BlockState(NamedTuple):
     kv: tuple[torch.Tensor, torch.Tensor] | None = None  # last window−1 keys/values (mag, mal)
 
 
-def _take(x, index, dim):
-    """x gathered along `dim` at `index` `(batch, m)` (the same positions for every channel)."""
-    shape = [1] * x.dim()
-    shape[0], shape[dim] = index.shape
-    size = list(x.shape)
-    size[dim] = index.shape[1]
-    index = index.view(shape).expand(size)
-    if isinstance(x, DTensor):  # a replicated activation under tensor parallelism (mac)
-        index = DTensor.from_local(index, x.device_mesh, x.placements, run_check=False)
-    return x.gather(dim, index)
-
-
-class DocumentLayout(NamedTuple):
-    """Packed documents padded to whole units: a row of `length` slots (a multiple of `unit`,
-    the longest row's) where every document begins at a multiple of `unit`, its tokens in order,
-    then padding up to the next multiple (module docstring)."""
-
-    source: torch.Tensor  # (b, length) long: the token in each slot, or n at padding slots
-    index: torch.Tensor  # (b, n) long: the slot of each token
-    pad: torch.Tensor  # (b, length) bool: padding slots
-    resets: torch.Tensor  # (b, length // unit) bool: units that begin a later document
-    unit: int
-    restarts: list[bool]  # per unit: whether any row restarts there (on the host)
-    padded: list[bool]  # per unit: whether any row has padding there
-
-    @classmethod
-    def build(cls, document_ids: torch.Tensor, unit: int) -> DocumentLayout:
-        b, n = document_ids.shape
-        run = runs(document_ids).long()
-        n_docs = int(run[:, -1].max()) + 1 if n else 1
-        lengths = torch.zeros(b, n_docs, dtype=torch.long, device=run.device)
-        lengths.scatter_add_(1, run, torch.ones_like(run))
-        padded = (lengths + unit - 1) // unit * unit
-        first_slot = (padded.cumsum(1) - padded).gather(1, run)
-        first_token = (lengths.cumsum(1) - lengths).gather(1, run)
-        tokens = torch.arange(n, device=run.device).expand(b, n)
-        index = first_slot + tokens - first_token
-        length = max(int(padded.sum(1).max()), unit)
-        source = torch.full((b, length), n, dtype=torch.long, device=run.device)
-        source.scatter_(1, index, tokens)
-        begins = torch.zeros(b, length, dtype=torch.bool, device=run.device)
-        later = torch.zeros_like(run, dtype=torch.bool)
-        later[:, 1:] = run[:, 1:] != run[:, :-1]
-        begins.scatter_(1, index, later)
-        pad, resets = source == n, begins[:, ::unit].contiguous()
-        return cls(source, index, pad, resets, unit, resets.any(0).tolist(),
-                   pad.view(b, -1, unit).any(2).any(0).tolist())
-
-    def pack(self, x, dim: int = 1):
-        """`x` with the token axis `dim` (length n) laid out in slots (zeros at padding)."""
-        shape = list(x.shape)
-        shape[dim] = 1
-        return _take(torch.cat([x, x.new_zeros(shape)], dim), self.source, dim)
-
-    def unpack(self, y, dim: int = 1):
-        """Back from slots to the n tokens."""
-        return _take(y, self.index, dim)
-
-
 # ------------------------------------------------------------------ neural memory layer
 class NeuralMemory(nn.Module):
     """Projections and gates around the memory: x `(b, n, dim)` -> `(b, n, dim)`.
     q, k are l2-normalized per head; α, η, θ are per token and head (sigmoids of a linear map,
     θ scaled by max_lr); the retrieved y is RMS-normalized per head before the output map."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelContext | None = None):
         super().__init__()
         t = cfg.titans
+        self.parallel = parallel or ParallelContext()
         self.heads = t.memory_heads or cfg.num_heads
         # this module's heads [head_offset, head_offset + local_heads) (tensor parallelism)
         self.head_offset, self.local_heads = 0, self.heads
@@ -205,28 +148,45 @@ class NeuralMemory(nn.Module):
         return q, k, v, log_eta, log_keep, theta
 
     def forward(self, x, state: MemoryState | None = None, *, region=None,
-                layout: DocumentLayout | None = None, pad=None):
+                layout: DocumentLayout | None = None, pad=None, receive=None):
         """Learn from every token of x (chunked), reading y_t = M_t(q_t) after each update.
         Returns ((b, n, dim), final MemoryState). `region` (activation checkpointing: a
         function that runs `fn(*args)` as a recomputed region) wraps the projections and the
         output map, and the inner loop then recomputes chunk by chunk in its backward.
         Packed documents: `layout` (units of `chunk_size`) runs the inner loop in its padded
-        slots, restarting the memory at each later document; `pad` `(b, n)` marks padding
-        tokens of an input that is already laid out (mac), which must not move the memory."""
+        slots, restarting the memory at each later document (under cp, after the halo; the
+        state returned is then the one to send on, `titans_documents`); `pad` `(b, n)` marks
+        padding tokens of an input that is already laid out (mac), which must not move it.
+        `receive` (in place of `state`): returns the state, called after the halo exchange."""
+        run = region or (lambda fn, *args: fn(*args))
+        dtype = self.initial_state(1).weights[0].dtype if state is None else state.weights[0].dtype
+        inputs = run(self.project, x, dtype)
+        resets = fresh = handover = None
+        if layout is not None and layout.exchange:  # a unit may straddle the cp boundary
+            inputs = self._halo(inputs, layout.exchange)
+        if receive is not None:  # after the halo: every rank exchanges in one order
+            state = receive()
         if state is None:
             state = self.initial_state(x.shape[0])
-        run = region or (lambda fn, *args: fn(*args))
-        inputs = run(self.project, x, state.weights[0].dtype)
-        resets = fresh = None
         if layout is not None:
             inputs = [layout.pack(t, 2) for t in inputs]
             pad, resets, fresh = layout.pad, layout.resets, self.initial_state(x.shape[0])
+            handover = layout.handover
         y, state = neural_memory(state, *inputs, chunk_size=self.chunk_size,
                                  recompute=region is not None, resets=resets, fresh=fresh,
-                                 pad=pad)
+                                 pad=pad, handover=handover)
         if layout is not None:
             y = layout.unpack(y, 2)
         return run(self.merge, y, x.dtype), state
+
+    def _halo(self, inputs, n):
+        """The memory inputs (q, k, v `(b, h, seq, d)`, gates `(b, h, seq)`) with the previous cp
+        rank's last n tokens prepended: one exchange."""
+        d = inputs[0].shape[-1]
+        packed = torch.cat([*inputs[:3], *(g.unsqueeze(-1) for g in inputs[3:])], -1)
+        packed = self.parallel.with_halo(packed.transpose(1, 2).contiguous(), n).transpose(1, 2)
+        q, k, v = packed[..., :d], packed[..., d : 2 * d], packed[..., 2 * d : 3 * d]
+        return [q, k, v, *packed[..., 3 * d :].unbind(-1)]
 
 
 # ------------------------------------------------------------------ attention
@@ -312,7 +272,8 @@ class SegmentAttention(_Projections):
         k = k.repeat_interleave(heads // k.shape[2], dim=2)
         v = v.repeat_interleave(heads // v.shape[2], dim=2)
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * self.head_dim**-0.5
-        scores = scores.float().masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)
+        cdt = torch.float64 if v.dtype == torch.float64 else torch.float32  # softmax dtype
+        scores = scores.to(cdt).masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)
         o = torch.einsum("bhqk,bkhd->bqhd", scores, v)
         return self.wo(o.flatten(2))
 
@@ -334,7 +295,7 @@ class TitansBlock(nn.Module):
         self.parallel = parallel
         self.checkpointing = cfg.activation_checkpointing
         self.memory_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.memory = NeuralMemory(cfg)
+        self.memory = NeuralMemory(cfg, parallel)
         if self.variant == "mac":
             self.attention = SegmentAttention(cfg)
         else:
@@ -382,6 +343,21 @@ class TitansBlock(nn.Module):
         """mac, one segment S: attention over [P | M(q(S)) | S]."""
         return self.attention(xs, self.memory.read(xs, mem), cos, sin)
 
+    def _halo(self, t, n):
+        """`t` `(b, seq, ...)` with the previous cp rank's last n tokens (a replicated DTensor
+        under tp goes through its local copy)."""
+        if isinstance(t, DTensor):
+            ext = self.parallel.with_halo(t.to_local(), n)
+            return DTensor.from_local(ext, t.device_mesh, t.placements, run_check=False)
+        return self.parallel.with_halo(t.contiguous(), n)
+
+    def _key_ids(self, document_ids, k, q):
+        """The global document ids of the window's keys (this rank's tokens and the halo)."""
+        if document_ids is None:
+            return None
+        start = self.parallel.cp_rank * q.shape[1] if self.parallel.cp_enabled else 0
+        return document_ids[:, start - (k.shape[1] - q.shape[1]) : start + q.shape[1]]
+
     def _mal_qkv(self, h, cos, sin):
         return self.attention.qkv(self.attention_norm(h), cos, sin)
 
@@ -398,17 +374,23 @@ class TitansBlock(nn.Module):
         run, attn = self._region, self.attention
         if self.variant == "mac":
             xn = self.memory_norm(x)
-            mem = self._memory_state(state, b)
             if layout is not None:  # slots: every document begins a segment
+                cos, sin = (t.expand(b, -1, -1) for t in (cos, sin))
+                if layout.exchange:  # a segment may straddle the cp boundary: recompute it
+                    xn, cos, sin = (self._halo(t, layout.exchange) for t in (xn, cos, sin))
+            mem = self._memory_state(state, b)  # after the halo: one exchange order everywhere
+            if layout is not None:
                 xn = layout.pack(xn)
-                cos, sin = (layout.pack(t.expand(b, -1, -1)) for t in (cos, sin))
+                cos, sin = layout.pack(cos), layout.pack(sin)
                 fresh = self.memory.initial_state(b)
-            outs = []
+            outs, given = [], None
             for s in range(0, xn.shape[1], self.segment_len):
                 e = s + self.segment_len
                 documents, unit = {}, s // self.segment_len
                 if layout is not None and layout.restarts[unit]:
                     mem = restart(mem, layout.resets[:, unit], fresh)
+                if layout is not None and unit in layout.handover_units:
+                    given = restart(mem if given is None else given, layout.handover == unit, mem)
                 if layout is not None and layout.padded[unit]:
                     documents = {"pad": layout.pad[:, s:e]}
                 y = run(self._mac_attention, xn[:, s:e], cos[:, s:e], sin[:, s:e], mem)
@@ -416,25 +398,27 @@ class TitansBlock(nn.Module):
                 m, mem = self._memory(y, mem, **documents)
                 outs.append(y * torch.sigmoid(m))
             out = torch.cat(outs, 1)
+            sent = mem
             if layout is not None:
                 out = layout.unpack(out)
+                sent = layout.hand_over(given, mem, restart)
             out = sequence_shard(out)  # under tp: whole inside, then the shard
-            h = x + self.parallel.send_state(out, mem.tensors())
+            h = x + self.parallel.send_state(out, sent.tensors())
         elif self.variant == "mag":
             xn = self.memory_norm(x)
             q, k, v = run(attn.qkv, xn, cos, sin)
             k, v, kv = attn.with_context(k, v, kv)  # halo exchange first, then the memory chain
-            a = run(attn.attend, q, k, v, document_ids)
-            mem = self._memory_state(state, b)
-            m, mem = self._memory(xn, mem, layout=layout)
+            a = run(attn.attend, q, k, v, self._key_ids(document_ids, k, q))
+            m, mem = self._memory(xn, None, layout=layout,
+                                  receive=lambda: self._memory_state(state, b))
             h = x + self.parallel.send_state(a * torch.sigmoid(m), mem.tensors())
         else:  # mal
-            mem = self._memory_state(state, b)
-            m, mem = self._memory(self.memory_norm(x), mem, layout=layout)
+            m, mem = self._memory(self.memory_norm(x), None, layout=layout,
+                                  receive=lambda: self._memory_state(state, b))
             h = x + self.parallel.send_state(m, mem.tensors())
             q, k, v = run(self._mal_qkv, h, cos, sin)
             k, v, kv = attn.with_context(k, v, kv)
-            h = h + run(attn.attend, q, k, v, document_ids)
+            h = h + run(attn.attend, q, k, v, self._key_ids(document_ids, k, q))
         h = run(self._mlp, h)
         return h, BlockState(mem, kv)
 
@@ -482,20 +466,19 @@ class Titans(Transformer):
         return (h, new_state) if return_state else h
 
     def _document_layout(self, document_ids, b, s, state, cos) -> DocumentLayout:
-        if self.parallel.cp_enabled:
-            raise ValueError(
-                "model.family=titans with data.document_mask=true does not support context "
-                "parallelism: a document's memory chunks and segments would straddle the shards. "
-                "Set parallel.cp=1 (tensor, pipeline and data parallelism work), or "
-                "data.document_mask=false"
-            )
         if state is not None:
             raise ValueError("Titans: document_ids cannot be combined with `state` (continuing a "
                              "sequence); pass one packed sequence whole")
-        check_segments(document_ids, b, s, cos.device, what="Titans document_ids")
+        par = self.parallel
+        world, rank = (par.cp_size, par.cp_rank) if par.cp_enabled else (1, 0)
+        if world > 1 and par.cp_layout != "contiguous":
+            raise ValueError(f"Titans with document_ids needs parallel.cp_layout=contiguous (got "
+                             f"{par.cp_layout!r}): the memory passes its state rank to rank")
+        check_segments(document_ids, b, s * world, cos.device,
+                       what="Titans document_ids (the whole sequence's, on every cp rank)")
         t = self.cfg.titans
-        return DocumentLayout.build(document_ids,
-                                    t.segment_len if t.variant == "mac" else t.chunk_size)
+        unit = t.segment_len if t.variant == "mac" else t.chunk_size
+        return cp_document_layout(document_ids, unit, rank, world)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Estimate: 6·params, plus attention over the keys a query sees (segment or window,

@@ -44,7 +44,9 @@ they may only sit at the end of a chunk (after its other tokens, so no token rea
 the chunk's final state is taken at its last other token (the start state for a chunk of
 padding only), and their outputs are undefined. No choice of gates would do this (η = 1, θ = 0
 still adds the momentum to the weights each token). `models/titans.py` pads each document to
-whole chunks this way (`DocumentLayout`).
+whole chunks this way (`DocumentLayout`). `handover` `(b,)` (context parallelism: a chunk that
+straddles the next rank) returns, for the rows where it is >= 0, the state at the start of that
+chunk (after its restart) instead of the final state.
 
 Layout: q, k, v `(batch, heads, seq, dim)`, gates `(batch, heads,
 seq)` given as log η, log(1 − α) (both ≤ 0) and θ. The state is `MemoryState(weights,
@@ -198,21 +200,23 @@ def _chunk_end(pad, lo, hi):
 
 
 class _Documents(NamedTuple):
-    """Per chunk, whether any row restarts before it / holds padding (read once, on the host,
-    so chunks without either run the plain chunk)."""
+    """Per chunk, whether any row restarts before it / holds padding / hands its start state
+    over (read once, on the host, so chunks without any run the plain chunk)."""
 
     restarts: list[bool]
     padded: list[bool]
+    handover: frozenset
 
     @classmethod
-    def of(cls, resets, pad, n: int, chunk_size: int) -> _Documents:
+    def of(cls, resets, pad, n: int, chunk_size: int, handover=None) -> _Documents:
         n_chunks = -(-n // chunk_size)
         restarts = [False] * n_chunks if resets is None else resets.any(0).tolist()
+        hands = frozenset() if handover is None else frozenset(handover[handover >= 0].tolist())
         if pad is None:
-            return cls(restarts, [False] * n_chunks)
+            return cls(restarts, [False] * n_chunks, hands)
         padded = torch.nn.functional.pad(pad, (0, n_chunks * chunk_size - n))
         return cls(restarts, padded.view(pad.shape[0], n_chunks, chunk_size).any(2).any(0)
-                   .tolist())
+                   .tolist(), hands)
 
     def start(self, state, i, resets, fresh):
         return restart(state, resets[:, i], fresh) if self.restarts[i] else state
@@ -222,7 +226,7 @@ class _Documents(NamedTuple):
 
 
 def _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size, resets=None,
-                  fresh=None, pad=None):
+                  fresh=None, pad=None, handover=None):
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     b, h, n, _ = q.shape
@@ -236,6 +240,9 @@ def _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size, resets=N
     if pad is not None and (pad.dtype != torch.bool or tuple(pad.shape) != (b, n)):
         raise ValueError(f"pad must be a bool tensor (batch, seq) = {(b, n)}; got {pad.dtype} "
                          f"{tuple(pad.shape)}")
+    if handover is not None and tuple(handover.shape) != (b,):
+        raise ValueError(f"handover must be a (batch,) = {(b,)} tensor of chunk indices; got "
+                         f"{tuple(handover.shape)}")
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must have one shape (batch, heads, seq, dim) (the memory's "
                          f"output is x + LN(·)); got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -250,17 +257,19 @@ def _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size, resets=N
 
 def neural_memory(state: MemoryState, q, k, v, log_eta, log_keep, theta, *, chunk_size: int,
                   recompute: bool = False, resets=None, fresh: MemoryState | None = None,
-                  pad=None):
+                  pad=None, handover=None):
     """Chunked (parallel) memory over a sequence; returns (y `(b, h, n, d)`, final state).
     A trailing partial chunk is allowed; splitting a sequence at multiples of `chunk_size` and
     carrying the state gives the same result as one call. `resets` `(b, chunks)` bool: the
     rows that restart from `fresh` before each chunk; `pad` `(b, n)` bool: padding tokens, at
-    the ends of chunks (packed documents, module docstring).
+    the ends of chunks; `handover` `(b,)`: return the start state of that chunk (packed
+    documents, module docstring).
 
     recompute=True (activation checkpointing) keeps only the inputs and the state at every
     chunk start for the backward, which recomputes one chunk at a time from its start state
     (one more forward of the memory; no per-chunk activations are held between the passes)."""
-    _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size, resets, fresh, pad)
+    _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size, resets, fresh, pad,
+                  handover)
     cdt = state.weights[0].dtype
     q, k, v, log_eta, log_keep, theta = (t.to(cdt) for t in (q, k, v, log_eta, log_keep, theta))
     fresh_t = () if resets is None else tuple(t.to(cdt) for t in fresh.tensors())
@@ -268,29 +277,33 @@ def neural_memory(state: MemoryState, q, k, v, log_eta, log_keep, theta, *, chun
     if (recompute and q.shape[2] and torch.is_grad_enabled()
             and any(t.requires_grad for t in inputs)):
         y, *final = _RecomputedMemory.apply(chunk_size, len(state.weights), resets, pad,
-                                            *inputs)
+                                            handover, *inputs)
         return y, MemoryState.from_tensors(final)
     fresh = None if resets is None else MemoryState.from_tensors(fresh_t)
     return _chunks(state, q, k, v, log_eta, log_keep, theta, chunk_size, resets=resets,
-                   fresh=fresh, pad=pad)
+                   fresh=fresh, pad=pad, handover=handover)
 
 
 def _chunks(state, q, k, v, log_eta, log_keep, theta, chunk_size, starts=None, resets=None,
-            fresh=None, pad=None):
+            fresh=None, pad=None, handover=None):
     """The chunk loop of `neural_memory`; appends each chunk's start state (before any restart)
     to `starts`."""
-    ys = []
-    docs = _Documents.of(resets, pad, q.shape[2], chunk_size)
+    ys, given = [], None
+    docs = _Documents.of(resets, pad, q.shape[2], chunk_size, handover)
     for s in range(0, q.shape[2], chunk_size):
         e, i = s + chunk_size, s // chunk_size
         if starts is not None:
             starts.append(state)
         state = docs.start(state, i, resets, fresh)
+        if i in docs.handover:
+            given = restart(state if given is None else given, handover == i, state)
         y, state = memory_chunk(state, q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
                                 log_eta[:, :, s:e], log_keep[:, :, s:e], theta[:, :, s:e],
                                 docs.end(pad, i, s, e))
         ys.append(y)
     y = torch.cat(ys, 2) if ys else q.new_zeros(*q.shape[:3], state.weights[-1].shape[-1])
+    if given is not None:
+        state = restart(state, handover >= 0, given)
     return y, state
 
 
@@ -302,7 +315,7 @@ class _RecomputedMemory(torch.autograd.Function):
     (compatible with FSDP and pipeline schedules, unlike a reentrant checkpoint)."""
 
     @staticmethod
-    def forward(ctx, chunk_size, n_layers, resets, pad, *inputs):
+    def forward(ctx, chunk_size, n_layers, resets, pad, handover, *inputs):
         n_state = 2 * n_layers
         n_fresh = 0 if resets is None else n_state
         state = MemoryState.from_tensors(inputs[:n_state])
@@ -310,10 +323,11 @@ class _RecomputedMemory(torch.autograd.Function):
         seq = inputs[n_state + n_fresh :]
         starts: list[MemoryState] = []
         with torch.no_grad():
-            y, final = _chunks(state, *seq, chunk_size, starts, resets, fresh, pad)
+            y, final = _chunks(state, *seq, chunk_size, starts, resets, fresh, pad, handover)
         ctx.chunk_size, ctx.n_layers, ctx.n_chunks = chunk_size, n_layers, len(starts)
         ctx.resets, ctx.pad, ctx.n_fresh = resets, pad, n_fresh
-        ctx.docs = _Documents.of(resets, pad, seq[0].shape[2], chunk_size)
+        ctx.docs = _Documents.of(resets, pad, seq[0].shape[2], chunk_size, handover)
+        ctx.handover = handover
         between = (t for st in starts[1:] for t in st.tensors())
         ctx.save_for_backward(*seq, *inputs[n_state : n_state + n_fresh], *between,
                               *inputs[:n_state])
@@ -332,6 +346,11 @@ class _RecomputedMemory(torch.autograd.Function):
         dseq = [torch.zeros_like(t) for t in seq]
         dfresh = [torch.zeros_like(t) for t in fresh]
         dstate = [torch.zeros_like(t) if g is None else g for g, t in zip(dstate, starts[-1])]
+        dgiven = None
+        if ctx.docs.handover:  # the returned state is a chunk's start state on those rows
+            given = (ctx.handover >= 0).view(-1, 1, 1, 1)
+            dgiven = [torch.where(given, g, 0.0) for g in dstate]
+            dstate = [torch.where(given, 0.0, g) for g in dstate]
         for i in range(ctx.n_chunks - 1, -1, -1):
             lo, hi = i * c, (i + 1) * c
             with torch.enable_grad():
@@ -341,10 +360,15 @@ class _RecomputedMemory(torch.autograd.Function):
                 begin = MemoryState.from_tensors(st)
                 if n_fresh:
                     begin = ctx.docs.start(begin, i, ctx.resets, MemoryState.from_tensors(fr))
+                outs, douts = [], [dy[:, :, lo:hi], *dstate]
+                if i in ctx.docs.handover:
+                    begin = MemoryState.from_tensors([t.view_as(t) for t in begin.tensors()])
+                    rows = (ctx.handover == i).view(-1, 1, 1, 1)
+                    outs, douts = begin.tensors(), [*douts, *(torch.where(rows, g, 0.0)
+                                                              for g in dgiven)]
                 y, new = memory_chunk(begin, *xs, ctx.docs.end(ctx.pad, i, lo, hi))
-                outs = [y, *new.tensors()]
-                grads = torch.autograd.grad(outs, st + fr + xs, [dy[:, :, lo:hi], *dstate],
-                                            allow_unused=True)
+                outs = [y, *new.tensors(), *outs]
+                grads = torch.autograd.grad(outs, st + fr + xs, douts, allow_unused=True)
             dstate = [torch.zeros_like(t) if g is None else g for g, t in zip(grads[:n_state], st)]
             for d, g in zip(dfresh, grads[n_state : n_state + n_fresh]):
                 if g is not None:
@@ -352,7 +376,7 @@ class _RecomputedMemory(torch.autograd.Function):
             for d, g in zip(dseq, grads[n_state + n_fresh :]):
                 if g is not None:
                     d[:, :, lo:hi] = g
-        return (None, None, None, None, *dstate, *dfresh, *dseq)
+        return (None, None, None, None, None, *dstate, *dfresh, *dseq)
 
 
 def neural_memory_reference(state: MemoryState, q, k, v, log_eta, log_keep, theta, *,

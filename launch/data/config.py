@@ -78,8 +78,8 @@ class DataConfig:
     # (the token after an EOS starts the next one; Megatron-LM's reset_attention_mask,
     # torchtitan's block-causal mask), and with `document_positions` restart the RoPE positions
     # at 0 in each document (reset_position_ids); recurrent layers (Mamba, linear attention)
-    # restart their state at each document, and so does the Titans memory (not under context
-    # parallelism: refused). Batches then carry "document_ids" and "position_ids".
+    # restart their state at each document, and so does the Titans memory. Batches then carry
+    # "document_ids" and "position_ids".
     document_mask: bool = False
     document_positions: bool = True
 

@@ -1,9 +1,10 @@
 """Titans on packed documents (document_ids): every document computes exactly what it computes
 alone, for mac, mag and mal, with and without activation checkpointing; the pieces behind it
-(the padded document layout, memory restarts, the sliding window's document mask); refusals.
+(the padded document layout, memory restarts and handover, the sliding window's document mask);
+refusals. Context parallelism: tests/dist/test_titans_cp_documents.py.
 
 Tolerance: float64, 1e-10 for logits (the same operations on the same values: padding slots are
-exact zeros and exact identity updates); loss and gradients go through the chunked
+exact zeros and never move the memory); loss and gradients go through the chunked
 cross-entropy, which sums in float32, so they get 1e-6 (as tests/models/test_document_mask.py).
 """
 
@@ -15,7 +16,8 @@ from ctxscale.kernels.sliding_window import (
     sliding_window_attention_reference,
 )
 from ctxscale.models.config import ModelConfig, TitansConfig
-from ctxscale.models.titans import DocumentLayout, Titans
+from ctxscale.models.titans import Titans
+from ctxscale.models.titans_documents import DocumentLayout
 from ctxscale.models.titans_memory import MemoryState, neural_memory, neural_memory_reference
 from tests.models._recurrent_util import assert_packed_equals_alone, packed  # one torch thread
 
@@ -138,6 +140,36 @@ def test_memory_restarts_and_padding_match_the_token_loop(recompute):
     assert grads[4].abs().max() > 0  # the fresh weights got a gradient from the restarts
     plain, _ = neural_memory(state, *seq, chunk_size=3)
     assert (plain - out[0].detach()).abs().max() > 1e-3
+
+
+def test_handover_returns_a_chunk_start_state():
+    """handover (cp: a chunk straddles the next rank): row 0 returns the state at the start of
+    chunk 2 (which restarts: fresh), row 1 that of chunk 1, = running the chunks before it;
+    with -1 the final state. Gradients through it: recomputed backward = autograd."""
+    state, fresh, seq = _memory_inputs()
+    resets = torch.tensor([[False, False, True, False], [False, False, False, True]])
+    kw = dict(chunk_size=3, resets=resets, fresh=fresh)
+    _, final = neural_memory(state, *seq, **kw)
+    _, given = neural_memory(state, *seq, **kw, handover=torch.tensor([2, 1]))
+    for x, f in zip(given.tensors(), fresh.tensors()):
+        assert (x[0] - f[0]).abs().max() == 0
+    _, upto = neural_memory(state, *(t[:, :, :3] for t in seq), chunk_size=3,
+                            resets=resets[:, :1], fresh=fresh)
+    for x, u in zip(given.tensors(), upto.tensors()):
+        assert (x[1] - u[1]).abs().max() <= 1e-12
+    _, mixed = neural_memory(state, *seq, **kw, handover=torch.tensor([-1, 1]))
+    for x, f, g in zip(mixed.tensors(), final.tensors(), given.tensors()):
+        assert torch.equal(x[0], f[0]) and torch.equal(x[1], g[1])
+    leaves = [t.clone().requires_grad_() for t in (*state.tensors(), *fresh.tensors(), *seq)]
+    grads = []
+    for recompute in (False, True):
+        st, fr = MemoryState.from_tensors(leaves[:4]), MemoryState.from_tensors(leaves[4:8])
+        y, out = neural_memory(st, *leaves[8:], chunk_size=3, resets=resets, fresh=fr,
+                               handover=torch.tensor([2, 1]), recompute=recompute)
+        total = (y * y).sum() + sum((t * t.detach()).sum() for t in out.tensors())
+        grads.append(torch.autograd.grad(total, leaves))
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() <= 1e-10 * b.abs().max().clamp_min(1.0)
 
 
 def test_sliding_window_keeps_to_documents():
