@@ -49,11 +49,18 @@ def valid_segments(segments, batch: int, seq: int, device: torch.device) -> bool
         and tuple(segments.shape) == (batch, seq) and segments.device == torch.device(device))
 
 
+def starts(segments: torch.Tensor) -> torch.Tensor:
+    """`(batch, seq)` bool: True where a document starts after the row's first token (the id
+    differs from the previous token's)."""
+    out = torch.zeros(segments.shape, dtype=torch.bool, device=segments.device)
+    out[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return out
+
+
 def runs(segments: torch.Tensor) -> torch.Tensor:
     """Document index of every token within its row, `(batch, seq)` int32: 0 up to the first
     change of id, +1 at each change."""
-    change = segments[:, 1:] != segments[:, :-1]
-    return torch.nn.functional.pad(change.cumsum(1, dtype=torch.int32), (1, 0))
+    return starts(segments).cumsum(1, dtype=torch.int32)
 
 
 def runs_with_previous(segments: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ctxscale.kernels.dispatch import triton_runnable
-from ctxscale.kernels.recurrent_segments import valid_segments
+from ctxscale.kernels.recurrent_segments import starts, valid_segments
 from ctxscale.kernels.triton_launch import INTERPRET
 
 
@@ -335,9 +335,7 @@ class _SelectiveScan(torch.autograd.Function):
 def _document_starts(segments: torch.Tensor) -> torch.Tensor:
     """`(batch, seq)` uint8: 1 where a document starts after the first token (the id differs
     from the previous token's), else 0. Computed on the device, no host sync."""
-    starts = torch.zeros(segments.shape, dtype=torch.uint8, device=segments.device)
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    return starts
+    return starts(segments).to(torch.uint8)
 
 
 def supports(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -115,7 +115,8 @@ def sliding_window_attention_reference(q, k, v, *, window: int, softmax_scale=No
     dist_ = qpos[:, None] - torch.arange(sk, device=q.device)[None, :]
     allowed = (dist_ >= 0) & (dist_ < window)
     if segments is not None:
-        allowed = (allowed & (segments[:, sk - sq :, None] == segments[:, None, :]))[:, None]
+        allowed = _same_document(segments, qpos, torch.arange(sk, device=q.device), allowed)
+        allowed = allowed[:, None]
     if prefix_k is not None:
         n_p = prefix_k.shape[1]
         kc = torch.cat([_expand_heads(prefix_k, h).to(cdt).expand(b, -1, -1, -1), kc], 1)

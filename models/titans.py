@@ -55,7 +55,14 @@ from ctxscale.kernels.rotary import apply_rotary
 from ctxscale.kernels.sliding_window import sliding_window_attention
 from ctxscale.models.config import ModelConfig
 from ctxscale.models.titans_documents import DocumentLayout, cp_document_layout
-from ctxscale.models.titans_memory import MemoryState, neural_memory, restart, retrieve
+from ctxscale.models.titans_memory import (
+    MemoryState,
+    handed_over,
+    keep_handover,
+    neural_memory,
+    restart,
+    retrieve,
+)
 from ctxscale.models.transformer import FeedForward, Transformer
 
 
@@ -111,8 +118,12 @@ class NeuralMemory(nn.Module):
         self.local_heads = self.heads // tp
         self.head_offset = rank * self.local_heads
 
+    def state_dtype(self) -> torch.dtype:
+        """The memory's compute dtype: float64 for float64 weights, else float32."""
+        return torch.float64 if self.init_memory[0].dtype == torch.float64 else torch.float32
+
     def initial_state(self, batch: int) -> MemoryState:
-        dtype = torch.float64 if self.init_memory[0].dtype == torch.float64 else torch.float32
+        dtype = self.state_dtype()
         w = tuple(local(p).to(dtype).unsqueeze(0).expand(batch, -1, -1, -1)
                   for p in self.init_memory)
         return MemoryState(w, tuple(torch.zeros_like(x) for x in w))
@@ -159,7 +170,7 @@ class NeuralMemory(nn.Module):
         padding tokens of an input that is already laid out (mac), which must not move it.
         `receive` (in place of `state`): returns the state, called after the halo exchange."""
         run = region or (lambda fn, *args: fn(*args))
-        dtype = self.initial_state(1).weights[0].dtype if state is None else state.weights[0].dtype
+        dtype = self.state_dtype() if state is None else state.weights[0].dtype
         inputs = run(self.project, x, dtype)
         resets = fresh = handover = None
         if layout is not None and layout.exchange:  # a unit may straddle the cp boundary
@@ -390,7 +401,7 @@ class TitansBlock(nn.Module):
                 if layout is not None and layout.restarts[unit]:
                     mem = restart(mem, layout.resets[:, unit], fresh)
                 if layout is not None and unit in layout.handover_units:
-                    given = restart(mem if given is None else given, layout.handover == unit, mem)
+                    given = keep_handover(given, mem, layout.handover, unit)
                 if layout is not None and layout.padded[unit]:
                     documents = {"pad": layout.pad[:, s:e]}
                 y = run(self._mac_attention, xn[:, s:e], cos[:, s:e], sin[:, s:e], mem)
@@ -401,7 +412,7 @@ class TitansBlock(nn.Module):
             sent = mem
             if layout is not None:
                 out = layout.unpack(out)
-                sent = layout.hand_over(given, mem, restart)
+                sent = handed_over(mem, given, layout.handover)
             out = sequence_shard(out)  # under tp: whole inside, then the shard
             h = x + self.parallel.send_state(out, sent.tensors())
         elif self.variant == "mag":
@@ -469,11 +480,8 @@ class Titans(Transformer):
         if state is not None:
             raise ValueError("Titans: document_ids cannot be combined with `state` (continuing a "
                              "sequence); pass one packed sequence whole")
-        par = self.parallel
+        par = self.parallel  # a non-contiguous cp layout fails at the first halo exchange
         world, rank = (par.cp_size, par.cp_rank) if par.cp_enabled else (1, 0)
-        if world > 1 and par.cp_layout != "contiguous":
-            raise ValueError(f"Titans with document_ids needs parallel.cp_layout=contiguous (got "
-                             f"{par.cp_layout!r}): the memory passes its state rank to rank")
         check_segments(document_ids, b, s * world, cos.device,
                        what="Titans document_ids (the whole sequence's, on every cp rank)")
         t = self.cfg.titans

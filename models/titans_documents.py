@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch.distributed.tensor import DTensor
 
-from ctxscale.kernels.recurrent_segments import runs
+from ctxscale.kernels.recurrent_segments import runs, starts
 
 
 def _take(x, index, dim):
@@ -40,14 +40,6 @@ def _take(x, index, dim):
     if isinstance(x, DTensor):  # a replicated activation under tensor parallelism (mac)
         index = DTensor.from_local(index, x.device_mesh, x.placements, run_check=False)
     return x.gather(dim, index)
-
-
-def _changes(document_ids):
-    """`(b, n)` bool: the tokens where a later document begins (an id change)."""
-    run = runs(document_ids)
-    later = torch.zeros_like(run, dtype=torch.bool)
-    later[:, 1:] = run[:, 1:] != run[:, :-1]
-    return later
 
 
 class DocumentLayout(NamedTuple):
@@ -88,11 +80,10 @@ class DocumentLayout(NamedTuple):
         slot = torch.where(present, first_slot + ordinal - first_token, length)  # length: none
         source = torch.full((b, length + 1), n, dtype=torch.long, device=dev)
         source.scatter_(1, slot, tokens)
-        later = _changes(document_ids) & present
-        starts = torch.zeros(b, length + 1, dtype=torch.bool, device=dev)
-        starts.scatter_(1, slot, later)
-        source, starts = source[:, :length], starts[:, :length]
-        pad, resets = source == n, starts[:, ::unit].contiguous()
+        begins = torch.zeros(b, length + 1, dtype=torch.bool, device=dev)
+        begins.scatter_(1, slot, starts(document_ids) & present)
+        source, begins = source[:, :length], begins[:, :length]
+        pad, resets = source == n, begins[:, ::unit].contiguous()
         return cls(source, torch.where(present, slot, 0), pad, resets, unit,
                    resets.any(0).tolist(), pad.view(b, -1, unit).any(2).any(0).tolist(), halo)
 
@@ -107,12 +98,6 @@ class DocumentLayout(NamedTuple):
         y = _take(y, self.index, dim)
         return y.narrow(dim, self.halo, y.shape[dim] - self.halo)
 
-    def hand_over(self, given, final, restart):
-        """The state this rank sends on: `given` (the start states of the `handover` units)
-        for the rows that hand over, `final` for the others."""
-        if given is None:
-            return final
-        return restart(final, self.handover >= 0, given)
 
 
 def cp_document_layout(document_ids, unit: int, cp_rank: int, cp_size: int) -> DocumentLayout:
@@ -121,7 +106,7 @@ def cp_document_layout(document_ids, unit: int, cp_rank: int, cp_size: int) -> D
     b, total = document_ids.shape
     m = total // cp_size
     start = cp_rank * m
-    change = _changes(document_ids)
+    change = starts(document_ids)
     pos = torch.arange(total, device=document_ids.device).expand(b, total)
     first = torch.where(change, pos, 0).cummax(1).values  # each token's document start
 

@@ -43,8 +43,8 @@ chunk start learns exactly as it would alone. Padding tokens (`pad`) do not move
 they may only sit at the end of a chunk (after its other tokens, so no token reads past them);
 the chunk's final state is taken at its last other token (the start state for a chunk of
 padding only), and their outputs are undefined. No choice of gates would do this (η = 1, θ = 0
-still adds the momentum to the weights each token). `models/titans.py` pads each document to
-whole chunks this way (`DocumentLayout`). `handover` `(b,)` (context parallelism: a chunk that
+still adds the momentum to the weights each token). `models/titans_documents.py` pads each
+document to whole chunks this way (`DocumentLayout`). `handover` `(b,)` (context parallelism: a chunk that
 straddles the next rank) returns, for the rows where it is >= 0, the state at the start of that
 chunk (after its restart) instead of the final state.
 
@@ -137,6 +137,17 @@ def restart(state: MemoryState, flags, fresh: MemoryState) -> MemoryState:
     f = flags.view(-1, 1, 1, 1)
     return MemoryState.from_tensors([torch.where(f, n, s)
                                      for s, n in zip(state.tensors(), fresh.tensors())])
+
+
+def keep_handover(given, state: MemoryState, handover, i: int) -> MemoryState:
+    """`given` (None before the first) with the rows whose `handover` is unit i set to `state`,
+    that unit's start state (context parallelism, module docstring)."""
+    return restart(state if given is None else given, handover == i, state)
+
+
+def handed_over(final: MemoryState, given, handover) -> MemoryState:
+    """The state to send on: `given` on the rows that hand over, `final` on the others."""
+    return final if given is None else restart(final, handover >= 0, given)
 
 
 def _decay_matrix(cum):
@@ -285,26 +296,25 @@ def neural_memory(state: MemoryState, q, k, v, log_eta, log_keep, theta, *, chun
 
 
 def _chunks(state, q, k, v, log_eta, log_keep, theta, chunk_size, starts=None, resets=None,
-            fresh=None, pad=None, handover=None):
+            fresh=None, pad=None, handover=None, docs=None):
     """The chunk loop of `neural_memory`; appends each chunk's start state (before any restart)
-    to `starts`."""
+    to `starts`. `docs`: the `_Documents` of (resets, pad, handover), if already read."""
     ys, given = [], None
-    docs = _Documents.of(resets, pad, q.shape[2], chunk_size, handover)
+    if docs is None:
+        docs = _Documents.of(resets, pad, q.shape[2], chunk_size, handover)
     for s in range(0, q.shape[2], chunk_size):
         e, i = s + chunk_size, s // chunk_size
         if starts is not None:
             starts.append(state)
         state = docs.start(state, i, resets, fresh)
         if i in docs.handover:
-            given = restart(state if given is None else given, handover == i, state)
+            given = keep_handover(given, state, handover, i)
         y, state = memory_chunk(state, q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
                                 log_eta[:, :, s:e], log_keep[:, :, s:e], theta[:, :, s:e],
                                 docs.end(pad, i, s, e))
         ys.append(y)
     y = torch.cat(ys, 2) if ys else q.new_zeros(*q.shape[:3], state.weights[-1].shape[-1])
-    if given is not None:
-        state = restart(state, handover >= 0, given)
-    return y, state
+    return y, handed_over(state, given, handover)
 
 
 class _RecomputedMemory(torch.autograd.Function):
@@ -322,11 +332,12 @@ class _RecomputedMemory(torch.autograd.Function):
         fresh = MemoryState.from_tensors(inputs[n_state : n_state + n_fresh]) if n_fresh else None
         seq = inputs[n_state + n_fresh :]
         starts: list[MemoryState] = []
+        docs = _Documents.of(resets, pad, seq[0].shape[2], chunk_size, handover)
         with torch.no_grad():
-            y, final = _chunks(state, *seq, chunk_size, starts, resets, fresh, pad, handover)
+            y, final = _chunks(state, *seq, chunk_size, starts, resets, fresh, pad, handover,
+                               docs)
         ctx.chunk_size, ctx.n_layers, ctx.n_chunks = chunk_size, n_layers, len(starts)
-        ctx.resets, ctx.pad, ctx.n_fresh = resets, pad, n_fresh
-        ctx.docs = _Documents.of(resets, pad, seq[0].shape[2], chunk_size, handover)
+        ctx.resets, ctx.pad, ctx.n_fresh, ctx.docs = resets, pad, n_fresh, docs
         ctx.handover = handover
         between = (t for st in starts[1:] for t in st.tensors())
         ctx.save_for_backward(*seq, *inputs[n_state : n_state + n_fresh], *between,
@@ -417,5 +428,5 @@ def neural_memory_reference(state: MemoryState, q, k, v, log_eta, log_keep, thet
     return y, MemoryState(tuple(weights), tuple(momentum))
 
 
-__all__ = ["MemoryState", "memory_chunk", "mlp_apply", "neural_memory",
-           "neural_memory_reference", "restart", "retrieve"]
+__all__ = ["MemoryState", "handed_over", "keep_handover", "memory_chunk", "mlp_apply",
+           "neural_memory", "neural_memory_reference", "restart", "retrieve"]

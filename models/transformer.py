@@ -172,10 +172,7 @@ class Transformer(nn.Module):
         shard but document_ids are the same global ids on every rank); attention then stays
         inside a document, and recurrent layers (HybridLM) and the Titans memory restart their
         state at each document start. Pass per-document `position_ids` too to restart RoPE positions."""
-        if document_ids is None:
-            h = self.hidden_states(input_ids, position_ids)
-        else:
-            h = self.hidden_states(input_ids, position_ids, document_ids)
+        h = self.hidden_states(input_ids, position_ids, document_ids)
         if self.output is None:
             return h
         if labels is None:

@@ -17,6 +17,7 @@ from ctxscale.dist.context import ParallelContext
 from ctxscale.models.config import ModelConfig, TitansConfig
 from ctxscale.models.titans import Titans
 from tests.harness import run_distributed
+from tests.models._recurrent_util import packed
 
 N = 36  # 18 tokens per rank at cp=2, 9 at cp=4
 # Boundaries at 18 (cp=2) and 9, 18, 27 (cp=4). Row 0: a document spans 4..23, so the units
@@ -25,13 +26,6 @@ N = 36  # 18 tokens per rank at cp=2, 9 at cp=4
 # straddling unit begins it (a restart on the later rank). Row 2: documents start exactly at
 # 9 and 18.
 LENGTHS = [[4, 20, 12], [2, 5, 29], [9, 9, 11, 7]]
-
-
-def _packed():
-    docs = torch.stack([torch.repeat_interleave(torch.arange(len(ls)), torch.tensor(ls))
-                        for ls in LENGTHS])
-    pos = torch.stack([torch.cat([torch.arange(n) for n in ls]) for ls in LENGTHS])
-    return docs, pos
 
 
 def _cfg(variant, checkpointing):
@@ -58,7 +52,7 @@ def _cp_documents(rank, world):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 37, (3, N), generator=g)
     w = torch.randn(3, N, 48, generator=g, dtype=torch.float64)
-    docs, pos = _packed()
+    docs, pos = packed(LENGTHS)
     sl = N // world
     mine = slice(rank * sl, (rank + 1) * sl)
     context = ParallelContext(cp_group=dist.group.WORLD, cp_size=world, cp_rank=rank)

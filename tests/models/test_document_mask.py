@@ -21,10 +21,6 @@ from tests.models._recurrent_util import assert_packed_equals_alone, packed, per
 LENGTHS = [[5, 1, 12, 7], [25]]
 
 
-def _packed():
-    return packed(LENGTHS)
-
-
 def _transformer(checkpointing):
     return ModelConfig(family="transformer", dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
                        vocab_size=50, activation_checkpointing=checkpointing)
@@ -75,7 +71,7 @@ def test_document_ids_change_the_result():
     cfg = ModelConfig(family="transformer", dim=32, num_layers=1, num_heads=4, vocab_size=50)
     model = build_model(cfg).double()
     ids = torch.randint(0, 50, (2, 25))
-    docs, pos = _packed()
+    docs, pos = packed(LENGTHS)
     assert (model(ids, position_ids=pos) - model(ids, position_ids=pos, document_ids=docs)
             ).abs().max() > 1e-3
 
@@ -89,7 +85,7 @@ def test_document_ids_change_the_result_of_every_family(family):
     model = build_model(cfg).double()
     perturb(model)
     ids = torch.randint(0, cfg.vocab_size, (2, 25))
-    docs, pos = _packed()
+    docs, pos = packed(LENGTHS)
     diff = model(ids, position_ids=pos) - model(ids, position_ids=pos, document_ids=docs)
     assert diff[:, :5].abs().max() == 0  # the first document has nothing before it
     assert diff.abs().max() > 1e-3

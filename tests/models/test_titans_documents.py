@@ -25,10 +25,6 @@ VARIANTS = ["mac", "mag", "mal"]
 LENGTHS = [[5, 1, 12, 7], [25]]  # documents shorter and longer than the units, none aligned
 
 
-def _packed(lengths=LENGTHS):
-    return packed(lengths)
-
-
 def _model(variant, checkpointing="none"):
     t = TitansConfig(variant=variant, chunk_size=2, segment_len=4, persistent_tokens=2,
                      window=3, memory_depth=2, memory_hidden=10, memory_heads=3,
@@ -59,7 +55,7 @@ def test_document_ids_change_the_result(variant):
     vacuous); the first document has nothing before it either way."""
     model = _model(variant).eval()
     ids = torch.randint(0, 37, (2, 25), generator=torch.Generator().manual_seed(2))
-    docs, pos = _packed()
+    docs, pos = packed(LENGTHS)
     diff = model(ids, position_ids=pos) - model(ids, position_ids=pos, document_ids=docs)
     assert diff[0, :5].abs().max() <= 1e-12
     assert diff[0, 5:].abs().max() > 1e-3
@@ -71,7 +67,7 @@ def test_final_state_is_the_last_documents(variant):
     (mac: the tail of a document's last segment) leave the memory as it is."""
     model = _model(variant).eval()
     ids = torch.randint(0, 37, (2, 25), generator=torch.Generator().manual_seed(4))
-    docs, pos = _packed()
+    docs, pos = packed(LENGTHS)
     _, state = model.hidden_states(ids, pos, docs, return_state=True)
     for b, lens in enumerate(LENGTHS):
         _, alone = model.hidden_states(ids[b:b + 1, 25 - lens[-1]:], return_state=True)
@@ -82,7 +78,7 @@ def test_final_state_is_the_last_documents(variant):
 
 def test_layout_slots():
     """Documents [3, 1, 4] and [8] in units of 2: every document begins at an even slot."""
-    docs, _ = _packed([[3, 1, 4], [8]])
+    docs, _ = packed([[3, 1, 4], [8]])
     lay = DocumentLayout.build(docs, 2)
     assert lay.index.tolist() == [[0, 1, 2, 4, 6, 7, 8, 9], list(range(8))]
     assert lay.source.tolist() == [[0, 1, 2, 8, 3, 8, 4, 5, 6, 7], list(range(8)) + [8, 8]]
@@ -176,7 +172,7 @@ def test_sliding_window_keeps_to_documents():
     """Blockwise (several query blocks) = the oracle with the document mask = each document
     alone, persistent keys visible to all; GQA."""
     g = torch.Generator().manual_seed(3)
-    docs, _ = _packed()
+    docs, _ = packed(LENGTHS)
     q = torch.randn(2, 25, 4, 8, generator=g, dtype=torch.float64)
     k, v = (torch.randn(2, 25, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
     pk, pv = (torch.randn(1, 2, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
