@@ -99,7 +99,6 @@ class DocumentLayout(NamedTuple):
         return y.narrow(dim, self.halo, y.shape[dim] - self.halo)
 
 
-
 def cp_document_layout(document_ids, unit: int, cp_rank: int, cp_size: int) -> DocumentLayout:
     """This contiguous cp rank's layout from the global `(b, N)` ids (module docstring); one
     rank (cp_size 1) is the plain layout."""
