@@ -4,7 +4,11 @@ Every op has one dispatcher that honours `CTXSCALE_KERNELS=torch|triton|auto` (s
 `ctxscale.kernels.dispatch`).
 """
 
-from ctxscale.kernels.attention import (
+from ctxscale.kernels import _source_tree
+
+_source_tree.install()  # run from a checkout: `import kernels` must not find this folder
+
+from ctxscale.kernels.attention import (  # noqa: E402
     attention,
     attention_backward,
     attention_backward_into,
@@ -14,7 +18,7 @@ from ctxscale.kernels.attention import (
     attention_reference,
     merge_attention,
 )
-from ctxscale.kernels.dispatch import chosen_paths, set_kernel_mode
+from ctxscale.kernels.dispatch import chosen_paths, set_kernel_mode  # noqa: E402
 
 __all__ = [
     "attention",
