@@ -57,16 +57,31 @@ class ParallelDims:
 
     def build_mesh(self, device_type: str):
         """A DeviceMesh over all axes plus the flattened `dp`, `dp_shard_cp`, `dp_cp` views
-        (None for a single process)."""
+        (None for a single process).
+
+        Made once per layout and default process group, then reused: a job run again in the same
+        process (a notebook, a sweep in one process, a test worker) would otherwise leave its
+        8 groups behind, each with three gloo threads and its sockets (the 4-rank test pool
+        reached ~800 threads per process). Destroying them instead is not safe: DTensor's
+        sharding caches compare meshes by layout and hand a later, equal mesh the old one."""
         if self.world_size == 1 or not dist.is_initialized():
             return None
-        from torch.distributed.device_mesh import init_device_mesh
+        world = dist.group.WORLD
+        for key in [k for k in _MESHES if k[0] is not world]:
+            del _MESHES[key]  # made under a default group that has since been destroyed
+        key = (world, device_type, self.sizes())
+        if key not in _MESHES:
+            from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(device_type, self.sizes(), mesh_dim_names=AXES)
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
-        return mesh
+            mesh = init_device_mesh(device_type, self.sizes(), mesh_dim_names=AXES)
+            mesh["dp_replicate", "dp_shard"]._flatten("dp")
+            mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+            mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+            _MESHES[key] = mesh
+        return _MESHES[key]
+
+
+_MESHES: dict[tuple, object] = {}  # (default group, device type, sizes) -> DeviceMesh
 
 
 def axis_group(mesh, name: str):
@@ -80,3 +95,4 @@ def axis_rank(mesh, name: str) -> int:
 
 def axis_size(mesh, name: str) -> int:
     return 1 if mesh is None else mesh[name].size()
+

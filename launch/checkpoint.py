@@ -158,6 +158,13 @@ class Checkpointer:
             self._finalize(tmp, final)
         return final
 
+    def close(self) -> None:
+        """Destroy the background writer's group (a job run again in the same process makes a
+        new one), unless a save still writes through it (a run that failed mid-save)."""
+        if self._async_group is not None and self._pending is None:
+            dist.destroy_process_group(self._async_group)
+            self._async_group = None
+
     def wait(self) -> None:
         """Finish a pending asynchronous save (called before the next save and at exit)."""
         if self._pending is not None:

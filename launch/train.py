@@ -288,6 +288,7 @@ def train(cfg: JobConfig) -> dict:
         st.checkpointer.wait()
     finally:
         metrics.close()
+        st.checkpointer.close()
     elapsed = time.perf_counter() - t_start
     summary = {
         "steps": st.step, "final_loss": losses[-1] if losses else None,
