@@ -114,22 +114,30 @@ def test_data_parallel_matches_single_process(tmp_path, engine):
 
 
 def _async_vs_sync(rank, world_size, root):
+    from torch.distributed.distributed_c10d import _world
+
+    groups = []  # process groups alive after each job (no public count)
     for mode in ("sync", "async"):
         cfg = load_job_config(TINY, SMALL + [
             "train.steps=6", "checkpoint.every=2", "checkpoint.keep_last=2",
             f"checkpoint.async_save={'true' if mode == 'async' else 'false'}",
             f"train.output_dir={root}/{mode}", "parallel.dp_engine=fsdp", "train.batch_size=2"])
         train(cfg)
-    return True
+        groups.append(len(_world.pg_map))
+    return groups
 
 
 def test_async_checkpoint_equals_sync_checkpoint(tmp_path):
     """Asynchronous saves (DCP async_save, finished before the next save) hold exactly the
-    state a synchronous save holds: later steps do not leak into a checkpoint still writing."""
+    state a synchronous save holds: later steps do not leak into a checkpoint still writing.
+    The two jobs in one process leave as many process groups as one."""
     import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    run_distributed(_async_vs_sync, 2, args=(str(tmp_path),))
+    groups = run_distributed(_async_vs_sync, 2, args=(str(tmp_path),))
+    # the second job reuses the first one's mesh and destroys its writer's group: a job run
+    # again in one process leaves no gloo groups (and their threads) behind
+    assert all(g[0] == g[1] for g in groups), groups
     states = {}
     for mode in ("sync", "async"):
         ckpts = sorted(p.name for p in (tmp_path / mode / "checkpoints").iterdir())
