@@ -59,11 +59,12 @@ class ParallelDims:
         """A DeviceMesh over all axes plus the flattened `dp`, `dp_shard_cp`, `dp_cp` views
         (None for a single process).
 
-        Made once per layout and default process group, then reused: a job run again in the same
-        process (a notebook, a sweep in one process, a test worker) would otherwise leave its
-        8 groups behind, each with three gloo threads and its sockets (the 4-rank test pool
-        reached ~800 threads per process). Destroying them instead is not safe: DTensor's
-        sharding caches compare meshes by layout and hand a later, equal mesh the old one."""
+        Made once per layout and default process group, then reused: a job run again in the
+        same process (a notebook, a sweep in one process, a test worker) would otherwise leave
+        its groups behind (up to 8), each with three gloo threads and its sockets (the 4-rank
+        test pool reached ~800 threads per process). Destroying them instead is not safe:
+        DTensor's sharding caches compare meshes by layout and hand a later, equal mesh the old
+        one."""
         if self.world_size == 1 or not dist.is_initialized():
             return None
         world = dist.group.WORLD
@@ -95,4 +96,3 @@ def axis_rank(mesh, name: str) -> int:
 
 def axis_size(mesh, name: str) -> int:
     return 1 if mesh is None else mesh[name].size()
-
