@@ -67,14 +67,14 @@ class ParallelDims:
         one."""
         if self.world_size == 1 or not dist.is_initialized():
             return None
-        world = dist.group.WORLD
+        world, sizes = dist.group.WORLD, self.sizes()
         for key in [k for k in _MESHES if k[0] is not world]:
             del _MESHES[key]  # made under a default group that has since been destroyed
-        key = (world, device_type, self.sizes())
+        key = (world, device_type, sizes)
         if key not in _MESHES:
             from torch.distributed.device_mesh import init_device_mesh
 
-            mesh = init_device_mesh(device_type, self.sizes(), mesh_dim_names=AXES)
+            mesh = init_device_mesh(device_type, sizes, mesh_dim_names=AXES)
             mesh["dp_replicate", "dp_shard"]._flatten("dp")
             mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
             mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")

@@ -29,7 +29,7 @@ def test_source_root_found_from_checkout():
 
 
 @pytest.mark.parametrize("name", _source_tree.PACKAGE_DIRS)
-def test_top_level_names_skip_the_checkout(name, tmp_path):
+def test_top_level_names_skip_the_checkout(name):
     # `-c` puts '' (the working directory, here the root) first on sys.path, like `python -m`
     code = (
         "import importlib.util, sys\n"
