@@ -6,6 +6,10 @@ are neighbours (fastest links), pipeline stages are furthest apart. Flattened vi
 - `dp_shard_cp` = dp_shard × cp: the ranks FSDP shards parameters over (context-parallel ranks
   hold the same parameters, so they shard them too and their gradients are summed);
 - `dp_cp` = dp_replicate × dp_shard × cp: the ranks whose losses and gradients are combined.
+
+The flattened views are kept next to the mesh (`submesh(mesh, name)`), not sliced back out of
+it: slicing a flattened name from the root mesh is deprecated since PyTorch 2.11 and warns on
+every call.
 """
 
 from __future__ import annotations
@@ -69,30 +73,48 @@ class ParallelDims:
             return None
         world, sizes = dist.group.WORLD, self.sizes()
         for key in [k for k in _MESHES if k[0] is not world]:
-            del _MESHES[key]  # made under a default group that has since been destroyed
+            _FLAT.pop(id(_MESHES.pop(key)), None)  # made under a since destroyed default group
         key = (world, device_type, sizes)
         if key not in _MESHES:
             from torch.distributed.device_mesh import init_device_mesh
 
             mesh = init_device_mesh(device_type, sizes, mesh_dim_names=AXES)
-            mesh["dp_replicate", "dp_shard"]._flatten("dp")
-            mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-            mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+            _FLAT[id(mesh)] = {name: mesh[axes]._flatten(name) for name, axes in FLATTENED.items()}
             _MESHES[key] = mesh
         return _MESHES[key]
 
 
+FLATTENED = {"dp": ("dp_replicate", "dp_shard"), "dp_shard_cp": ("dp_shard", "cp"),
+             "dp_cp": ("dp_replicate", "dp_shard", "cp")}
 _MESHES: dict[tuple, object] = {}  # (default group, device type, sizes) -> DeviceMesh
+_FLAT: dict[int, dict[str, object]] = {}  # id(mesh in _MESHES) -> its flattened 1-D meshes
+
+
+def submesh(mesh, *names: str):
+    """The sub-mesh over `names` (axes of `AXES` or flattened views of `FLATTENED`, in rank-layout
+    order) of a mesh from `build_mesh`; several names give a multi-dimensional mesh that shares
+    the existing process groups (e.g. HSDP's `("dp_replicate", "dp_shard_cp")`)."""
+    flat = _FLAT.get(id(mesh), {})
+    for name in names:
+        if name not in AXES and name not in flat:
+            raise KeyError(f"unknown mesh axis {name!r}; axes: {AXES}, flattened: "
+                           f"{tuple(FLATTENED)} (flattened views need a mesh from build_mesh)")
+    parts = [flat[n] if n in flat else mesh[n] for n in names]
+    if len(parts) == 1:
+        return parts[0]
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh._concatenate(parts)
 
 
 def axis_group(mesh, name: str):
     """Process group of one (possibly flattened) mesh axis, None without a mesh."""
-    return None if mesh is None else mesh[name].get_group()
+    return None if mesh is None else submesh(mesh, name).get_group()
 
 
 def axis_rank(mesh, name: str) -> int:
-    return 0 if mesh is None else mesh[name].get_local_rank()
+    return 0 if mesh is None else submesh(mesh, name).get_local_rank()
 
 
 def axis_size(mesh, name: str) -> int:
-    return 1 if mesh is None else mesh[name].size()
+    return 1 if mesh is None else submesh(mesh, name).size()

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ctxscale.dist.context import ParallelContext
-from ctxscale.dist.mesh import ParallelDims, axis_group, axis_rank
+from ctxscale.dist.mesh import ParallelDims, axis_group, axis_rank, submesh
 
 
 def parallel_context(dims: ParallelDims, mesh, par_cfg) -> ParallelContext:
@@ -70,7 +70,8 @@ def apply_data_parallel(model: torch.nn.Module, dims: ParallelDims, mesh, engine
     if engine == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        dp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
+        axes = ("dp_replicate", "dp_shard_cp") if dims.dp_replicate > 1 else ("dp_shard_cp",)
+        dp_mesh = submesh(mesh, *axes)
         blocks = _blocks(model)
         if blocks is not None:
             for block in blocks.values():

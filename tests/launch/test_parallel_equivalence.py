@@ -23,6 +23,10 @@ BASE = SMALL + ["model.num_layers=4", "train.steps=5"]
 LAYOUTS = {
     "dp4_fsdp": (["parallel.dp_engine=fsdp"], 4),
     "dp4_zero2": (["parallel.dp_engine=deepspeed", "parallel.zero_stage=2"], 4),
+    # HSDP: parameters sharded over 2 ranks and replicated over the other 2
+    "hsdp2x2": (["parallel.dp_replicate=2", "parallel.dp_shard=2"], 4),
+    # FSDP over dp_shard x cp (the cp ranks shard the same parameters, gradients summed)
+    "dp2_cp2_fsdp": (["parallel.cp=2", "parallel.cp_layout=zigzag"], 2),
     "tp2_dp2": (["parallel.tp=2"], 2),
     "tp2_cp2": (["parallel.tp=2", "parallel.cp=2"], 1),
     "pp2_dp2_1f1b": (["parallel.pp=2", "parallel.pp_schedule=1f1b"], 2),
