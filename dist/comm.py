@@ -214,11 +214,17 @@ def all_to_all_single(
     return output
 
 
+# PyTorch 2.13 renamed the single-tensor collectives (the old names warn with a FutureWarning
+# on every call); torch>=2.5 is supported, so take whichever this build has
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, *, group=None, kind="all_gather"):
     """Gather equal pieces along dim 0. Bytes: this rank's piece to each of the P-1 peers."""
     world = dist.get_world_size(group)
     record(kind, sent=_nbytes(input) * (world - 1), received=_nbytes(input) * (world - 1))
-    dist.all_gather_into_tensor(output, input.contiguous(), group=group)
+    _ALL_GATHER(output, input.contiguous(), group=group)
     return output
 
 
@@ -234,5 +240,5 @@ def all_reduce(t: torch.Tensor, *, op=dist.ReduceOp.SUM, group=None, kind="all_r
 def reduce_scatter_tensor(output, input, *, op=dist.ReduceOp.SUM, group=None, kind="reduce_scatter"):
     world = dist.get_world_size(group)
     record(kind, sent=_nbytes(output) * (world - 1), received=_nbytes(output) * (world - 1))
-    dist.reduce_scatter_tensor(output, input.contiguous(), op=op, group=group)
+    _REDUCE_SCATTER(output, input.contiguous(), op=op, group=group)
     return output

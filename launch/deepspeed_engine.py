@@ -17,6 +17,7 @@ On CPU DeepSpeed runs on the gloo process group that is already initialized
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -41,6 +42,12 @@ class DeepSpeedEngine:
 
             # (by module name: the attribute deepspeed.comm.torch is the torch package)
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        # DeepSpeed binds the single-tensor collectives by their pre-2.13 names, which PyTorch
+        # 2.13 deprecated: one FutureWarning per rank per job that says nothing about the run
+        # (ctxscale's own calls, dist/comm.py, use the new names)
+        warnings.filterwarnings(
+            "ignore", category=FutureWarning,
+            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
         self.grad_accum = grad_accum
         config = {
             "train_micro_batch_size_per_gpu": micro_batch_size,

@@ -3,6 +3,8 @@ tracing records post/wait order; counting() resets and restores."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from ctxscale.dist import comm
 
@@ -37,7 +39,9 @@ def test_point_to_point_and_trace():
 
 def _collectives(rank, world):
     e = 4  # float32
-    with comm.counting():
+    # no deprecation warnings either (PyTorch 2.13 renamed the single-tensor collectives)
+    with comm.counting(), warnings.catch_warnings():
+        warnings.simplefilter("error")
         x = torch.arange(world * 2, dtype=torch.float32) + 100 * rank
         out = torch.empty_like(x)
         comm.all_to_all_single(out, x)
