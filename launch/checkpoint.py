@@ -14,9 +14,11 @@ checkpoints are kept; older ones are deleted only after a newer one is complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +27,34 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+@contextlib.contextmanager
+def _one_process_quiet(one_process: bool):
+    """DCP warns on every save and load without a process group that it assumes one process,
+    even when told so with no_dist=True; a single-process job (convert, export, eval) would
+    print it for every checkpoint. Only that warning is hushed, and only then."""
+    with warnings.catch_warnings():
+        if one_process:
+            warnings.filterwarnings("ignore", category=UserWarning,
+                                    message=r"torch\.distributed is (disabled, )?unavailable or "
+                                            r"uninitialized, assuming the intent is to")
+        yield
+
+
+def save_dcp(state: dict, path) -> None:
+    """dcp.save of `state` to the folder `path`, collective when a process group is up."""
+    one_process = not dist.is_initialized()
+    with _one_process_quiet(one_process):
+        dcp.save(state, checkpoint_id=str(path), no_dist=one_process)
+
+
+def load_dcp(state: dict, path, *, one_process: bool | None = None) -> None:
+    """dcp.load into `state` (in place) from the folder `path`, resharding to its layout;
+    collective when a process group is up, unless `one_process` (each caller loads alone)."""
+    one_process = not dist.is_initialized() if one_process is None else one_process
+    with _one_process_quiet(one_process):
+        dcp.load(state, checkpoint_id=str(path), no_dist=one_process)
 
 
 def check_model_matches(path: Path, model_sd: dict) -> None:
@@ -154,7 +184,7 @@ class Checkpointer:
                                     process_group=self._async_group)
             self._pending = (future, tmp, final)
         else:
-            dcp.save(state, checkpoint_id=str(tmp))
+            save_dcp(state, tmp)
             self._finalize(tmp, final)
         return final
 
@@ -210,7 +240,7 @@ class Checkpointer:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             check_model_matches(path, model_sd)
             state = {"model": model_sd, "optim": optim_sd}
-            dcp.load(state, checkpoint_id=str(path))
+            load_dcp(state, path)
             set_state_dict(model, optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optim"])
         rank_file = path / f"rank_{_rank()}.pt"

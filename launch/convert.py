@@ -45,13 +45,12 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import yaml
 
 from ctxscale.dist.layout import shard_sequence
 from ctxscale.dist.mesh import ParallelDims, axis_rank, axis_size
 from ctxscale.dist.parallelize import parallel_context
-from ctxscale.launch.checkpoint import Checkpointer, latest_checkpoint
+from ctxscale.launch.checkpoint import Checkpointer, latest_checkpoint, load_dcp, save_dcp
 from ctxscale.launch.config import (
     CheckpointConfig,
     KernelConfig,
@@ -237,7 +236,7 @@ def _load_dcp_model(model, folder: Path) -> None:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(folder))
+    load_dcp(state, folder)
     set_model_state_dict(model, state["model"])
 
 
@@ -274,7 +273,7 @@ def save_model(model, folder: Path, *, rank: int) -> None:
         (folder / "config.yaml").write_text(yaml.safe_dump({"model": to_dict(model.cfg)}, sort_keys=False))
     if dist.is_initialized():
         dist.barrier()
-    dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(folder))
+    save_dcp({"model": get_model_state_dict(model)}, folder)
 
 
 # ------------------------------------------------------------------------------ data

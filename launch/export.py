@@ -21,9 +21,7 @@ import torch
 
 def _full_model(run_dir: Path, checkpoint: str | None = None):
     """The run's model (from its saved config.yaml) with the checkpoint's weights loaded."""
-    import torch.distributed.checkpoint as dcp
-
-    from ctxscale.launch.checkpoint import latest_checkpoint
+    from ctxscale.launch.checkpoint import latest_checkpoint, load_dcp
     from ctxscale.launch.config import load_job_config
     from ctxscale.models import build_model
 
@@ -46,7 +44,7 @@ def _full_model(run_dir: Path, checkpoint: str | None = None):
         )
     model = build_model(cfg.model)
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+    load_dcp(state, ckpt, one_process=True)
     model.load_state_dict(state["model"])
     return model
 

@@ -174,12 +174,9 @@ def test_resume_with_another_model_names_the_difference(tmp_path):
 
 def test_checkpoint_of_fused_mamba_in_proj_is_named(tmp_path):
     """A checkpoint written before Mamba's in_proj was split into in_proj_x / in_proj_z says so."""
-    import torch.distributed.checkpoint as dcp
+    from ctxscale.launch.checkpoint import check_model_matches, save_dcp
 
-    from ctxscale.launch.checkpoint import check_model_matches
-
-    dcp.save({"model": {"layers.0.mixer.in_proj.weight": torch.zeros(8, 2)}},
-             checkpoint_id=str(tmp_path))
+    save_dcp({"model": {"layers.0.mixer.in_proj.weight": torch.zeros(8, 2)}}, tmp_path)
     model_sd = {"layers.0.mixer.in_proj_x.weight": torch.zeros(4, 2),
                 "layers.0.mixer.in_proj_z.weight": torch.zeros(4, 2)}
     with pytest.raises(ValueError, match=r"2 of this model's tensors are not in it.*1 of its "
