@@ -104,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ctxscale sweep: --seq-lens must be integers, got {args.seq_lens!r}", file=sys.stderr)
         return 2
     out = Path(args.out)
+    # the sweep sets these per run; an override of them would be silently replaced
+    owned = {"data.seq_len": "--seq-lens", "train.output_dir": "--out"}
+    for o in args.overrides:
+        if o.split("=", 1)[0] in owned:
+            key = o.split("=", 1)[0]
+            print(f"ctxscale sweep: {o!r}: the sweep sets {key} for each run; use "
+                  f"{owned[key]} instead", file=sys.stderr)
+            return 2
     if not args.collect_only:
         from ctxscale.launch.config import ConfigError, load_job_config
 

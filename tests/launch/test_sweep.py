@@ -30,3 +30,13 @@ def test_collect_without_runs_and_bad_lengths(tmp_path):
     with pytest.raises(ValueError, match="no finished runs"):
         collect(tmp_path)
     assert main(["--config", "configs/tiny.yaml", "--seq-lens", "12x"]) == 2
+
+
+@pytest.mark.parametrize("override, flag", [("train.output_dir=elsewhere", "--out"),
+                                            ("data.seq_len=64", "--seq-lens")])
+def test_overrides_the_sweep_sets_are_refused(override, flag, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["--config", "configs/tiny.yaml", "--seq-lens", "32", "--out", str(out),
+                 override]) == 2
+    assert f"use {flag} instead" in capsys.readouterr().err
+    assert not out.exists()  # refused before any run
