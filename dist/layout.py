@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.utils.weak import WeakIdKeyDictionary
 
 LAYOUTS = ("contiguous", "zigzag", "stripe")
 
@@ -55,7 +56,7 @@ class ShardSegments:
     key block need their tokens' ids). `shard(r)` is rank r's `(batch, N/P)` in local order;
     `disjoint(r, s)` is True when no token of shard r shares a document with shard s, so a
     block between them can be skipped (its id ranges do not meet; one host sync per call of
-    the constructor)."""
+    the constructor). Use `ShardSegments.of`, which makes one per ids tensor."""
 
     def __init__(self, segments: torch.Tensor, world_size: int, layout: str):
         n = segments.shape[1]
@@ -64,12 +65,33 @@ class ShardSegments:
         ranges = torch.stack([torch.stack([s.min(), s.max()]) for s in self.shards]).tolist()
         self.ranges = [tuple(r) for r in ranges]
 
+    @classmethod
+    def of(cls, segments: torch.Tensor, world_size: int, layout: str) -> ShardSegments:
+        """The instance for these ids, made once while the tensor is unchanged: every attention
+        layer of a forward (and its recompute under activation checkpointing) receives the same
+        ids tensor, so the ranges reach the host once per step, not once per layer (on a GPU
+        each such read waits for the queued work, and the host stops running ahead)."""
+        try:
+            version = segments._version  # bumped by in-place writes (a reused ids buffer)
+        except RuntimeError:  # inference tensors keep no version counter: nothing to check
+            return cls(segments, world_size, layout)
+        made = _SHARDS.setdefault(segments, {})
+        key = (world_size, layout)
+        if key not in made or made[key][0] != version:
+            made[key] = (version, cls(segments, world_size, layout))
+        return made[key][1]
+
     def shard(self, rank: int) -> torch.Tensor:
         return self.shards[rank]
 
     def disjoint(self, r: int, s: int) -> bool:
         (a0, a1), (b0, b1) = self.ranges[r], self.ranges[s]
         return a1 < b0 or b1 < a0
+
+
+# ids tensor -> {(world size, layout): (its version then, ShardSegments)}; an entry goes with its
+# tensor (the shards are copies and hold no reference to it)
+_SHARDS = WeakIdKeyDictionary()
 
 
 def _world(group) -> tuple[int, int]:

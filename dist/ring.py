@@ -308,7 +308,7 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, group, layout, causal, scale, overlap, segments):
         segs = None
         if segments is not None:
-            segs = ShardSegments(segments, group_rank_world(group)[1], layout)
+            segs = ShardSegments.of(segments, group_rank_world(group)[1], layout)
         out, lse = _ring_forward(q, k, v, group=group, layout=layout, causal=causal,
                                  scale=scale, overlap=overlap, segs=segs)
         # the float32 output is kept for the backward's D = do·o term, so bf16 inputs lose no

@@ -43,3 +43,35 @@ def _roundtrip(rank, world, layout):
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe"])
 def test_shard_gather_roundtrip(layout):
     assert all(run_distributed(_roundtrip, 4, args=(layout,)))
+
+
+def test_shard_segments_made_once_per_ids_tensor(monkeypatch):
+    """Every ring attention layer of a step gets the same ids tensor: their shards and id ranges
+    (a host sync) are made once, again after an in-place write, and per world size / layout."""
+    import gc
+
+    from ctxscale.dist import layout as layout_mod
+    from ctxscale.dist.layout import ShardSegments
+
+    made = []
+    real = ShardSegments.__init__
+    monkeypatch.setattr(ShardSegments, "__init__",
+                        lambda self, *a: (made.append(a[1:]), real(self, *a))[1])
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 1, 1, 1, 1, 2]])
+    first = ShardSegments.of(ids, 2, "zigzag")
+    assert all(ShardSegments.of(ids, 2, "zigzag") is first for _ in range(3))
+    assert first.ranges == [(0, 2), (0, 2)] and not first.disjoint(0, 1)
+    assert torch.equal(first.shard(1), ids[:, 2:6])
+    assert ShardSegments.of(ids, 2, "contiguous") is not first
+    assert ShardSegments.of(ids.clone(), 2, "zigzag") is not first  # another tensor
+    ids[:, :4] = 0  # in place, e.g. a reused ids buffer
+    ids[:, 4:] = 5
+    again = ShardSegments.of(ids, 2, "contiguous")
+    assert again.ranges == [(0, 0), (5, 5)] and again.disjoint(0, 1)
+    assert made == [(2, "zigzag"), (2, "contiguous"), (2, "zigzag"), (2, "contiguous")]
+    with torch.inference_mode():  # no version counter to trust: made every time, still right
+        frozen = torch.tensor([[0, 1, 2, 3]])
+        assert ShardSegments.of(frozen, 2, "contiguous").ranges == [(0, 1), (2, 3)]
+    del ids, first, again
+    gc.collect()
+    assert len(layout_mod._SHARDS) == 0  # entries go with their tensors
