@@ -172,7 +172,7 @@ class NeuralMemory(nn.Module):
         run = region or (lambda fn, *args: fn(*args))
         dtype = self.state_dtype() if state is None else state.weights[0].dtype
         inputs = run(self.project, x, dtype)
-        resets = fresh = handover = None
+        resets = fresh = handover = flags = None
         if layout is not None and layout.exchange:  # a unit may straddle the cp boundary
             inputs = self._halo(inputs, layout.exchange)
         if receive is not None:  # after the halo: every rank exchanges in one order
@@ -183,9 +183,11 @@ class NeuralMemory(nn.Module):
             inputs = [layout.pack(t, 2) for t in inputs]
             pad, resets, fresh = layout.pad, layout.resets, self.initial_state(x.shape[0])
             handover = layout.handover
+            if layout.unit == self.chunk_size:  # the layout read its units' flags already
+                flags = (layout.restarts, layout.padded, layout.handover_units)
         y, state = neural_memory(state, *inputs, chunk_size=self.chunk_size,
                                  recompute=region is not None, resets=resets, fresh=fresh,
-                                 pad=pad, handover=handover)
+                                 pad=pad, handover=handover, host_flags=flags)
         if layout is not None:
             y = layout.unpack(y, 2)
         return run(self.merge, y, x.dtype), state

@@ -268,19 +268,30 @@ def _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size, resets=N
 
 def neural_memory(state: MemoryState, q, k, v, log_eta, log_keep, theta, *, chunk_size: int,
                   recompute: bool = False, resets=None, fresh: MemoryState | None = None,
-                  pad=None, handover=None):
+                  pad=None, handover=None, host_flags=None):
     """Chunked (parallel) memory over a sequence; returns (y `(b, h, n, d)`, final state).
     A trailing partial chunk is allowed; splitting a sequence at multiples of `chunk_size` and
     carrying the state gives the same result as one call. `resets` `(b, chunks)` bool: the
     rows that restart from `fresh` before each chunk; `pad` `(b, n)` bool: padding tokens, at
     the ends of chunks; `handover` `(b,)`: return the start state of that chunk (packed
-    documents, module docstring).
+    documents, module docstring). `host_flags`: (per chunk whether any row restarts, per chunk
+    whether any row has padding, the chunks in `handover`) when the caller has them on the host
+    already (a `DocumentLayout` in units of `chunk_size`); otherwise they are read here (one
+    host sync each for resets, pad and handover).
 
     recompute=True (activation checkpointing) keeps only the inputs and the state at every
     chunk start for the backward, which recomputes one chunk at a time from its start state
     (one more forward of the memory; no per-chunk activations are held between the passes)."""
     _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size, resets, fresh, pad,
                   handover)
+    docs = None
+    if host_flags is not None:
+        docs = _Documents(list(host_flags[0]), list(host_flags[1]), frozenset(host_flags[2]))
+        n_chunks = -(-q.shape[2] // chunk_size)
+        if len(docs.restarts) != n_chunks or len(docs.padded) != n_chunks:
+            raise ValueError(f"neural_memory: host_flags hold {len(docs.restarts)} restart and "
+                             f"{len(docs.padded)} padding flags for {n_chunks} chunks of "
+                             f"{chunk_size}; pass one per chunk (or none)")
     cdt = state.weights[0].dtype
     q, k, v, log_eta, log_keep, theta = (t.to(cdt) for t in (q, k, v, log_eta, log_keep, theta))
     fresh_t = () if resets is None else tuple(t.to(cdt) for t in fresh.tensors())
@@ -288,11 +299,11 @@ def neural_memory(state: MemoryState, q, k, v, log_eta, log_keep, theta, *, chun
     if (recompute and q.shape[2] and torch.is_grad_enabled()
             and any(t.requires_grad for t in inputs)):
         y, *final = _RecomputedMemory.apply(chunk_size, len(state.weights), resets, pad,
-                                            handover, *inputs)
+                                            handover, docs, *inputs)
         return y, MemoryState.from_tensors(final)
     fresh = None if resets is None else MemoryState.from_tensors(fresh_t)
     return _chunks(state, q, k, v, log_eta, log_keep, theta, chunk_size, resets=resets,
-                   fresh=fresh, pad=pad, handover=handover)
+                   fresh=fresh, pad=pad, handover=handover, docs=docs)
 
 
 def _chunks(state, q, k, v, log_eta, log_keep, theta, chunk_size, starts=None, resets=None,
@@ -325,14 +336,15 @@ class _RecomputedMemory(torch.autograd.Function):
     (compatible with FSDP and pipeline schedules, unlike a reentrant checkpoint)."""
 
     @staticmethod
-    def forward(ctx, chunk_size, n_layers, resets, pad, handover, *inputs):
+    def forward(ctx, chunk_size, n_layers, resets, pad, handover, docs, *inputs):
         n_state = 2 * n_layers
         n_fresh = 0 if resets is None else n_state
         state = MemoryState.from_tensors(inputs[:n_state])
         fresh = MemoryState.from_tensors(inputs[n_state : n_state + n_fresh]) if n_fresh else None
         seq = inputs[n_state + n_fresh :]
         starts: list[MemoryState] = []
-        docs = _Documents.of(resets, pad, seq[0].shape[2], chunk_size, handover)
+        if docs is None:
+            docs = _Documents.of(resets, pad, seq[0].shape[2], chunk_size, handover)
         with torch.no_grad():
             y, final = _chunks(state, *seq, chunk_size, starts, resets, fresh, pad, handover,
                                docs)
@@ -387,7 +399,7 @@ class _RecomputedMemory(torch.autograd.Function):
             for d, g in zip(dseq, grads[n_state + n_fresh :]):
                 if g is not None:
                     d[:, :, lo:hi] = g
-        return (None, None, None, None, None, *dstate, *dfresh, *dseq)
+        return (None, None, None, None, None, None, *dstate, *dfresh, *dseq)
 
 
 def neural_memory_reference(state: MemoryState, q, k, v, log_eta, log_keep, theta, *,

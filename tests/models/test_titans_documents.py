@@ -201,3 +201,35 @@ def test_refusals():
         model.hidden_states(ids, document_ids=docs, state=state)
     with pytest.raises(ValueError, match=r"shape \(batch, seq\)"):
         model(ids, document_ids=docs[:, :5])
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "full"])
+@pytest.mark.parametrize("variant", ["mag", "mal"])
+def test_memory_takes_the_layouts_host_flags(variant, checkpointing, monkeypatch):
+    """mag / mal: the layout (units of chunk_size) read its per-unit restart / padding /
+    handover flags once per forward; the memory of every layer uses them instead of reading
+    its resets and padding to the host again (3 syncs per layer), and computes the same."""
+    import ctxscale.models.titans_memory as tm
+
+    model = _model(variant, checkpointing)
+    ids = torch.randint(0, 37, (2, 25), generator=torch.Generator().manual_seed(5))
+    docs, pos = packed(LENGTHS)
+    read = []
+    real = tm._Documents.of
+    monkeypatch.setattr(tm._Documents, "of",
+                        classmethod(lambda cls, *a, **k: (read.append(1), real(*a, **k))[1]))
+    out = model(ids, position_ids=pos, document_ids=docs)
+    out.square().sum().backward()
+    assert not read
+    monkeypatch.setattr(tm._Documents, "of", real)
+    ref = model(ids, position_ids=pos, document_ids=docs)
+    assert torch.equal(out, ref)
+
+
+def test_host_flags_must_cover_every_chunk():
+    state = MemoryState.from_tensors([torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)])
+    x = torch.zeros(1, 1, 6, 2)
+    g = torch.zeros(1, 1, 6)
+    with pytest.raises(ValueError, match="2 restart and 2 padding flags for 3 chunks of 2"):
+        neural_memory(state, x, x, x, g, g, g, chunk_size=2,
+                      host_flags=([False, False], [False, False], ()))
