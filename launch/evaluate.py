@@ -67,7 +67,8 @@ class EvalJob:
     # Model folders to evaluate, and their labels in the table (default: folder names).
     models: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
-    # The text corpus (validation split) for perplexity and the passkey filler + tokenizer.
+    # The validation split for perplexity: text (also the passkey filler and tokenizer),
+    # token files or a synthetic task (perplexity only).
     data: DataConfig = field(default_factory=lambda: DataConfig(kind="text"))
     batch_size: int = 8
     eval_batches: int = 8
@@ -88,6 +89,10 @@ class EvalJob:
             raise ValueError("eval: `labels` must have one entry per model (or be empty)")
         if any(L < 2 for L in self.passkey_lengths):
             raise ValueError("eval: passkey_lengths must be >= 2")
+        if self.passkey_lengths and self.data.kind != "text":
+            raise ValueError(f"eval: passkey_lengths needs data.kind=text (passkey rows are "
+                             f"written as text and tokenized), got data.kind={self.data.kind}; "
+                             "set passkey_lengths: [] to evaluate perplexity only")
 
 
 def batch_kwargs(batch: dict) -> dict:

@@ -22,7 +22,7 @@ def build_data(
     ranks (ranks that see different samples; context/tensor-parallel peers pass the same
     dp_rank); seed: the run seed (mixed with cfg.seed for the training stream only); split:
     which stream `next_batch` draws from ("train" or "val"); cache_dir: overrides cfg.cache_dir
-    for text data. The returned source has `vocab_size`, `next_batch()`, `eval_batches(n)`,
+    for text and token-file data. The returned source has `vocab_size`, `next_batch()`, `eval_batches(n)`,
     `state_dict()` and `load_state_dict(d)`.
     """
     cfg.validate()
@@ -31,6 +31,10 @@ def build_data(
     )
     if cfg.kind in ("mqar", "passkey"):
         return SyntheticSource(cfg, **common)
+    if cfg.kind == "tokens":
+        from .tokens import TokenFileSource
+
+        return TokenFileSource(cfg, cache_dir=cache_dir, **common)
     from .text import TextSource  # sentencepiece is only needed for text data
 
     return TextSource(cfg, cache_dir=cache_dir, **common)

@@ -13,7 +13,8 @@ evaluated on exactly the same samples.
 from dataclasses import dataclass, field
 from typing import Literal
 
-KINDS = ("mqar", "passkey", "text")
+KINDS = ("mqar", "passkey", "text", "tokens")
+TOKEN_DTYPES = ("uint16", "uint32", "int32")
 TOKENIZER_TYPES = ("bpe", "unigram")
 # Token ids of the token-space passkey task (see synthetic.py); filler ids follow them.
 PASSKEY_NUM_SPECIAL = 13  # 10 digits + KEY_OPEN, KEY_CLOSE, QUERY
@@ -22,8 +23,9 @@ PASSKEY_NUM_SPECIAL = 13  # 10 digits + KEY_OPEN, KEY_CLOSE, QUERY
 @dataclass
 class DataConfig:
     # Which data: "mqar" (multi-query associative recall, Zoology), "passkey" (token-space
-    # passkey retrieval) or "text" (sentencepiece-tokenized text files, packed).
-    kind: Literal["mqar", "passkey", "text"] = "mqar"
+    # passkey retrieval), "text" (sentencepiece-tokenized text files, packed) or "tokens"
+    # (files of token ids tokenized ahead of time, packed; tokens.py).
+    kind: Literal["mqar", "passkey", "text", "tokens"] = "mqar"
     # Tokens per training sequence (length of input_ids and labels). Any value >= 2 for text;
     # the synthetic tasks need room for their structure (see validate()).
     seq_len: int = 256
@@ -74,7 +76,19 @@ class DataConfig:
     # Folder for the trained tokenizer and the memory-mapped token cache. None means
     # $CTXSCALE_CACHE_DIR or ~/.cache/ctxscale/data. build_data(cache_dir=...) overrides it.
     cache_dir: str | None = None
-    # Packed documents (text only): keep attention inside each document of a packed window
+    # --- tokens (pre-tokenized; also uses val_fraction, cache_dir, document_mask) ---
+    # Flat token-id files: .npy (a 1-D integer array) or raw binary in token_dtype (nanoGPT's
+    # train.bin: uint16). Documents are numbered in file order and never span files.
+    token_files: list[str] = field(default_factory=list)
+    # dtype of the raw (non-.npy) files: "uint16" (vocabularies up to 65536), "uint32", "int32".
+    token_dtype: Literal["uint16", "uint32", "int32"] = "uint16"
+    # The id that ends every document (GPT-2 / nanoGPT: 50256, Llama 2: 2); required.
+    eos_id: int = -1
+    # Vocabulary of the tokenizer that wrote the files (the model's when model.vocab_size is
+    # 0; a larger, padded model vocabulary is fine); every id must be below it. Required.
+    token_vocab_size: int = 0
+
+    # Packed documents (text, tokens): keep attention inside each document of a packed window
     # (the token after an EOS starts the next one; Megatron-LM's reset_attention_mask,
     # torchtitan's block-causal mask), and with `document_positions` restart the RoPE positions
     # at 0 in each document (reset_position_ids); recurrent layers (Mamba, linear attention)
@@ -89,15 +103,17 @@ class DataConfig:
             raise ValueError(f"data.kind={self.kind!r} is not supported; choose one of {KINDS}")
         if self.seq_len < 2:
             raise ValueError(f"data.seq_len={self.seq_len} must be >= 2")
-        if self.document_mask and self.kind != "text":
+        if self.document_mask and self.kind not in ("text", "tokens"):
             raise ValueError(
-                f"data.document_mask=true needs data.kind=text (packed documents); the "
+                f"data.document_mask=true needs data.kind=text or tokens (packed documents); the "
                 f"{self.kind} task has one sample per sequence: set data.document_mask=false"
             )
         if self.kind == "mqar":
             self._validate_mqar()
         elif self.kind == "passkey":
             self._validate_passkey()
+        elif self.kind == "tokens":
+            self._validate_tokens()
         else:
             self._validate_text()
 
@@ -146,6 +162,27 @@ class DataConfig:
                 f"data.passkey_depth_min={self.passkey_depth_min} must be <= "
                 f"data.passkey_depth_max={self.passkey_depth_max}"
             )
+
+    def _validate_tokens(self) -> None:
+        if not self.token_files:
+            raise ValueError("data.token_files is empty; list at least one token-id file "
+                             "(.npy or raw token_dtype) for kind=tokens")
+        if self.token_dtype not in TOKEN_DTYPES:
+            raise ValueError(f"data.token_dtype={self.token_dtype!r} is not supported; choose "
+                             f"one of {TOKEN_DTYPES}")
+        if self.token_vocab_size < 2:
+            raise ValueError(f"data.token_vocab_size={self.token_vocab_size}: set it to the "
+                             "vocabulary of the tokenizer that wrote data.token_files")
+        if not 0 <= self.eos_id < self.token_vocab_size:
+            raise ValueError(f"data.eos_id={self.eos_id} must be the id that ends each "
+                             f"document, in [0, token_vocab_size={self.token_vocab_size})")
+        raw = [f for f in self.token_files if not str(f).endswith(".npy")]
+        if raw and self.token_dtype == "uint16" and self.token_vocab_size > 1 << 16:
+            raise ValueError(f"data.token_vocab_size={self.token_vocab_size} does not fit "
+                             f"data.token_dtype=uint16 (raw file {raw[0]!r}); set token_dtype "
+                             "to the dtype the files were written with (uint32 or int32)")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
 
     def _validate_text(self) -> None:
         if not self.text_files:

@@ -66,7 +66,8 @@ def val_doc_ids(num_docs: int, val_fraction: float) -> np.ndarray:
     if num_val >= num_docs:
         raise ValueError(
             f"data.val_fraction={val_fraction} leaves no training documents out of {num_docs}; "
-            "lower val_fraction, add files, or set data.doc_separator to split files into documents"
+            "lower val_fraction or add documents (more files; for text, a data.doc_separator "
+            "that splits the files into documents; for token files, their eos_id)"
         )
     perm = np.random.default_rng(SPLIT_SEED).permutation(num_docs)
     return np.sort(perm[:num_val])
@@ -316,18 +317,22 @@ class TextSource(DataSource):
         root = resolve_cache_dir(cache_dir, cfg.cache_dir)
         self.tokenizer = load_or_train_tokenizer(cfg, files, root)
         self.vocab_size = self.tokenizer.vocab_size
-        self.corpus = load_or_build_tokens(files, self.tokenizer, cfg.doc_separator, root)
-        val = val_doc_ids(self.corpus.num_docs, cfg.val_fraction)
-        train = np.setdiff1d(np.arange(self.corpus.num_docs), val)
+        self._pack(load_or_build_tokens(files, self.tokenizer, cfg.doc_separator, root))
+
+    def _pack(self, corpus: TokenCorpus) -> None:
+        """Split the corpus' documents into train / val and pack each split into windows."""
+        self.corpus = corpus
+        val = val_doc_ids(corpus.num_docs, self.cfg.val_fraction)
+        train = np.setdiff1d(np.arange(corpus.num_docs), val)
         self.streams = {
-            "train": PackedStream(self.corpus, train, cfg.seq_len),
-            "val": PackedStream(self.corpus, val, cfg.seq_len),
+            "train": PackedStream(corpus, train, self.seq_len),
+            "val": PackedStream(corpus, val, self.seq_len),
         }
         for name, stream in self.streams.items():
             if stream.num_windows == 0 and (name == "train" or len(val)):
                 raise ValueError(
                     f"the {name} split has {stream.num_tokens} tokens, fewer than one sequence of "
-                    f"data.seq_len+1={cfg.seq_len + 1}; lower seq_len, add text, or change "
+                    f"data.seq_len+1={self.seq_len + 1}; lower seq_len, add data, or change "
                     "data.val_fraction"
                 )
         self._perms: dict[tuple[str, int], np.ndarray] = {}
