@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -59,7 +58,8 @@ from ctxscale.launch.config import (
 )
 from ctxscale.launch.config_loader import dump, load, run_config_command, to_dict
 from ctxscale.launch.data import DataConfig, build_data
-from ctxscale.launch.data.synthetic import passkey_text_sample
+from ctxscale.launch.data.hf_tokenizer import check_teacher_tokenizer
+from ctxscale.launch.data.passkey_mix import PasskeyMix
 from ctxscale.launch.env import detect_env, init_distributed, pick_device
 from ctxscale.launch.metrics import MetricsLogger
 from ctxscale.launch.optim import build_optimizer, build_scheduler
@@ -206,6 +206,8 @@ class ConvertJob:
             raise ValueError(f"convert.passkey_fraction={c.passkey_fraction} must be in [0, 1]")
         if c.passkey_fraction > 0 and self.data.kind != "text":
             raise ValueError("convert.passkey_fraction > 0 needs data.kind=text (a tokenizer)")
+        if c.teacher:
+            check_teacher_tokenizer(c.teacher, self.data)
         if self.parallel.tp > 1 or self.parallel.pp > 1:
             raise ValueError("convert runs data and context parallel only; set parallel.tp=1, pp=1")
         if (self.parallel.cp > 1 and c.transfer.steps and c.transfer.loss != "mse"
@@ -276,44 +278,6 @@ def save_model(model, folder: Path, *, rank: int) -> None:
     save_dcp({"model": get_model_state_dict(model)}, folder)
 
 
-# ------------------------------------------------------------------------------ data
-
-
-class PasskeyMix:
-    """Wraps a text DataSource: each row becomes, with probability `fraction`, a passkey example
-    whose filler is the row's own tokens (labels: the whole next-token sequence). Deterministic in
-    (seed, global row index); the row counter is the wrapped source's sample counter."""
-
-    def __init__(self, source, *, fraction: float, seed: int):
-        self.source, self.fraction, self.seed = source, fraction, seed
-        self.tokenizer = getattr(source, "tokenizer", None)
-        self.vocab_size = source.vocab_size
-
-    def next_batch(self) -> dict:
-        first = self.source.global_samples + self.source.dp_rank * self.source.batch_size
-        batch = self.source.next_batch()
-        if self.fraction <= 0:
-            return batch
-        ids, labels = batch["input_ids"].clone(), batch["labels"].clone()
-        answers = torch.full_like(labels, -100)  # the passkey rows' answer tokens only
-        for j in range(ids.shape[0]):
-            rng = np.random.default_rng([self.seed, first + j])
-            if rng.random() >= self.fraction:
-                continue
-            row = passkey_text_sample(self.tokenizer, ids[j].tolist(), ids.shape[1],
-                                      float(rng.random()), rng)
-            ids[j] = row["input_ids"]
-            labels[j] = torch.cat([row["input_ids"][1:], torch.tensor(row["answer_ids"][-1:])])
-            answers[j] = row["labels"]
-        return {"input_ids": ids, "labels": labels, "answer_labels": answers}
-
-    def state_dict(self):
-        return self.source.state_dict()
-
-    def load_state_dict(self, state):
-        self.source.load_state_dict(state)
-
-
 # ------------------------------------------------------------------------------ the job
 
 
@@ -350,6 +314,7 @@ class Converter:
         if not c.teacher:
             return None
         teacher = load_model(c.teacher, parallel=self.parallel, device=self.device)
+        check_teacher_tokenizer(c.teacher, self.cfg.data, self.data.vocab_size, teacher.cfg.vocab_size)
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)

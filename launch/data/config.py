@@ -59,7 +59,9 @@ class DataConfig:
     # --- text ---
     # Plain UTF-8 text files forming the corpus (each split into documents by doc_separator).
     text_files: list[str] = field(default_factory=list)
-    # Path to an existing sentencepiece .model file; None trains one on the training documents
+    # An existing tokenizer: a sentencepiece .model file, or a Hugging Face tokenizer.json or
+    # model folder holding one (a pretrained model's own, to convert or fine-tune it; needs
+    # the [hf] extra). None trains a sentencepiece model on the training documents
     # (deterministically) and caches it under cache_dir.
     tokenizer: str | None = None
     # Vocabulary size of the tokenizer trained when `tokenizer` is None (>= 300: byte fallback
@@ -82,7 +84,8 @@ class DataConfig:
     token_files: list[str] = field(default_factory=list)
     # dtype of the raw (non-.npy) files: "uint16" (vocabularies up to 65536), "uint32", "int32".
     token_dtype: Literal["uint16", "uint32", "int32"] = "uint16"
-    # The id that ends every document (GPT-2 / nanoGPT: 50256, Llama 2: 2); required.
+    # The id that ends every document (GPT-2 / nanoGPT: 50256, Llama 2: 2). Required for
+    # tokens; for text with a given tokenizer, -1 takes the tokenizer's own EOS.
     eos_id: int = -1
     # Vocabulary of the tokenizer that wrote the files (the model's when model.vocab_size is
     # 0; a larger, padded model vocabulary is fine); every id must be below it. Required.
@@ -189,6 +192,12 @@ class DataConfig:
             raise ValueError(
                 "data.text_files is empty; list at least one UTF-8 text file for kind=text"
             )
+        if self.tokenizer is None and self.eos_id != -1:
+            raise ValueError(f"data.eos_id={self.eos_id} applies to a given data.tokenizer; the "
+                             "tokenizer ctxscale trains has its own EOS (id 2): set eos_id: -1")
+        if self.eos_id < -1:
+            raise ValueError(f"data.eos_id={self.eos_id} must be an id >= 0, or -1 for the "
+                             "tokenizer's own EOS")
         if self.tokenizer is None and not 300 <= self.tokenizer_vocab_size <= 1_000_000:
             raise ValueError(
                 f"data.tokenizer_vocab_size={self.tokenizer_vocab_size} must be in [300, 1000000] "

@@ -3,12 +3,13 @@
 Pipeline (done once per corpus and tokenizer, then reused from cache_dir):
   1. each file in data.text_files is split into documents by data.doc_separator (empty
      documents dropped); documents are numbered globally in file order;
-  2. the tokenizer is loaded (data.tokenizer) or trained on the TRAINING documents;
+  2. the tokenizer is loaded (data.tokenizer: a sentencepiece .model, or a Hugging Face
+     tokenizer.json / model folder, hf_tokenizer.py) or trained on the TRAINING documents;
   3. every document is encoded and written, followed by EOS, into one flat token file
      `tokens/<key>.bin` (uint16 when vocab_size <= 65536, else uint32) with `<key>.offsets.npy`
      (int64, num_docs + 1: document d is tokens[offsets[d]:offsets[d+1]], its EOS included) and
      `<key>.json` metadata written LAST. <key> hashes the input files' (path, size, mtime), the
-     tokenizer file's sha256 and the separator. On load the metadata, file sizes, offsets
+     tokenizer file's sha256, the EOS id and the separator. On load the metadata, file sizes, offsets
      checksum and a probe checksum of the token file are verified; any mismatch (truncated or
      corrupt cache) rebuilds the entry. Writes go to temporary names and are renamed into place.
 
@@ -82,7 +83,9 @@ def _all_documents(files: list[Path], separator: str) -> list[str]:
 
 def load_or_train_tokenizer(cfg: DataConfig, files: list[Path], cache_dir: Path) -> Tokenizer:
     if cfg.tokenizer is not None:
-        return Tokenizer(cfg.tokenizer)
+        from .hf_tokenizer import load_tokenizer
+
+        return load_tokenizer(cfg.tokenizer, eos_id=cfg.eos_id)
     key = key_of(
         {
             "format": CACHE_FORMAT,
@@ -190,9 +193,13 @@ def _build_corpus(
     eos = tokenizer.eos_id
     if eos < 0:
         raise ValueError(
-            f"tokenizer {tokenizer.path} has no EOS piece, which separates documents; "
-            "train it with an eos id or let ctxscale train one (data.tokenizer: null)"
+            f"tokenizer {tokenizer.path} has no EOS piece, which separates documents; set "
+            "data.eos_id to the id that should end each document, or let ctxscale train a "
+            "tokenizer (data.tokenizer: null)"
         )
+    if eos >= tokenizer.vocab_size:
+        raise ValueError(f"data.eos_id={eos} is outside the tokenizer's {tokenizer.vocab_size} "
+                         f"ids ({tokenizer.path}); set it to one of its ids")
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
     offsets = [0]
     tmp_bin = tmp_name(paths["bin"])
@@ -241,6 +248,7 @@ def load_or_build_tokens(
             "inputs": inputs,
             "tokenizer_sha256": tokenizer.sha256,
             "separator": separator,
+            "eos_id": tokenizer.eos_id,
         }
     )
     paths = _cache_paths(cache_dir, key)

@@ -53,9 +53,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return int(self.sp.get_piece_size())
 
+    eos_override = -1  # data.eos_id, for a given model without an EOS piece (hf_tokenizer.py)
+
     @property
     def eos_id(self) -> int:
-        return int(self.sp.eos_id())
+        return self.eos_override if self.eos_override >= 0 else int(self.sp.eos_id())
 
     @property
     def bos_id(self) -> int:
