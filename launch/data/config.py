@@ -57,8 +57,11 @@ class DataConfig:
     passkey_depth_max: float = 1.0
 
     # --- text ---
-    # Plain UTF-8 text files forming the corpus (each split into documents by doc_separator).
+    # UTF-8 text files forming the corpus: plain text (split into documents by doc_separator)
+    # or JSON lines, `.jsonl` / `.jsonl.gz` (one document per line, its jsonl_field string).
     text_files: list[str] = field(default_factory=list)
+    # The field of each JSON-lines object that holds the document's text.
+    jsonl_field: str = "text"
     # An existing tokenizer: a sentencepiece .model file, or a Hugging Face tokenizer.json or
     # model folder holding one (a pretrained model's own, to convert or fine-tune it; needs
     # the [hf] extra). None trains a sentencepiece model on the training documents

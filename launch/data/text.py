@@ -1,8 +1,9 @@
 """Text corpora: documents -> sentencepiece tokens in a memory-mapped cache -> packed sequences.
 
 Pipeline (done once per corpus and tokenizer, then reused from cache_dir):
-  1. each file in data.text_files is split into documents by data.doc_separator (empty
-     documents dropped); documents are numbered globally in file order;
+  1. each file in data.text_files is split into documents by data.doc_separator, or, for
+     `.jsonl` / `.jsonl.gz`, holds one per line (its data.jsonl_field string); empty
+     documents are dropped; documents are numbered globally in file order;
   2. the tokenizer is loaded (data.tokenizer: a sentencepiece .model, or a Hugging Face
      tokenizer.json / model folder, hf_tokenizer.py) or trained on the TRAINING documents;
   3. every document is encoded and written, followed by EOS, into one flat token file
@@ -50,13 +51,55 @@ SPLIT_SEED = 0x5EED5  # fixed: the train/val split never depends on a run or dat
 _PROBE = 1 << 16  # bytes hashed at the start, middle and end of the token file
 
 
-def read_documents(path: Path, separator: str) -> list[str]:
+def is_jsonl(path: Path) -> bool:
+    return path.name.endswith((".jsonl", ".jsonl.gz"))
+
+
+def _read_jsonl(path: Path, field: str) -> list[str]:
+    """One document per line: the `field` string of each JSON object (blank lines skipped)."""
+    import gzip
+
+    docs = []
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"data.text_files entry {str(path)!r}, line {n}: not a JSON "
+                                     f"object ({e}); one JSON object per line") from e
+                if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+                    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+                    raise ValueError(f"data.text_files entry {str(path)!r}, line {n}: no string "
+                                     f"field {field!r} (has {keys}); set data.jsonl_field")
+                docs.append(obj[field])
+    except (UnicodeDecodeError, OSError, EOFError) as e:
+        raise ValueError(f"data.text_files entry {str(path)!r} cannot be read as UTF-8 JSON "
+                         f"lines: {e}") from e
+    return docs
+
+
+def read_documents(path: Path, separator: str, field: str = "text") -> list[str]:
+    """The documents of one file: `.jsonl` / `.jsonl.gz` one per line (`field` of each object),
+    any other file split by `separator`. Empty documents are dropped."""
+    if is_jsonl(path):
+        return [d for d in _read_jsonl(path, field) if d.strip()]
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"data.text_files entry {str(path)!r} is not valid UTF-8 text: {e}") from e
     docs = text.split(separator) if separator else [text]
     return [d for d in docs if d.strip()]
+
+
+def _reader_key(files: list[Path], separator: str, field: str) -> dict:
+    """What the caches key on for how files become documents (the field only with JSON lines,
+    so the keys of plain-text corpora stay what they were)."""
+    return {"separator": separator, **({"jsonl_field": field} if any(map(is_jsonl, files))
+                                       else {})}
 
 
 def val_doc_ids(num_docs: int, val_fraction: float) -> np.ndarray:
@@ -74,8 +117,8 @@ def val_doc_ids(num_docs: int, val_fraction: float) -> np.ndarray:
     return np.sort(perm[:num_val])
 
 
-def _all_documents(files: list[Path], separator: str) -> list[str]:
-    return [doc for f in files for doc in read_documents(f, separator)]
+def _all_documents(files: list[Path], separator: str, field: str) -> list[str]:
+    return [doc for f in files for doc in read_documents(f, separator, field)]
 
 
 # ------------------------------------------------------------------------------ tokenizer
@@ -90,7 +133,7 @@ def load_or_train_tokenizer(cfg: DataConfig, files: list[Path], cache_dir: Path)
         {
             "format": CACHE_FORMAT,
             "inputs": [file_identity(f) for f in files],
-            "separator": cfg.doc_separator,
+            **_reader_key(files, cfg.doc_separator, cfg.jsonl_field),
             "val_fraction": cfg.val_fraction,
             "vocab_size": cfg.tokenizer_vocab_size,
             "type": cfg.tokenizer_type,
@@ -105,7 +148,7 @@ def load_or_train_tokenizer(cfg: DataConfig, files: list[Path], cache_dir: Path)
                 return Tokenizer(path)
             except ValueError as e:
                 warnings.warn(f"rebuilding corrupt cached tokenizer {path}: {e}", stacklevel=2)
-        docs = _all_documents(files, cfg.doc_separator)
+        docs = _all_documents(files, cfg.doc_separator, cfg.jsonl_field)
         val = set(val_doc_ids(len(docs), cfg.val_fraction).tolist())
         train_docs = (d for i, d in enumerate(docs) if i not in val)
         return train_tokenizer(
@@ -188,7 +231,8 @@ def _load_corpus(paths: dict) -> TokenCorpus:
 
 
 def _build_corpus(
-    files: list[Path], tokenizer: Tokenizer, separator: str, paths: dict, inputs: list
+    files: list[Path], tokenizer: Tokenizer, separator: str, paths: dict, inputs: list,
+    field: str = "text",
 ) -> None:
     eos = tokenizer.eos_id
     if eos < 0:
@@ -205,7 +249,7 @@ def _build_corpus(
     tmp_bin = tmp_name(paths["bin"])
     with open(tmp_bin, "wb") as f:
         for path in files:
-            docs = read_documents(path, separator)
+            docs = read_documents(path, separator, field)
             for start in range(0, len(docs), 1024):
                 for ids in tokenizer.encode_batch(docs[start : start + 1024]):
                     arr = np.asarray(ids + [eos], dtype=dtype)
@@ -238,7 +282,8 @@ def _build_corpus(
 
 
 def load_or_build_tokens(
-    files: list[Path], tokenizer: Tokenizer, separator: str, cache_dir: Path
+    files: list[Path], tokenizer: Tokenizer, separator: str, cache_dir: Path,
+    field: str = "text",
 ) -> TokenCorpus:
     """Tokenize `files` once; later calls with unchanged files and tokenizer reuse the cache."""
     inputs = [file_identity(f) for f in files]
@@ -247,7 +292,7 @@ def load_or_build_tokens(
             "format": CACHE_FORMAT,
             "inputs": inputs,
             "tokenizer_sha256": tokenizer.sha256,
-            "separator": separator,
+            **_reader_key(files, separator, field),
             "eos_id": tokenizer.eos_id,
         }
     )
@@ -262,7 +307,7 @@ def load_or_build_tokens(
                     f"token cache {paths['meta']} is invalid ({e}); rebuilding it", stacklevel=2
                 )
                 paths["meta"].unlink(missing_ok=True)
-        _build_corpus(files, tokenizer, separator, paths, inputs)
+        _build_corpus(files, tokenizer, separator, paths, inputs, field)
         return _load_corpus(paths)
 
 
@@ -325,7 +370,8 @@ class TextSource(DataSource):
         root = resolve_cache_dir(cache_dir, cfg.cache_dir)
         self.tokenizer = load_or_train_tokenizer(cfg, files, root)
         self.vocab_size = self.tokenizer.vocab_size
-        self._pack(load_or_build_tokens(files, self.tokenizer, cfg.doc_separator, root))
+        self._pack(load_or_build_tokens(files, self.tokenizer, cfg.doc_separator, root,
+                                        cfg.jsonl_field))
 
     def _pack(self, corpus: TokenCorpus) -> None:
         """Split the corpus' documents into train / val and pack each split into windows."""

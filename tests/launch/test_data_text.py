@@ -312,3 +312,33 @@ def test_concurrent_ranks_build_one_shared_cache(corpus):
     assert len(list((Path(cfg.cache_dir) / "tokenizers").glob("*.model"))) == 1
     leftovers = [p for p in Path(cfg.cache_dir).rglob("*") if ".tmp" in p.name]
     assert leftovers == []
+
+
+# ---------------------------------------------------------------- JSON lines
+
+
+def test_jsonl_files_hold_one_document_per_line(corpus, tmp_path):
+    """`.jsonl` and `.jsonl.gz` text files give the same corpus as the plain files with the
+    same documents (same tokenizer, split, windows); a field name, a broken line and a missing
+    field are named."""
+    import gzip
+
+    cfg, docs = corpus
+    plain = build_data(cfg, **_args(seed=2))
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
+    rows = [json.dumps({"id": i, "body": d}) for i, d in enumerate(docs)]
+    a.write_text("\n".join(rows[:37]) + "\n\n", encoding="utf-8")  # a blank line is skipped
+    with gzip.open(b, "wt", encoding="utf-8") as f:
+        f.write("\n".join(rows[37:]))
+    jcfg = replace(cfg, text_files=[str(a), str(b)], jsonl_field="body")
+    lines = build_data(jcfg, **_args(seed=2))
+    assert np.array_equal(lines.corpus.offsets, plain.corpus.offsets)
+    assert np.array_equal(np.asarray(lines.corpus.tokens), np.asarray(plain.corpus.tokens))
+    assert _eq(_take(lines, 5), _take(plain, 5))
+    with pytest.raises(ValueError, match=r"a.jsonl', line 1: no string field 'text' \(has "
+                                         r"\['body', 'id'\]\); set data.jsonl_field"):
+        build_data(replace(jcfg, jsonl_field="text"), **_args())
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": oops}\n')
+    with pytest.raises(ValueError, match="broken.jsonl', line 2: not a JSON object"):
+        build_data(replace(cfg, text_files=[str(broken)]), **_args())
