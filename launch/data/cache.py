@@ -27,14 +27,15 @@ def resolve_cache_dir(override: str | None, configured: str | None) -> Path:
     return path
 
 
-def check_text_files(paths: list[str]) -> list[Path]:
-    """Resolve data.text_files, raising FileNotFoundError that names a missing path."""
+def check_text_files(paths: list[str], key: str = "data.text_files") -> list[Path]:
+    """Resolve the files of config list `key`, raising FileNotFoundError that names a missing
+    path."""
     out = []
     for p in paths:
         path = Path(p).expanduser()
         if not path.is_file():
             raise FileNotFoundError(
-                f"data.text_files entry {str(p)!r} does not exist or is not a file "
+                f"{key} entry {str(p)!r} does not exist or is not a file "
                 f"(resolved to {path.resolve()}); fix the path in the data config"
             )
         out.append(path.resolve())

@@ -29,26 +29,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import atomic_write_bytes, file_identity, file_lock, key_of, resolve_cache_dir
+from .cache import (
+    atomic_write_bytes,
+    check_text_files,
+    file_identity,
+    file_lock,
+    key_of,
+    resolve_cache_dir,
+)
 from .config import DataConfig
 from .source import DataSource
 from .text import TextSource, TokenCorpus, _sha_bytes
 
 INDEX_FORMAT = 1
 _CHUNK = 1 << 24  # tokens per pass of the index scan
-
-
-def check_token_files(paths: list[str]) -> list[Path]:
-    """Resolve data.token_files, raising FileNotFoundError that names a missing path."""
-    out = []
-    for p in paths:
-        path = Path(p).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"data.token_files entry {str(p)!r} does not exist or is not a file "
-                f"(resolved to {path.resolve()}); fix the path in the data config")
-        out.append(path.resolve())
-    return out
 
 
 def open_token_file(path: Path, dtype: str) -> np.ndarray:
@@ -155,7 +149,7 @@ class TokenFileSource(TextSource):
         self.seq_len = cfg.seq_len
         self.tokenizer = None  # the ids come tokenized: no text to make passkey rows from
         self.vocab_size = cfg.token_vocab_size
-        files = check_token_files(cfg.token_files)
+        files = check_text_files(cfg.token_files, "data.token_files")
         arrays = [open_token_file(f, cfg.token_dtype) for f in files]
         root = resolve_cache_dir(cache_dir, cfg.cache_dir)
         offsets = load_or_build_index(files, arrays, cfg, root)
