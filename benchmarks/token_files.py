@@ -73,7 +73,7 @@ def main() -> None:
         f"# Token files (`data.kind: tokens`), {cpu_name()}",
         "",
         f"`python benchmarks/token_files.py --tokens {a.tokens}` (the file just written, so in "
-        "the page cache: the index pass reads memory, not disk): a uint16 file of {a.tokens:,} "
+        f"the page cache: the index pass reads memory, not disk): a uint16 file of {a.tokens:,} "
         f"tokens in {docs:,} documents; batches of {a.batch} x {a.seq_len} tokens.",
         "",
         "| what | time | rate |",
