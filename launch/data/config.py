@@ -85,6 +85,10 @@ class DataConfig:
     # Flat token-id files: .npy (a 1-D integer array) or raw binary in token_dtype (nanoGPT's
     # train.bin: uint16). Documents are numbered in file order and never span files.
     token_files: list[str] = field(default_factory=list)
+    # One weight per file (> 0, any scale): each file is then its own corpus (own documents,
+    # validation split and epochs) and samples are drawn from them in these proportions, as
+    # Megatron-LM's weighted --data-path. Empty: the files are one corpus.
+    token_weights: list[float] = field(default_factory=list)
     # dtype of the raw (non-.npy) files: "uint16" (vocabularies up to 65536), "uint32", "int32".
     token_dtype: Literal["uint16", "uint32", "int32"] = "uint16"
     # The id that ends every document (GPT-2 / nanoGPT: 50256, Llama 2: 2). Required for
@@ -173,6 +177,13 @@ class DataConfig:
         if not self.token_files:
             raise ValueError("data.token_files is empty; list at least one token-id file "
                              "(.npy or raw token_dtype) for kind=tokens")
+        if self.token_weights and len(self.token_weights) != len(self.token_files):
+            raise ValueError(f"data.token_weights has {len(self.token_weights)} entries for "
+                             f"{len(self.token_files)} data.token_files; give one weight per "
+                             "file, or none (the files form one corpus)")
+        if any(not w > 0 for w in self.token_weights):
+            raise ValueError(f"data.token_weights={self.token_weights} must all be > 0 (drop a "
+                             "file to leave it out)")
         if self.token_dtype not in TOKEN_DTYPES:
             raise ValueError(f"data.token_dtype={self.token_dtype!r} is not supported; choose "
                              f"one of {TOKEN_DTYPES}")

@@ -376,20 +376,25 @@ class TextSource(DataSource):
     def _pack(self, corpus: TokenCorpus) -> None:
         """Split the corpus' documents into train / val and pack each split into windows."""
         self.corpus = corpus
+        self.streams = self._split(corpus)
+        self._perms: dict[tuple, np.ndarray] = {}
+
+    def _split(self, corpus: TokenCorpus, what: str = "") -> dict[str, PackedStream]:
+        """{"train", "val"}: the corpus' documents split and each split packed into windows."""
         val = val_doc_ids(corpus.num_docs, self.cfg.val_fraction)
         train = np.setdiff1d(np.arange(corpus.num_docs), val)
-        self.streams = {
+        streams = {
             "train": PackedStream(corpus, train, self.seq_len),
             "val": PackedStream(corpus, val, self.seq_len),
         }
-        for name, stream in self.streams.items():
+        for name, stream in streams.items():
             if stream.num_windows == 0 and (name == "train" or len(val)):
                 raise ValueError(
-                    f"the {name} split has {stream.num_tokens} tokens, fewer than one sequence of "
-                    f"data.seq_len+1={self.seq_len + 1}; lower seq_len, add data, or change "
-                    "data.val_fraction"
+                    f"the {name} split{what} has {stream.num_tokens} tokens, fewer than one "
+                    f"sequence of data.seq_len+1={self.seq_len + 1}; lower seq_len, add data, or "
+                    "change data.val_fraction"
                 )
-        self._perms: dict[tuple[str, int], np.ndarray] = {}
+        return streams
 
     def _batch_at(self, stream: str, step_start: int) -> dict:
         batch = super()._batch_at(stream, step_start)
@@ -400,19 +405,27 @@ class TextSource(DataSource):
                 batch["position_ids"] = pos
         return batch
 
-    def _perm(self, stream: str, epoch: int) -> np.ndarray:
-        key = (stream, epoch)
+    def _perm(self, stream: str, epoch: int, packed: PackedStream | None = None,
+              part: tuple = ()) -> np.ndarray:
+        """The epoch's window order of `packed` (default: the stream's); `part` keeps the
+        orders of several packed streams of one split apart (their seeds too)."""
+        key = (stream, *part, epoch)
         if key not in self._perms:
-            if len(self._perms) >= 4:
+            if len(self._perms) >= 8:
                 self._perms.pop(next(iter(self._perms)))
-            rng = np.random.default_rng(self._stream_seed(stream) + [epoch])
-            self._perms[key] = rng.permutation(self.streams[stream].num_windows)
+            rng = np.random.default_rng(self._stream_seed(stream) + [*part, epoch])
+            packed = self.streams[stream] if packed is None else packed
+            self._perms[key] = rng.permutation(packed.num_windows)
         return self._perms[key]
 
     def _sample(self, stream: str, index: int) -> tuple[np.ndarray, np.ndarray]:
-        packed = self.streams[stream]
+        return self._window_of(stream, self.streams[stream], int(index))
+
+    def _window_of(self, stream: str, packed: PackedStream, index: int, part: tuple = ()):
+        """(input_ids, labels) of sample `index` of `packed`: epoch index // windows, in the
+        epoch's permutation."""
         if packed.num_windows == 0:
             raise ValueError("no validation data: data.val_fraction is 0; set it > 0 to evaluate")
-        epoch, pos = divmod(int(index), packed.num_windows)
-        seq = packed.window(int(self._perm(stream, epoch)[pos]))
+        epoch, pos = divmod(index, packed.num_windows)
+        seq = packed.window(int(self._perm(stream, epoch, packed, part)[pos]))
         return seq[:-1], seq[1:]

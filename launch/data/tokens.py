@@ -8,6 +8,8 @@ array; dtype from its header) or raw binary (any other suffix; `data.token_dtype
 uint16). Every document ends with `data.eos_id`; a file's trailing tokens after its last EOS
 form one more document (documents never span files). Every id must be below
 `data.token_vocab_size`, the vocabulary the model gets when `model.vocab_size` is 0.
+`data.token_weights` (one per file) makes each file its own corpus, sampled in proportion
+(Megatron-LM's weighted `--data-path`; `TokenFileSource`).
 
 Index: one pass over the files, in chunks, finds the document offsets and the largest id
 (checked against the vocabulary). It is cached as `tokens/<key>.index.npy` + `<key>.index.json`
@@ -138,8 +140,28 @@ def load_or_build_index(files, arrays, cfg: DataConfig, cache_dir: Path) -> np.n
         return offsets
 
 
+BLEND_BLOCK = 4096  # samples per block of the weighted blend (exact proportions per block)
+
+
+def blend_counts(weights: list[float], block: int = BLEND_BLOCK) -> np.ndarray:
+    """Samples of each part in a block: the largest-remainder rounding of weights·block (each
+    part with a positive weight gets at least one)."""
+    w = np.asarray(weights, dtype=np.float64)
+    exact = w / w.sum() * block
+    counts = np.maximum(np.floor(exact).astype(np.int64), 1)
+    while counts.sum() > block:  # the minimum of one took samples from the largest parts
+        counts[np.argmax(counts - exact)] -= 1
+    for i in np.argsort(-(exact - counts), kind="stable")[: block - counts.sum()]:
+        counts[i] += 1
+    return counts
+
+
 class TokenFileSource(TextSource):
-    """Packed, epoch-shuffled windows of pre-tokenized files (module docstring)."""
+    """Packed, epoch-shuffled windows of pre-tokenized files (module docstring). With
+    `data.token_weights` every file is its own corpus (own documents, own split, own epochs)
+    and the samples blend them in proportion: each block of BLEND_BLOCK global samples holds
+    exactly `blend_counts` of each file, in an order drawn from (stream seed, block), so sample
+    i is a pure function of i (sharding and resume as for one corpus)."""
 
     kind = "tokens"
 
@@ -152,6 +174,40 @@ class TokenFileSource(TextSource):
         files = check_text_files(cfg.token_files, "data.token_files")
         arrays = [open_token_file(f, cfg.token_dtype) for f in files]
         root = resolve_cache_dir(cache_dir, cfg.cache_dir)
-        offsets = load_or_build_index(files, arrays, cfg, root)
-        tokens = _ConcatenatedTokens(arrays) if len(arrays) > 1 else arrays[0]
-        self._pack(TokenCorpus(tokens, offsets, {"eos_id": cfg.eos_id}, {}))
+        meta = {"eos_id": cfg.eos_id}
+        if not cfg.token_weights:
+            offsets = load_or_build_index(files, arrays, cfg, root)
+            tokens = _ConcatenatedTokens(arrays) if len(arrays) > 1 else arrays[0]
+            self._pack(TokenCorpus(tokens, offsets, meta, {}))
+            self.parts = None
+            return
+        corpora = [TokenCorpus(a, load_or_build_index([f], [a], cfg, root), meta, {})
+                   for f, a in zip(files, arrays)]
+        self._pack(corpora[0])  # the corpus' EOS for document masks, the perm cache
+        self.parts = [self._split(c, f" of {f.name}") for c, f in zip(corpora, files)]
+        self.counts = blend_counts(cfg.token_weights)
+        self._blocks: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def _block(self, stream: str, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(part, index within the part's block share) of each sample of block b."""
+        key = (stream, b)
+        if key not in self._blocks:
+            if len(self._blocks) >= 4:
+                self._blocks.pop(next(iter(self._blocks)))
+            rng = np.random.default_rng(self._stream_seed(stream) + [1 << 32, b])
+            order = np.repeat(np.arange(len(self.counts)), self.counts)[rng.permutation(
+                BLEND_BLOCK)]
+            rank = np.empty(BLEND_BLOCK, dtype=np.int64)  # in order of appearance, so a part's
+            for part, count in enumerate(self.counts):   # samples keep its epoch order
+                rank[order == part] = np.arange(count)
+            self._blocks[key] = (order, rank)
+        return self._blocks[key]
+
+    def _sample(self, stream: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.parts is None:
+            return super()._sample(stream, index)
+        b, j = divmod(int(index), BLEND_BLOCK)
+        order, rank = self._block(stream, b)
+        part = int(order[j])
+        local = b * int(self.counts[part]) + int(rank[j])
+        return self._window_of(stream, self.parts[part][stream], local, (part,))

@@ -205,3 +205,70 @@ def test_eval_on_token_files_refuses_passkey_by_name(tmp_path):
                                          r"\[\] to evaluate perplexity only"):
         job.validate()
     replace(job, passkey_lengths=[]).validate()
+
+
+# ---------------------------------------------------------------- weighted files
+
+
+def test_blend_counts_are_exact_per_block():
+    from ctxscale.launch.data.tokens import BLEND_BLOCK, blend_counts
+
+    assert blend_counts([3, 1]).tolist() == [3072, 1024]
+    assert blend_counts([1, 1, 1]).tolist() == [1366, 1365, 1365]
+    tiny = blend_counts([1.0, 1e-9, 0.5])
+    assert tiny.sum() == BLEND_BLOCK and tiny[1] == 1  # a positive weight is never starved
+    assert blend_counts([0.7, 0.2, 0.1], block=10).tolist() == [7, 2, 1]
+
+
+def _two_files(tmp_path):
+    """File a: documents of ids in [2, 26); file b: ids in [26, 50) (a window's file shows)."""
+    rng = np.random.default_rng(8)
+    a, b = tmp_path / "a.bin", tmp_path / "b.npy"
+    np.concatenate([np.append(rng.integers(2, 26, int(rng.integers(5, 30))), EOS)
+                    for _ in range(80)]).astype(np.uint16).tofile(a)
+    np.save(b, np.concatenate([np.append(rng.integers(26, 50, int(rng.integers(5, 30))), EOS)
+                               for _ in range(40)]).astype(np.uint16))
+    return a, b
+
+
+def test_weighted_files_are_sampled_in_proportion(tmp_path):
+    from ctxscale.launch.data.tokens import BLEND_BLOCK
+
+    a, b = _two_files(tmp_path)
+    cfg = _tokens_cfg(tmp_path, [a, b], token_weights=[3.0, 1.0])
+    src = build_data(cfg, **_args(batch_size=64))
+    rows = torch.cat([src.next_batch()["input_ids"] for _ in range(2 * BLEND_BLOCK // 64)])
+    real = rows.masked_fill(rows == EOS, 0)
+    from_b = (real >= 26).any(1)
+    assert not ((real >= 2) & (real < 26)).any(1)[from_b].any()  # a window is one file's
+    per_block = from_b.view(2, BLEND_BLOCK).sum(1).tolist()
+    assert per_block == [1024, 1024]  # exactly a quarter from b in every block
+    # each file runs its own epochs: its first num_windows samples are all its windows once
+    part_b = src.parts[1]["train"]
+    seen = {tuple(r.tolist()) for r in rows[from_b][: part_b.num_windows]}
+    assert len(seen) == part_b.num_windows
+    # the blend is a function of the sample index: dp shards and resume as for one corpus
+    ranks = [build_data(cfg, **_args(batch_size=32, dp_rank=r, dp_size=2)) for r in range(2)]
+    first = torch.cat([ranks[0].next_batch()["input_ids"], ranks[1].next_batch()["input_ids"]])
+    assert torch.equal(first, rows[:64])
+    resumed = build_data(cfg, **_args(batch_size=64))
+    resumed.load_state_dict(src.state_dict())
+    assert torch.equal(resumed.next_batch()["input_ids"], src.next_batch()["input_ids"])
+    # validation blends the files' validation splits the same way, fixed across calls
+    ev = src.eval_batches(2)
+    assert _eq(ev, build_data(cfg, **_args(batch_size=64, seed=9)).eval_batches(2))
+    ev_ids = torch.cat([e["input_ids"] for e in ev]).masked_fill_(
+        torch.cat([e["input_ids"] for e in ev]) == EOS, 0)
+    assert (ev_ids >= 26).any(1).any() and ((ev_ids >= 2) & (ev_ids < 26)).any(1).any()
+
+
+def test_weighted_files_refusals(tmp_path):
+    a, b = _two_files(tmp_path)
+    with pytest.raises(ValueError, match="token_weights has 1 entries for 2 data.token_files"):
+        _tokens_cfg(tmp_path, [a, b], token_weights=[1.0]).validate()
+    with pytest.raises(ValueError, match=r"token_weights=\[1.0, 0.0\] must all be > 0"):
+        _tokens_cfg(tmp_path, [a, b], token_weights=[1.0, 0.0]).validate()
+    small = tmp_path / "small.bin"
+    np.array([3, 4, EOS, 5, 6, 7, EOS, 8, EOS], dtype=np.uint16).tofile(small)
+    with pytest.raises(ValueError, match="the train split of small.bin has .* fewer than one"):
+        build_data(_tokens_cfg(tmp_path, [a, small], token_weights=[1, 1]), **_args())
