@@ -84,10 +84,13 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
-    # Linear warmup steps, then `schedule` down to lr * min_lr_ratio at the last step.
+    # Linear warmup steps, then `schedule` down to lr * min_lr_ratio at the last step; wsd
+    # (warmup-stable-decay) holds the peak and decays linearly over the last decay_fraction
+    # of the steps after warmup.
     warmup_steps: int = 10
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
     # Clip the global gradient norm to this (0 disables clipping).
     max_grad_norm: float = 1.0
 
@@ -96,6 +99,9 @@ class OptimConfig:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"optim.decay_fraction={self.decay_fraction} must be in (0, 1] "
+                             "(the share of the steps after warmup that wsd decays over)")
         if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1 or self.max_grad_norm < 0:
             raise ValueError(
                 "optim.warmup_steps must be >= 0, optim.min_lr_ratio in [0, 1] and "
