@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ctxscale.dist.layout import global_positions
+from ctxscale.kernels.dispatch import eager
 
 
 @dataclass
@@ -30,6 +31,7 @@ class ParallelContext:
     def cp_enabled(self) -> bool:
         return self.cp_size > 1
 
+    @eager  # the kernels and the context-parallel exchanges run outside torch.compile
     def attention(self, q, k, v, *, causal=True, softmax_scale=None, document_ids=None):
         """Exact attention of this rank's queries over the whole sequence.
         q/k/v: `(batch, seq_local, heads, head_dim)` in `cp_layout`. `document_ids`: the
@@ -82,6 +84,7 @@ class ParallelContext:
     # `document_ids` of the recurrent ops: None, or the `(batch, seq)` document ids of the WHOLE
     # sequence (the same on every cp rank, as for `attention`): the recurrence restarts at every
     # document start (kernels/recurrent_segments.py)
+    @eager
     def linear_attention(self, q, k, v, *, log_decay=None, scale=None, document_ids=None):
         """Causal linear attention (simple-GLA semantics, `ctxscale.kernels.linear_attention`)
         over the whole sequence; q, k `(batch, seq_local, heads, dim_k)`, v `(..., dim_v)`,
@@ -96,6 +99,7 @@ class ParallelContext:
             method=self.cp_state_method, segments=document_ids,
         )
 
+    @eager
     def selective_scan(self, u, delta, A, B, C, D=None, z=None, delta_bias=None,
                        delta_softplus=False, *, document_ids=None):
         """Mamba's selective scan (mamba-ssm `selective_scan_fn` arguments, sequence last)."""
@@ -109,6 +113,7 @@ class ParallelContext:
             method=self.cp_state_method, segments=document_ids,
         )
 
+    @eager
     def causal_conv1d(self, x, weight, bias=None, *, activation=None, document_ids=None):
         """Causal depthwise conv over the sequence; x `(batch, dim, seq_local)`."""
         if not self.cp_enabled:

@@ -1,6 +1,7 @@
 """Apply parallelism to a model, in one place and one order:
 
-    tensor parallel → context parallel → activation checkpointing → pipeline split → FSDP / ZeRO / DDP
+    tensor parallel → context parallel → activation checkpointing → pipeline split → compile
+    → FSDP / ZeRO / DDP
 
 - Tensor parallel shards the `nn.Linear`s of each block (see `dist/tensor_parallel.py`).
 - Context parallel needs no weight changes: the model's `ParallelContext` (built by
@@ -9,6 +10,8 @@
 - Activation checkpointing is a model setting (`model.activation_checkpointing`), applied by each
   block, so it already sits inside any wrapper applied below.
 - Pipeline splitting happens in `dist/pipeline.py` (stages are built from this same model).
+- `compile_blocks`: `torch.compile` each block in place (`train.compile`), inside FSDP's
+  per-block wrapping so the all-gathers stay outside the compiled graphs.
 - Data parallel: FSDP2 `fully_shard` over `dp_shard × cp` (HSDP when `dp_replicate > 1`), or
   DDP over `dp × cp`. Context-parallel ranks hold the same weights on different tokens, so their
   gradients are reduced together with the data-parallel ones.
@@ -88,7 +91,8 @@ def apply_data_parallel(model: torch.nn.Module, dims: ParallelDims, mesh, engine
     )
 
 
-def parallelize(model: torch.nn.Module, dims: ParallelDims, mesh, par_cfg) -> torch.nn.Module:
+def parallelize(model: torch.nn.Module, dims: ParallelDims, mesh, par_cfg, *,
+                compile_blocks: bool = False) -> torch.nn.Module:
     """Apply every parallelism but the pipeline split to `model` in the documented order and
     return the wrapped model (with pp > 1 use `parallelize_pipeline`)."""
     check_layout(dims, par_cfg)
@@ -96,6 +100,8 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, mesh, par_cfg) -> to
         from ctxscale.dist.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model.model if hasattr(model, "model") else model, mesh["tp"])
+    if compile_blocks:
+        compile_each_block(model)
     # context parallelism: carried by model.parallel (set at construction), nothing to wrap
     # activation checkpointing: per block, from the model config
     if par_cfg.dp_engine == "deepspeed":
@@ -103,7 +109,24 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, mesh, par_cfg) -> to
     return apply_data_parallel(model, dims, mesh, par_cfg.dp_engine)
 
 
-def parallelize_pipeline(model: torch.nn.Module, dims: ParallelDims, mesh, par_cfg, device):
+def compile_each_block(model: torch.nn.Module) -> int:
+    """`torch.compile` every block of `model` in place; returns how many. Equal blocks share
+    one compiled graph (their parameters are graph inputs, not constants)."""
+    blocks = _blocks(model)
+    if blocks is None:
+        raise ValueError(f"train.compile: {type(model).__name__} has no `layers` of blocks to "
+                         "compile; set train.compile=false")
+    for block in blocks.values():
+        block.compile()
+    from ctxscale.kernels.dispatch import log_choice
+
+    # the norms inside the blocks take the PyTorch reference there, for Inductor to fuse
+    log_choice("rms_norm_in_blocks", "torch (compiled)")
+    return len(blocks)
+
+
+def parallelize_pipeline(model: torch.nn.Module, dims: ParallelDims, mesh, par_cfg, device, *,
+                         compile_blocks: bool = False):
     """Split `model` into this rank's pipeline stages, apply tp / cp / FSDP to each stage
     (same order as `parallelize`), and return the `PipelineRunner`."""
     from ctxscale.dist.pipeline import PipelineRunner
@@ -112,7 +135,8 @@ def parallelize_pipeline(model: torch.nn.Module, dims: ParallelDims, mesh, par_c
     return PipelineRunner(
         model, pp_mesh=mesh["pp"], schedule=par_cfg.pp_schedule,
         microbatches=par_cfg.pp_microbatches, virtual_stages=par_cfg.pp_virtual_stages,
-        device=device, wrap=lambda stage: parallelize(stage, dims, mesh, par_cfg),
+        device=device,
+        wrap=lambda stage: parallelize(stage, dims, mesh, par_cfg, compile_blocks=compile_blocks),
     )
 
 

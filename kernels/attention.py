@@ -54,7 +54,13 @@ from ctxscale.kernels.attention_tiles import (
     _tile_pairs,
     merge_attention,
 )
-from ctxscale.kernels.dispatch import forced_path, log_choice, module_available, want_triton
+from ctxscale.kernels.dispatch import (
+    eager,
+    forced_path,
+    log_choice,
+    module_available,
+    want_triton,
+)
 
 DEFAULT_BLOCK = 1024
 # tile of the document-masked tiled paths: short documents leave most 256-token tile pairs
@@ -397,6 +403,7 @@ def _flash_attn_ok(q, return_lse) -> bool:
     )
 
 
+@eager
 def attention(q, k, v, *, causal=True, softmax_scale=None, return_lse=False, q_segments=None,
               k_segments=None):
     """Exact softmax attention (see the module docstring). Returns o, or (o, lse) with

@@ -31,7 +31,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from ctxscale.kernels.dispatch import forced_path, log_choice, module_available
+from ctxscale.kernels.dispatch import eager, forced_path, log_choice, module_available
 from ctxscale.kernels.recurrent_segments import check_segments, runs
 
 ACTIVATIONS = (None, "silu", "swish")
@@ -138,6 +138,7 @@ def _cuda_fn():
         return None
 
 
+@eager
 def causal_conv1d(
     x, weight, bias=None, *, activation=None, initial_state=None, return_final_state=False,
     segments=None,

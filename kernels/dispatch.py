@@ -140,8 +140,20 @@ def module_available(name: str) -> bool:
         return False
 
 
+def eager(fn):
+    """Run `fn` (a kernel entry point) eagerly inside `torch.compile` (`train.compile`): a clean
+    graph break around it, instead of Dynamo tracing the dispatch, the Triton launches and
+    autotuning, the host-side block planning and the context-parallel exchanges (which either
+    break the graph at an arbitrary point or recompile for every shape and flag)."""
+    return torch.compiler.disable(fn, recursive=True)
+
+
 def log_choice(op: str, path: str, reason: str = "") -> None:
-    """Record (and log once) which path `op` ran."""
+    """Record (and log once) which path `op` ran. Not while `torch.compile` traces (a log call
+    breaks the graph, and a changed record recompiles it): the paths there are fixed
+    (`compile_each_block` records them)."""
+    if torch.compiler.is_compiling():
+        return
     _chosen[op] = path
     key = (op, path)
     if key not in _logged:

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ctxscale.kernels.dispatch import (
+    eager,
     forced_path,
     log_choice,
     module_available,
@@ -289,6 +290,7 @@ def _triton_module():
         return None
 
 
+@eager
 def linear_attention(
     q, k, v, *, log_decay=None, scale=None, initial_state=None, return_final_state=False,
     segments=None,

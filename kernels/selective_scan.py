@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ctxscale.kernels.dispatch import (
+    eager,
     forced_path,
     log_choice,
     module_available,
@@ -417,6 +418,7 @@ def _mamba_ssm_fn():
     return getattr(mod, "selective_scan_fn", None) if mod is not None else None
 
 
+@eager
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
     return_last_state=False, *, initial_state=None, segments=None,

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 
+from ctxscale.kernels.dispatch import eager
+
 
 def _check(q, k, v, window, prefix_k, prefix_v, segments=None):
     if window < 1:
@@ -65,6 +67,7 @@ def _same_document(segments, qpos, kpos, allowed):
     return allowed & (segments[:, qpos, None] == segments[:, None, kpos])
 
 
+@eager
 def sliding_window_attention(q, k, v, *, window: int, softmax_scale: float | None = None,
                              prefix_k=None, prefix_v=None, segments=None, block_size: int = 64):
     """Exact causal sliding-window attention, blockwise over queries (see module docstring)."""

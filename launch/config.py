@@ -133,6 +133,10 @@ class TrainConfig:
     tensorboard: bool = True
     # Fail fast instead of continuing when the loss becomes NaN/inf.
     stop_on_nan: bool = True
+    # torch.compile every block (after tensor parallelism, before FSDP, as torchtitan): the
+    # norms, RoPE and MLP fuse; context-parallel exchanges stay eager (graph breaks). The first
+    # step pays the compile (one per distinct block kind, shared by equal blocks).
+    compile: bool = False
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):

@@ -90,12 +90,13 @@ class TrainState:
         self.pipeline = self.engine = None
         if self.dims.pp > 1:
             self.pipeline = parallelize_pipeline(model, self.dims, self.mesh, cfg.parallel,
-                                                 self.device)
+                                                 self.device, compile_blocks=cfg.train.compile)
             self.pipeline.check_batch(cfg.train.batch_size)
             self.model = self.raw_model = self.pipeline.view
         else:
             self.raw_model = model
-            self.model = parallelize(model, self.dims, self.mesh, cfg.parallel)
+            self.model = parallelize(model, self.dims, self.mesh, cfg.parallel,
+                                     compile_blocks=cfg.train.compile)
         # the rank that reports each (dp, cp) shard's loss: last pipeline stage, tp rank 0
         self.is_loss_rank = self.tp_rank == 0 and (self.pipeline is None or self.pipeline.is_last)
         self.optimizer = build_optimizer(self.model, cfg.optim)

@@ -61,6 +61,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ctxscale.kernels.dispatch import eager
+
 
 class MemoryState(NamedTuple):
     weights: tuple[torch.Tensor, ...]
@@ -266,6 +268,7 @@ def _check_inputs(state, q, k, v, log_eta, log_keep, theta, chunk_size, resets=N
                          f", inputs are {(b, h)}")
 
 
+@eager
 def neural_memory(state: MemoryState, q, k, v, log_eta, log_keep, theta, *, chunk_size: int,
                   recompute: bool = False, resets=None, fresh: MemoryState | None = None,
                   pad=None, handover=None, host_flags=None):
