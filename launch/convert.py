@@ -208,6 +208,11 @@ class ConvertJob:
             raise ValueError("convert.passkey_fraction > 0 needs data.kind=text (a tokenizer)")
         if c.teacher:
             check_teacher_tokenizer(c.teacher, self.data)
+        if self.run.eval_batches < 1 or (self.data.kind in ("text", "tokens")
+                                         and self.data.val_fraction == 0):
+            raise ValueError("convert reports the student's (and the teacher's) loss on the "
+                             "validation split at the end: set data.val_fraction > 0 and "
+                             "run.eval_batches >= 1")
         if self.parallel.tp > 1 or self.parallel.pp > 1:
             raise ValueError("convert runs data and context parallel only; set parallel.tp=1, pp=1")
         if (self.parallel.cp > 1 and c.transfer.steps and c.transfer.loss != "mse"

@@ -76,6 +76,8 @@ class TrainState:
                                    dp_rank=self.dp_rank, dp_size=self.dp_size,
                                    seed=cfg.train.seed, split="val",
                                    cache_dir=str(out / "cache") if cfg.data.cache_dir is None else None)
+        # no validation split (data.val_fraction=0) or no batches asked for: no evaluation
+        self.can_eval = cfg.train.eval_batches > 0 and self.val_data.has_validation
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = self.data.vocab_size
         elif cfg.model.vocab_size < self.data.vocab_size:
@@ -258,7 +260,7 @@ def train(cfg: JobConfig) -> dict:
     t_start = time.perf_counter()
     tokens_seen = 0
     try:
-        if tcfg.eval_every and st.step == 0:
+        if tcfg.eval_every and st.can_eval and st.step == 0:
             first_eval = st.evaluate()
             metrics.log({"step": 0, **first_eval})
         while st.step < tcfg.steps:
@@ -273,7 +275,8 @@ def train(cfg: JobConfig) -> dict:
             record = {"step": st.step, "loss": out["loss"], "lr": out["lr"],
                       "grad_norm": out["grad_norm"], "tokens_per_s": out["tokens"] / dt,
                       "step_time_s": dt, "memory_bytes": peak_memory_bytes(st.device)}
-            if tcfg.eval_every and st.step % tcfg.eval_every == 0 and st.step < tcfg.steps:
+            if (tcfg.eval_every and st.can_eval and st.step % tcfg.eval_every == 0
+                    and st.step < tcfg.steps):
                 last_eval = st.evaluate()
                 record.update(last_eval)
                 first_eval = first_eval or last_eval
@@ -282,8 +285,9 @@ def train(cfg: JobConfig) -> dict:
             metrics.progress(1, loss=f"{out['loss']:.4f}")
             if cfg.checkpoint.every and st.step % cfg.checkpoint.every == 0:
                 st.save()
-        last_eval = st.evaluate()
-        metrics.log({"step": st.step, **last_eval})
+        if st.can_eval:
+            last_eval = st.evaluate()
+            metrics.log({"step": st.step, **last_eval})
         if cfg.checkpoint.at_end and not (cfg.checkpoint.every and st.step % cfg.checkpoint.every == 0):
             st.save()
         st.checkpointer.wait()
@@ -312,6 +316,8 @@ def format_summary(s: dict, output_dir: Path) -> str:
         lines.append(f"train loss       {s['first_loss']:.4f} -> {s['final_loss']:.4f}")
     if "initial_eval_loss" in s:
         lines.append(f"eval loss        {s['initial_eval_loss']:.4f} -> {s['final_eval_loss']:.4f}")
+    elif "final_eval_loss" not in s:
+        lines.append("eval             none (data.val_fraction=0 or train.eval_batches=0)")
     if "final_eval_accuracy" in s:
         lines.append(f"eval accuracy    {s.get('initial_eval_accuracy', float('nan')):.3f} -> "
                      f"{s['final_eval_accuracy']:.3f}")

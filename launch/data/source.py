@@ -75,6 +75,11 @@ class DataSource:
     def _sample(self, stream: str, index: int) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    @property
+    def has_validation(self) -> bool:
+        """Whether `eval_batches` has samples to give (a corpus with val_fraction 0 has none)."""
+        return True
+
     # -- batches ----------------------------------------------------------------------------
     def _batch_at(self, stream: str, step_start: int) -> dict:
         """Rows step_start + r·B + j, j < B, of `stream` for this rank."""

@@ -396,6 +396,10 @@ class TextSource(DataSource):
                 )
         return streams
 
+    @property
+    def has_validation(self) -> bool:
+        return self.cfg.val_fraction > 0  # then every split has windows (checked in _split)
+
     def _batch_at(self, stream: str, step_start: int) -> dict:
         batch = super()._batch_at(stream, step_start)
         if self.cfg.document_mask:

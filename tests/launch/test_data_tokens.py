@@ -272,3 +272,35 @@ def test_weighted_files_refusals(tmp_path):
     np.array([3, 4, EOS, 5, 6, 7, EOS, 8, EOS], dtype=np.uint16).tofile(small)
     with pytest.raises(ValueError, match="the train split of small.bin has .* fewer than one"):
         build_data(_tokens_cfg(tmp_path, [a, small], token_weights=[1, 1]), **_args())
+
+
+@pytest.mark.parametrize("no_eval", ["data.val_fraction=0", "train.eval_batches=0"])
+def test_training_without_a_validation_split(no_eval, tmp_path):
+    """No validation split (val_fraction 0) or no evaluation batches: the run trains and logs
+    no evaluation (it used to stop at the first evaluation, or log an eval_loss of 0)."""
+    import json
+
+    from ctxscale.launch.config import load_job_config
+    from ctxscale.launch.train import format_summary, train
+    from tests.launch.test_train import SMALL, TINY
+
+    f = tmp_path / "t.bin"
+    np.concatenate(_documents(9, 200)).astype(np.uint16).tofile(f)
+    out = tmp_path / "run"
+    summary = train(load_job_config(TINY, SMALL + [
+        "data.kind=tokens", f"data.token_files=[{f}]", f"data.eos_id={EOS}",
+        "data.token_vocab_size=50", "data.seq_len=16", "model.vocab_size=0", "train.steps=3",
+        "train.eval_every=1", f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={out}",
+        no_eval]))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert not any("eval_loss" in r for r in records)
+    assert "eval             none" in format_summary(summary, out)
+
+
+def test_convert_refuses_to_run_without_a_validation_split():
+    from ctxscale.launch.convert import load_convert_config
+
+    for override in ("data.val_fraction=0", "run.eval_batches=0"):
+        with pytest.raises(ValueError, match="set data.val_fraction > 0 and run.eval_batches"):
+            load_convert_config("configs/convert_pretrain_teacher.yaml", [override])
