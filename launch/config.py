@@ -133,9 +133,10 @@ class TrainConfig:
     tensorboard: bool = True
     # Fail fast instead of continuing when the loss becomes NaN/inf.
     stop_on_nan: bool = True
-    # torch.compile every block (after tensor parallelism, before FSDP, as torchtitan): the
-    # norms, RoPE and MLP fuse; context-parallel exchanges stay eager (graph breaks). The first
-    # step pays the compile (one per distinct block kind, shared by equal blocks).
+    # torch.compile every block (before FSDP's per-block wrap, as torchtitan): the norms, RoPE
+    # and MLP fuse; the kernels and context-parallel exchanges stay eager (graph breaks). The
+    # first step pays the compile (one per distinct block kind, shared by equal blocks). Runs
+    # with dp, cp, pp and ZeRO; not yet with tp > 1.
     compile: bool = False
 
     def validate(self) -> None:
@@ -244,6 +245,12 @@ class JobConfig:
             raise ValueError(
                 "parallel.dp_engine=deepspeed runs ZeRO data parallelism (x cp) only; for tp or "
                 "pp use parallel.dp_engine=fsdp"
+            )
+        if self.train.compile and par.tp > 1:
+            raise ValueError(
+                "train.compile=true does not run with parallel.tp > 1 yet (the compiled blocks' "
+                "backward hands DTensor's redistribution plain tensors); set train.compile=false "
+                "or parallel.tp=1 (compile runs with dp, cp, pp and ZeRO)"
             )
         if par.pp > 1 and model.tie_embeddings:
             raise ValueError(

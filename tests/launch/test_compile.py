@@ -71,6 +71,11 @@ def test_compiled_blocks_under_ring_attention_train_like_eager(tmp_path):
         assert breaks and all("torch.compiler.disable" in r for r in breaks), breaks
 
 
+def test_compile_with_tensor_parallel_is_refused_by_name():
+    with pytest.raises(ValueError, match="train.compile=true does not run with parallel.tp > 1"):
+        load_job_config(TINY, BASE + ["train.compile=true", "parallel.tp=2"])
+
+
 def test_compile_names_a_model_without_blocks():
     from ctxscale.dist.parallelize import compile_each_block
 
