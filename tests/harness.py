@@ -105,12 +105,16 @@ class DistributedPool:
             if first_error_at is not None and now - first_error_at > ERROR_GRACE:
                 break  # the other ranks are likely blocked in a collective with the failed one
             if now >= deadline or not self.alive():
+                # exit codes before the forced close: -11 is a segfault, -9 a kill (OOM)
+                dead = {r: p.exitcode for r, p in enumerate(self._procs) if not p.is_alive()}
                 self.close(force=True)
                 done = sorted(values) + sorted(errors)
-                why = "timed out" if now >= deadline else "lost a worker process"
+                why = ("timed out" if now >= deadline else
+                       f"lost a worker process (rank: exit code {dead})")
+                took = timeout - (deadline - now)
                 msg = (
-                    f"{fn.__name__} {why} after {timeout:.0f}s on {self.world_size} ranks; "
-                    f"ranks that finished: {done}"
+                    f"{fn.__name__} {why} after {took:.0f}s (limit {timeout:.0f}s) on "
+                    f"{self.world_size} ranks; ranks that finished: {done}"
                 )
                 if errors:
                     msg += "\n" + "\n".join(f"--- rank {r} ---\n{e}" for r, e in errors.items())

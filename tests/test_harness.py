@@ -40,3 +40,18 @@ def test_deadlock_fails_instead_of_hanging():
     with pytest.raises(TimeoutError, match="timed out"):
         run_distributed(_deadlock, 2, timeout=5)
     assert run_distributed(_sum_ranks, 2, args=(1,)) == [[1.0], [1.0]]
+
+
+def _die_on_rank_one(rank, world_size):
+    import os
+
+    if rank == 1:
+        os._exit(7)  # as a crash would: no exception, no answer
+    dist.barrier()
+
+
+def test_a_crashed_worker_is_named_with_its_exit_code():
+    with pytest.raises(TimeoutError, match=r"lost a worker process \(rank: exit code \{1: 7\}\) "
+                                           r"after \d+s \(limit 60s\)"):
+        run_distributed(_die_on_rank_one, 2, timeout=60)
+    assert run_distributed(_sum_ranks, 2, args=(1,)) == [[1.0], [1.0]]
