@@ -51,7 +51,9 @@ def check_op_path(op: str, path: str, source: str) -> str:
 
 def set_kernel_mode(mode: str | None = None, **per_op: str | None) -> None:
     """Set the kernel family (`auto`, `torch`, `triton`) and per-op paths from code or config
-    (`set_kernel_mode("auto", attention="sdpa")`); None leaves an op to the family rule."""
+    (`set_kernel_mode("auto", attention="sdpa")`); None leaves an op to the family rule. Every
+    job starts with it, so it also forgets the paths earlier jobs of this process ran
+    (`chosen_paths` then reports this job's)."""
     global _mode_override
     if mode is not None and mode not in MODES:
         raise ValueError(f"kernel mode {mode!r} is not one of {MODES}")
@@ -59,6 +61,7 @@ def set_kernel_mode(mode: str | None = None, **per_op: str | None) -> None:
     _mode_override = mode
     _op_overrides.clear()
     _op_overrides.update(checked)
+    _chosen.clear()
 
 
 def kernel_mode() -> str:

@@ -47,6 +47,7 @@ def test_config_override_wins_over_the_environment(monkeypatch):
     assert chosen_paths()["attention"] == "blockwise"
     set_kernel_mode(None)
     assert forced_path("attention") == "reference"
+    assert chosen_paths() == {}  # a new job's summary lists only what it runs
 
 
 def test_set_kernel_mode_checks_ops_and_paths():
