@@ -314,13 +314,15 @@ def format_summary(s: dict, output_dir: Path) -> str:
     lines.append(f"steps            {s['steps']}  ({s['elapsed_s']:.1f} s, {s['tokens_per_s']:.0f} tokens/s)")
     if s.get("first_loss") is not None:
         lines.append(f"train loss       {s['first_loss']:.4f} -> {s['final_loss']:.4f}")
-    if "initial_eval_loss" in s:
-        lines.append(f"eval loss        {s['initial_eval_loss']:.4f} -> {s['final_eval_loss']:.4f}")
-    elif "final_eval_loss" not in s:
+    for name, key, digits in (("eval loss", "eval_loss", 4), ("eval accuracy", "eval_accuracy", 3)):
+        if f"final_{key}" not in s:
+            continue
+        final = f"{s[f'final_{key}']:.{digits}f}"
+        first = s.get(f"initial_{key}")  # none without train.eval_every (no step-0 evaluation)
+        lines.append(f"{name:<17}{final} (end of run)" if first is None
+                     else f"{name:<17}{first:.{digits}f} -> {final}")
+    if "final_eval_loss" not in s:
         lines.append("eval             none (data.val_fraction=0 or train.eval_batches=0)")
-    if "final_eval_accuracy" in s:
-        lines.append(f"eval accuracy    {s.get('initial_eval_accuracy', float('nan')):.3f} -> "
-                     f"{s['final_eval_accuracy']:.3f}")
     lines.append(f"peak memory      {s['peak_memory_bytes'] / 2**20:.0f} MiB")
     lines.append(f"kernels          {s['kernels']}")
     lines.append(f"outputs          {output_dir}/metrics.jsonl, tensorboard/, checkpoints/")

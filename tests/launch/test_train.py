@@ -183,3 +183,18 @@ def test_checkpoint_of_fused_mamba_in_proj_is_named(tmp_path):
                        r"tensors are not in this model.*fused in_proj.*in_proj_x and in_proj_z"):
         check_model_matches(tmp_path, model_sd)
     check_model_matches(tmp_path, {"layers.0.mixer.in_proj.weight": torch.zeros(8, 2)})
+
+
+def test_summary_shows_an_end_of_run_evaluation_without_a_first_one():
+    """Without train.eval_every there is no step-0 evaluation: the summary shows the final one
+    alone (it used to drop the loss and print 'nan ->' for the accuracy)."""
+    from ctxscale.launch.train import format_summary
+
+    base = dict(steps=5, elapsed_s=1.0, tokens_per_s=10.0, first_loss=4.0, final_loss=3.0,
+                peak_memory_bytes=2**20, kernels={})
+    both = format_summary(base | dict(initial_eval_loss=4.1, final_eval_loss=3.1,
+                                      initial_eval_accuracy=0.1, final_eval_accuracy=0.2), "o")
+    assert "eval loss        4.1000 -> 3.1000" in both and "eval accuracy    0.100 -> 0.200" in both
+    end = format_summary(base | dict(final_eval_loss=3.1, final_eval_accuracy=0.2), "o")
+    assert "eval loss        3.1000 (end of run)" in end and "nan" not in end
+    assert "eval accuracy    0.200 (end of run)" in end
