@@ -95,10 +95,7 @@ def load_tokenizer(path: str | Path, *, eos_id: int = -1):
                 "tokenizer.model; point it at a tokenizer file or a model folder holding one")
     elif p.suffix == ".json":
         return HFTokenizer(p, eos_id=eos_id)
-    tok = Tokenizer(p)
-    if eos_id >= 0:
-        tok.eos_override = eos_id
-    return tok
+    return Tokenizer(p, eos_id=eos_id)
 
 
 def check_teacher_tokenizer(teacher: str, data, data_vocab: int | None = None,

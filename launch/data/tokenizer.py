@@ -34,7 +34,8 @@ def _spm():
 class Tokenizer:
     """A loaded sentencepiece model. ids are plain python ints."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, eos_id: int = -1) -> None:
+        """`eos_id` >= 0 replaces the model's own EOS id (data.eos_id, for a model without one)."""
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(
@@ -48,16 +49,15 @@ class Tokenizer:
         except (OSError, RuntimeError) as e:
             raise ValueError(f"{str(path)!r} is not a valid sentencepiece model: {e}") from e
         self.sha256 = sha256_file(self.path)
+        self._eos = eos_id if eos_id >= 0 else int(self.sp.eos_id())
 
     @property
     def vocab_size(self) -> int:
         return int(self.sp.get_piece_size())
 
-    eos_override = -1  # data.eos_id, for a given model without an EOS piece (hf_tokenizer.py)
-
     @property
     def eos_id(self) -> int:
-        return self.eos_override if self.eos_override >= 0 else int(self.sp.eos_id())
+        return self._eos
 
     @property
     def bos_id(self) -> int:
