@@ -25,6 +25,7 @@ permutation drawn from (stream seed, epoch): sample index i -> epoch i // W, pos
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
@@ -180,6 +181,18 @@ def _sha_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """`arr` as the bytes of a .npy file (written and checksummed from memory, not read back)."""
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def npy_from_bytes(raw: bytes) -> np.ndarray:
+    """The array of .npy bytes already read (for their checksum): no second read of the file."""
+    return np.load(io.BytesIO(raw), allow_pickle=False)
+
+
 class TokenCorpus:
     """All documents of a corpus as one memory-mapped token array plus document offsets."""
 
@@ -219,7 +232,7 @@ def _load_corpus(paths: dict) -> TokenCorpus:
         raw_offsets = paths["offsets"].read_bytes()
         if _sha_bytes(raw_offsets) != meta["offsets_sha256"]:
             raise CorruptCacheError("offsets checksum mismatch")
-        offsets = np.load(paths["offsets"])
+        offsets = npy_from_bytes(raw_offsets)
         if offsets.shape != (num_docs + 1,) or offsets[0] != 0 or offsets[-1] != num_tokens:
             raise CorruptCacheError("offsets do not match the token count")
         if _probe_sha(paths["bin"], size) != meta["bin_probe_sha256"]:
@@ -258,10 +271,8 @@ def _build_corpus(
         f.flush()
         os.fsync(f.fileno())
     num_tokens = offsets[-1]
-    offsets_arr = np.asarray(offsets, dtype=np.int64)
-    with open(tmp_name(paths["offsets"]), "wb") as f:
-        np.save(f, offsets_arr)
-    raw_offsets = tmp_name(paths["offsets"]).read_bytes()
+    raw_offsets = npy_bytes(np.asarray(offsets, dtype=np.int64))
+    tmp_name(paths["offsets"]).write_bytes(raw_offsets)
     meta = {
         "format": CACHE_FORMAT,
         "dtype": dtype.name,

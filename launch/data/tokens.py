@@ -41,7 +41,7 @@ from .cache import (
 )
 from .config import DataConfig
 from .source import DataSource
-from .text import TextSource, TokenCorpus, _sha_bytes
+from .text import TextSource, TokenCorpus, _sha_bytes, npy_bytes, npy_from_bytes
 
 INDEX_FORMAT = 1
 _CHUNK = 1 << 24  # tokens per pass of the index scan
@@ -122,21 +122,22 @@ def load_or_build_index(files, arrays, cfg: DataConfig, cache_dir: Path) -> np.n
         if meta_path.exists():
             try:
                 meta = json.loads(meta_path.read_text())
-                if _sha_bytes(npy.read_bytes()) != meta["offsets_sha256"]:
+                raw = npy.read_bytes()
+                if _sha_bytes(raw) != meta["offsets_sha256"]:
                     raise ValueError("offsets checksum mismatch")
                 if meta["max_id"] >= cfg.token_vocab_size:
                     raise ValueError(f"the files hold the id {meta['max_id']}")  # rescan: names it
-                return np.load(npy, allow_pickle=False)
+                return npy_from_bytes(raw)
             except (OSError, ValueError, KeyError, TypeError) as e:
                 warnings.warn(f"token index {meta_path} is invalid or does not fit ({e}); "
                               "rebuilding it", stacklevel=2)
                 meta_path.unlink(missing_ok=True)
         offsets, max_id = _scan(arrays, files, cfg.eos_id, cfg.token_vocab_size)
-        with open(npy, "wb") as f:  # meta.json, written last, marks the entry complete
-            np.save(f, offsets)
+        raw = npy_bytes(offsets)
+        atomic_write_bytes(npy, raw)  # meta.json, written last, marks the entry complete
         atomic_write_bytes(meta_path, json.dumps({
             "format": INDEX_FORMAT, "num_tokens": int(offsets[-1]), "max_id": max_id,
-            "offsets_sha256": _sha_bytes(npy.read_bytes())}).encode())
+            "offsets_sha256": _sha_bytes(raw)}).encode())
         return offsets
 
 
