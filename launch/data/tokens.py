@@ -184,7 +184,9 @@ class TokenFileSource(TextSource):
             return
         corpora = [TokenCorpus(a, load_or_build_index([f], [a], cfg, root), meta, {})
                    for f, a in zip(files, arrays)]
-        self._pack(corpora[0])  # the corpus' EOS for document masks, the perm cache
+        # no `streams`: each file has its own (`parts`); `corpus` carries the EOS id that the
+        # document masks read, the same for every file
+        self.corpus, self.streams, self._perms = corpora[0], None, {}
         self.parts = [self._split(c, f" of {f.name}") for c, f in zip(corpora, files)]
         self.counts = blend_counts(cfg.token_weights)
         self._blocks: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
