@@ -27,7 +27,7 @@ def resolve_cache_dir(override: str | None, configured: str | None) -> Path:
     return path
 
 
-def check_text_files(paths: list[str], key: str = "data.text_files") -> list[Path]:
+def check_files(paths: list[str], key: str) -> list[Path]:
     """Resolve the files of config list `key`, raising FileNotFoundError that names a missing
     path."""
     out = []

@@ -118,6 +118,8 @@ class DataConfig:
                 f"data.document_mask=true needs data.kind=text or tokens (packed documents); the "
                 f"{self.kind} task has one sample per sequence: set data.document_mask=false"
             )
+        if self.kind in ("text", "tokens") and not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
         if self.kind == "mqar":
             self._validate_mqar()
         elif self.kind == "passkey":
@@ -198,8 +200,6 @@ class DataConfig:
             raise ValueError(f"data.token_vocab_size={self.token_vocab_size} does not fit "
                              f"data.token_dtype=uint16 (raw file {raw[0]!r}); set token_dtype "
                              "to the dtype the files were written with (uint32 or int32)")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
 
     def _validate_text(self) -> None:
         if not self.text_files:
@@ -222,5 +222,3 @@ class DataConfig:
                 f"data.tokenizer_type={self.tokenizer_type!r} is not supported; choose one of "
                 f"{TOKENIZER_TYPES}"
             )
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")

@@ -36,7 +36,7 @@ import torch
 
 from .cache import (
     atomic_write_bytes,
-    check_text_files,
+    check_files,
     file_identity,
     file_lock,
     key_of,
@@ -377,7 +377,7 @@ class TextSource(DataSource):
         super().__init__(data_seed=cfg.seed, **kwargs)
         self.cfg = cfg
         self.seq_len = cfg.seq_len
-        files = check_text_files(cfg.text_files)
+        files = check_files(cfg.text_files, "data.text_files")
         root = resolve_cache_dir(cache_dir, cfg.cache_dir)
         self.tokenizer = load_or_train_tokenizer(cfg, files, root)
         self.vocab_size = self.tokenizer.vocab_size

@@ -33,7 +33,7 @@ import numpy as np
 
 from .cache import (
     atomic_write_bytes,
-    check_text_files,
+    check_files,
     file_identity,
     file_lock,
     key_of,
@@ -172,7 +172,7 @@ class TokenFileSource(TextSource):
         self.seq_len = cfg.seq_len
         self.tokenizer = None  # the ids come tokenized: no text to make passkey rows from
         self.vocab_size = cfg.token_vocab_size
-        files = check_text_files(cfg.token_files, "data.token_files")
+        files = check_files(cfg.token_files, "data.token_files")
         arrays = [open_token_file(f, cfg.token_dtype) for f in files]
         root = resolve_cache_dir(cache_dir, cfg.cache_dir)
         meta = {"eos_id": cfg.eos_id}
