@@ -212,6 +212,19 @@ def _gather_norm_output(keep_dtensor: bool):
     return hook
 
 
+def _settle_async_output(module, inputs, output):
+    """Forward hook: the output of a module whose TP style ends in an asynchronous collective
+    (RowwiseParallel reduce-scatters with async_op=True) as a plain tensor, waited once here.
+
+    Left as an AsyncCollectiveTensor it would enter the first block, and a compiled block
+    (train.compile) hands its gradient back to the collective's backward as a plain tensor
+    where DTensor's redistribution expects a DTensor. The copy is of one sequence shard of the
+    embeddings; eager runs wait for the same collective on first use anyway."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return output.clone() if isinstance(output, AsyncCollectiveTensor) else output
+
+
 def _shard_mamba_mixer(mixer: nn.Module, tp_mesh) -> None:
     """Split a `MambaMixer`'s E channels over `tp_mesh` (see the module docstring)."""
     from torch.distributed.tensor import Replicate, Shard
@@ -337,6 +350,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> nn.Module:
     if model.tok_embeddings is not None:
         parallelize_module(model.tok_embeddings, tp_mesh,
                            RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)))
+        model.tok_embeddings.register_forward_hook(_settle_async_output)
     colwise, rowwise = ColwiseParallel(), RowwiseParallel(output_layouts=Shard(1))
     # Titans mac: outputs that stay whole inside the block (module docstring)
     replicated = RowwiseParallel(output_layouts=Replicate(), use_local_output=False)

@@ -136,7 +136,7 @@ class TrainConfig:
     # torch.compile every block (before FSDP's per-block wrap, as torchtitan): the norms, RoPE
     # and MLP fuse; the kernels and context-parallel exchanges stay eager (graph breaks). The
     # first step pays the compile (one per distinct block kind, shared by equal blocks). Runs
-    # with dp, cp, pp and ZeRO; not yet with tp > 1.
+    # with dp, cp, pp, tp and ZeRO (not Titans with tp > 1).
     compile: bool = False
 
     def validate(self) -> None:
@@ -246,11 +246,11 @@ class JobConfig:
                 "parallel.dp_engine=deepspeed runs ZeRO data parallelism (x cp) only; for tp or "
                 "pp use parallel.dp_engine=fsdp"
             )
-        if self.train.compile and par.tp > 1:
+        if self.train.compile and par.tp > 1 and model.family == "titans":
             raise ValueError(
-                "train.compile=true does not run with parallel.tp > 1 yet (the compiled blocks' "
-                "backward hands DTensor's redistribution plain tensors); set train.compile=false "
-                "or parallel.tp=1 (compile runs with dp, cp, pp and ZeRO)"
+                "train.compile=true does not run Titans with parallel.tp > 1 (Inductor fails on "
+                "the memory's replicated DTensors inside a compiled block); set "
+                "train.compile=false or parallel.tp=1"
             )
         if par.pp > 1 and model.tie_embeddings:
             raise ValueError(
