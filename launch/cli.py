@@ -14,6 +14,7 @@ COMMANDS = {
     "sweep": ("ctxscale.launch.sweep", "context-length sweep: one run per length, table + plot"),
     "convert": ("ctxscale.launch.convert", "distill a softmax model into linear attention"),
     "eval": ("ctxscale.launch.evaluate", "perplexity, passkey by length, MQAR: table + plot"),
+    "tokenize": ("ctxscale.launch.tokenize", "text corpus -> token file for data.kind=tokens"),
 }
 
 

@@ -56,11 +56,11 @@ def is_jsonl(path: Path) -> bool:
     return path.name.endswith((".jsonl", ".jsonl.gz"))
 
 
-def _read_jsonl(path: Path, field: str) -> list[str]:
-    """One document per line: the `field` string of each JSON object (blank lines skipped)."""
+def _iter_jsonl(path: Path, field: str):
+    """One document per line: the `field` string of each JSON object (blank lines skipped),
+    read line by line."""
     import gzip
 
-    docs = []
     opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
@@ -76,24 +76,45 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
                     keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
                     raise ValueError(f"data.text_files entry {str(path)!r}, line {n}: no string "
                                      f"field {field!r} (has {keys}); set data.jsonl_field")
-                docs.append(obj[field])
+                yield obj[field]
     except (UnicodeDecodeError, OSError, EOFError) as e:
         raise ValueError(f"data.text_files entry {str(path)!r} cannot be read as UTF-8 JSON "
                          f"lines: {e}") from e
-    return docs
+
+
+def _iter_split(path: Path, separator: str, chunk_chars: int):
+    """`path.read_text().split(separator)`, read `chunk_chars` characters at a time: the piece
+    after the last separator seen is carried into the next chunk, so a separator that straddles
+    two chunks is still found (str.split's matches are leftmost and non-overlapping, so
+    splitting from just after each match finds the same ones)."""
+    try:
+        with open(path, encoding="utf-8") as f:  # universal newlines, as read_text
+            carry: list[str] = []
+            while chunk := f.read(chunk_chars):
+                if not separator:
+                    carry.append(chunk)
+                    continue
+                parts = ("".join(carry) + chunk).split(separator)
+                carry = [parts.pop()]
+                yield from parts
+            yield "".join(carry)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data.text_files entry {str(path)!r} is not valid UTF-8 text: {e}") from e
+
+
+def iter_documents(path: Path, separator: str, field: str = "text", *,
+                   chunk_chars: int = 1 << 22):
+    """The documents of one file, streamed (memory bounded by the largest document, not the
+    file): `.jsonl` / `.jsonl.gz` one per line (`field` of each object), any other file split
+    by `separator`. Empty documents are dropped."""
+    docs = _iter_jsonl(path, field) if is_jsonl(path) else _iter_split(path, separator,
+                                                                       chunk_chars)
+    return (d for d in docs if d.strip())
 
 
 def read_documents(path: Path, separator: str, field: str = "text") -> list[str]:
-    """The documents of one file: `.jsonl` / `.jsonl.gz` one per line (`field` of each object),
-    any other file split by `separator`. Empty documents are dropped."""
-    if is_jsonl(path):
-        return [d for d in _read_jsonl(path, field) if d.strip()]
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"data.text_files entry {str(path)!r} is not valid UTF-8 text: {e}") from e
-    docs = text.split(separator) if separator else [text]
-    return [d for d in docs if d.strip()]
+    """All documents of one file (`iter_documents`) as a list."""
+    return list(iter_documents(path, separator, field))
 
 
 def _reader_key(files: list[Path], separator: str, field: str) -> dict:
@@ -118,8 +139,10 @@ def val_doc_ids(num_docs: int, val_fraction: float) -> np.ndarray:
     return np.sort(perm[:num_val])
 
 
-def _all_documents(files: list[Path], separator: str, field: str) -> list[str]:
-    return [doc for f in files for doc in read_documents(f, separator, field)]
+def iter_corpus(files: list[Path], separator: str, field: str):
+    """Every document of `files`, in file order (their global numbering), streamed."""
+    for f in files:
+        yield from iter_documents(f, separator, field)
 
 
 # ------------------------------------------------------------------------------ tokenizer
@@ -149,9 +172,11 @@ def load_or_train_tokenizer(cfg: DataConfig, files: list[Path], cache_dir: Path)
                 return Tokenizer(path)
             except ValueError as e:
                 warnings.warn(f"rebuilding corrupt cached tokenizer {path}: {e}", stacklevel=2)
-        docs = _all_documents(files, cfg.doc_separator, cfg.jsonl_field)
-        val = set(val_doc_ids(len(docs), cfg.val_fraction).tolist())
-        train_docs = (d for i, d in enumerate(docs) if i not in val)
+        # two streamed passes (count, then train) instead of holding the corpus in memory
+        num_docs = sum(1 for _ in iter_corpus(files, cfg.doc_separator, cfg.jsonl_field))
+        val = set(val_doc_ids(num_docs, cfg.val_fraction).tolist())
+        train_docs = (d for i, d in enumerate(iter_corpus(files, cfg.doc_separator,
+                                                          cfg.jsonl_field)) if i not in val)
         return train_tokenizer(
             train_docs, path, vocab_size=cfg.tokenizer_vocab_size, model_type=cfg.tokenizer_type
         )
@@ -243,10 +268,8 @@ def _load_corpus(paths: dict) -> TokenCorpus:
     return TokenCorpus(tokens, offsets, meta, paths)
 
 
-def _build_corpus(
-    files: list[Path], tokenizer: Tokenizer, separator: str, paths: dict, inputs: list,
-    field: str = "text",
-) -> None:
+def document_eos(tokenizer) -> int:
+    """The id that ends every document: the tokenizer's EOS (or data.eos_id), checked."""
     eos = tokenizer.eos_id
     if eos < 0:
         raise ValueError(
@@ -257,21 +280,60 @@ def _build_corpus(
     if eos >= tokenizer.vocab_size:
         raise ValueError(f"data.eos_id={eos} is outside the tokenizer's {tokenizer.vocab_size} "
                          f"ids ({tokenizer.path}); set it to one of its ids")
-    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
-    offsets = [0]
+    return eos
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def _batches(docs, max_docs: int, max_chars: int):
+    batch, chars = [], 0
+    for d in docs:
+        batch.append(d)
+        chars += len(d)
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def write_tokens(docs, tokenizer, f, *, max_docs: int = 1024, max_chars: int = 1 << 22,
+                 progress=None) -> list[int]:
+    """Encode the documents `docs` (an iterable of strings) in batches and write each, followed
+    by its EOS, to the open binary file `f` as `token_dtype(vocab)` ids. Returns the document
+    offsets (int64, num_docs + 1, from 0). `progress(docs, tokens)` is called after each
+    batch. Memory: one batch, plus 8 bytes per document for the offsets."""
+    from array import array
+
+    eos, dtype = document_eos(tokenizer), token_dtype(tokenizer.vocab_size)
+    offsets = array("q", [0])
+    for batch in _batches(docs, max_docs, max_chars):
+        flat: list[int] = []
+        base = offsets[-1]
+        for ids in tokenizer.encode_batch(batch):
+            flat.extend(ids)
+            flat.append(eos)
+            offsets.append(base + len(flat))
+        np.asarray(flat, dtype=dtype).tofile(f)
+        if progress is not None:
+            progress(len(offsets) - 1, offsets[-1])
+    return np.frombuffer(offsets, dtype=np.int64)
+
+
+def _build_corpus(
+    files: list[Path], tokenizer: Tokenizer, separator: str, paths: dict, inputs: list,
+    field: str = "text",
+) -> None:
+    eos, dtype = document_eos(tokenizer), token_dtype(tokenizer.vocab_size)
     tmp_bin = tmp_name(paths["bin"])
     with open(tmp_bin, "wb") as f:
-        for path in files:
-            docs = read_documents(path, separator, field)
-            for start in range(0, len(docs), 1024):
-                for ids in tokenizer.encode_batch(docs[start : start + 1024]):
-                    arr = np.asarray(ids + [eos], dtype=dtype)
-                    arr.tofile(f)
-                    offsets.append(offsets[-1] + len(arr))
+        offsets = write_tokens(iter_corpus(files, separator, field), tokenizer, f)
         f.flush()
         os.fsync(f.fileno())
-    num_tokens = offsets[-1]
-    raw_offsets = npy_bytes(np.asarray(offsets, dtype=np.int64))
+    num_tokens = int(offsets[-1])
+    raw_offsets = npy_bytes(offsets)
     tmp_name(paths["offsets"]).write_bytes(raw_offsets)
     meta = {
         "format": CACHE_FORMAT,
