@@ -196,6 +196,31 @@ class KernelConfig:
 
 
 @dataclass
+class ProfileConfig:
+    # torch.profiler trace of a window of training steps, on every rank (launch/profiling.py):
+    # <folder>/rank<r>_steps<a>-<b>.json (Chrome trace, open in Perfetto or chrome://tracing)
+    # and rank<r>_ops.txt (the operators by self time).
+    enabled: bool = False
+    # First profiled step (1-based global step; the default leaves two steps of warm-up:
+    # allocator, compile, autotuning) and how many steps the window holds.
+    start_step: int = 3
+    steps: int = 2
+    # Record input shapes / Python stacks of the operators (bigger traces).
+    record_shapes: bool = False
+    with_stack: bool = False
+    # Allocations in the trace; on CUDA also a snapshot of the window's allocator history,
+    # rank<r>_memory.pickle (open at https://pytorch.org/memory_viz).
+    memory: bool = False
+    # Folder of the traces (default: <train.output_dir>/profile).
+    folder: str | None = None
+
+    def validate(self) -> None:
+        if self.start_step < 1 or self.steps < 1:
+            raise ValueError(f"profile.start_step={self.start_step} and profile.steps="
+                             f"{self.steps} must both be >= 1 (steps count from 1)")
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -204,6 +229,7 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def validate(self) -> None:
         self.model.validate()
@@ -213,6 +239,11 @@ class JobConfig:
         self.optim.validate()
         self.checkpoint.validate()
         self.kernels.validate()
+        self.profile.validate()
+        if self.profile.enabled and self.profile.start_step > self.train.steps:
+            raise ValueError(
+                f"profile.start_step={self.profile.start_step} is past train.steps="
+                f"{self.train.steps}: nothing would be profiled; lower profile.start_step")
         par, model = self.parallel, self.model
         par.check_seq_len(self.data.seq_len)
         if self.data.seq_len > model.max_seq_len:

@@ -43,6 +43,7 @@ from ctxscale.launch.data import build_data, token_accuracy
 from ctxscale.launch.env import detect_env, init_distributed, pick_device
 from ctxscale.launch.metrics import MetricsLogger, peak_memory_bytes
 from ctxscale.launch.optim import build_optimizer, build_scheduler
+from ctxscale.launch.profiling import StepProfiler
 from ctxscale.models import build_model
 
 logger = logging.getLogger("ctxscale.train")
@@ -255,6 +256,8 @@ def train(cfg: JobConfig) -> dict:
             f" | {cfg.data.kind} seq_len={cfg.data.seq_len} | device {st.device}"
             + (f" | resumed from {st.resumed_from}" if st.resumed_from else "")
         )
+    profiler = StepProfiler(cfg.profile, output_dir=st.output_dir, rank=st.rank,
+                            device=st.device, first_step=st.step + 1, log=metrics.write)
     first_eval = last_eval = None
     losses = []
     t_start = time.perf_counter()
@@ -265,7 +268,8 @@ def train(cfg: JobConfig) -> dict:
             metrics.log({"step": 0, **first_eval})
         while st.step < tcfg.steps:
             t0 = time.perf_counter()
-            out = st.train_step()
+            with profiler.step(st.step + 1):
+                out = st.train_step()
             st.step += 1
             dt = time.perf_counter() - t0
             tokens_seen += out["tokens"]
@@ -292,6 +296,7 @@ def train(cfg: JobConfig) -> dict:
             st.save()
         st.checkpointer.wait()
     finally:
+        profiler.finish()
         metrics.close()
         st.checkpointer.close()
     elapsed = time.perf_counter() - t_start
