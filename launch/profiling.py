@@ -89,7 +89,7 @@ class StepProfiler:
         stem = self.folder / f"rank{self.rank}_steps{a}-{b}"
         trace = stem.with_suffix(".json")
         prof.export_chrome_trace(str(trace))
-        sort = "self_cuda_time_total" if self._cuda() else "self_cpu_time_total"
+        sort = "self_device_time_total" if self._cuda() else "self_cpu_time_total"
         ops = self.folder / f"rank{self.rank}_ops.txt"
         ops.write_text(prof.key_averages().table(sort_by=sort, row_limit=TOP_OPS) + "\n")
         self.written = [trace, ops]
