@@ -67,19 +67,35 @@ def check_layout(dims: ParallelDims, par_cfg) -> None:
         )
 
 
-def apply_data_parallel(model: torch.nn.Module, dims: ParallelDims, mesh, engine: str):
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def fsdp_dtypes(par_cfg, *, train_dtype: str, device_type: str) -> tuple[torch.dtype, torch.dtype]:
+    """(param_dtype, reduce_dtype) of FSDP2's MixedPrecisionPolicy (ParallelConfig)."""
+    param = par_cfg.fsdp_param_dtype
+    if param == "auto":
+        param = "bfloat16" if train_dtype == "bfloat16" and device_type == "cuda" else "float32"
+    return _DTYPES[param], _DTYPES[par_cfg.fsdp_reduce_dtype]
+
+
+def apply_data_parallel(model: torch.nn.Module, dims: ParallelDims, mesh, engine: str, *,
+                        mixed_precision: tuple[torch.dtype, torch.dtype] | None = None):
+    """FSDP2 per block and at the root (with `mixed_precision` = (param_dtype, reduce_dtype)),
+    or DDP; nothing with one data-parallel rank."""
     if grad_reduce_size(dims) == 1 or mesh is None:
         return model
     if engine == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         axes = ("dp_replicate", "dp_shard_cp") if dims.dp_replicate > 1 else ("dp_shard_cp",)
         dp_mesh = submesh(mesh, *axes)
+        param_dtype, reduce_dtype = mixed_precision or (torch.float32, torch.float32)
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
         blocks = _blocks(model)
         if blocks is not None:
             for block in blocks.values():
-                fully_shard(block, mesh=dp_mesh)
-        fully_shard(model, mesh=dp_mesh)
+                fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+        fully_shard(model, mesh=dp_mesh, mp_policy=policy)
         return model
     if engine == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -92,9 +108,10 @@ def apply_data_parallel(model: torch.nn.Module, dims: ParallelDims, mesh, engine
 
 
 def parallelize(model: torch.nn.Module, dims: ParallelDims, mesh, par_cfg, *,
-                compile_blocks: bool = False) -> torch.nn.Module:
+                compile_blocks: bool = False, mixed_precision=None) -> torch.nn.Module:
     """Apply every parallelism but the pipeline split to `model` in the documented order and
-    return the wrapped model (with pp > 1 use `parallelize_pipeline`)."""
+    return the wrapped model (with pp > 1 use `parallelize_pipeline`). `mixed_precision`:
+    FSDP's (param_dtype, reduce_dtype), from `fsdp_dtypes`."""
     check_layout(dims, par_cfg)
     if dims.tp > 1:
         from ctxscale.dist.tensor_parallel import apply_tensor_parallel
@@ -106,7 +123,8 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, mesh, par_cfg, *,
     # activation checkpointing: per block, from the model config
     if par_cfg.dp_engine == "deepspeed":
         return model  # launch/deepspeed_engine.py wraps it with the optimizer
-    return apply_data_parallel(model, dims, mesh, par_cfg.dp_engine)
+    return apply_data_parallel(model, dims, mesh, par_cfg.dp_engine,
+                               mixed_precision=mixed_precision)
 
 
 def compile_each_block(model: torch.nn.Module) -> int:
@@ -126,7 +144,7 @@ def compile_each_block(model: torch.nn.Module) -> int:
 
 
 def parallelize_pipeline(model: torch.nn.Module, dims: ParallelDims, mesh, par_cfg, device, *,
-                         compile_blocks: bool = False):
+                         compile_blocks: bool = False, mixed_precision=None):
     """Split `model` into this rank's pipeline stages, apply tp / cp / FSDP to each stage
     (same order as `parallelize`), and return the `PipelineRunner`."""
     from ctxscale.dist.pipeline import PipelineRunner
@@ -136,7 +154,8 @@ def parallelize_pipeline(model: torch.nn.Module, dims: ParallelDims, mesh, par_c
         model, pp_mesh=mesh["pp"], schedule=par_cfg.pp_schedule,
         microbatches=par_cfg.pp_microbatches, virtual_stages=par_cfg.pp_virtual_stages,
         device=device,
-        wrap=lambda stage: parallelize(stage, dims, mesh, par_cfg, compile_blocks=compile_blocks),
+        wrap=lambda stage: parallelize(stage, dims, mesh, par_cfg, compile_blocks=compile_blocks,
+                                       mixed_precision=mixed_precision),
     )
 
 

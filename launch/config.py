@@ -44,6 +44,13 @@ class ParallelConfig:
     cp_state_method: Literal["allgather", "ring"] = "allgather"
     # Data-parallel engine: FSDP2 (fully_shard), DDP-style replication, or DeepSpeed ZeRO.
     dp_engine: Literal["fsdp", "ddp", "deepspeed"] = "fsdp"
+    # FSDP2 mixed precision (torchtitan's mixed_precision_param / _reduce): the dtype the
+    # sharded float32 parameters are all-gathered and computed in, and the dtype gradients are
+    # reduce-scattered in. "auto": bfloat16 where train.dtype=bfloat16 runs on CUDA (half the
+    # all-gather bytes, matmuls in bf16 without autocast's casts), else float32. The optimizer
+    # always updates the float32 shards.
+    fsdp_param_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    fsdp_reduce_dtype: Literal["float32", "bfloat16"] = "float32"
     # ZeRO stage when dp_engine is deepspeed.
     zero_stage: int = 2
 
@@ -64,6 +71,12 @@ class ParallelConfig:
                     f"parallel.cp_method=usp needs parallel.ulysses_degree dividing "
                     f"parallel.cp={self.cp}; got {self.ulysses_degree}"
                 )
+        if self.dp_engine != "fsdp" and (self.fsdp_param_dtype == "bfloat16"
+                                         or self.fsdp_reduce_dtype == "bfloat16"):
+            raise ValueError(
+                f"parallel.fsdp_param_dtype / fsdp_reduce_dtype set bfloat16, which FSDP applies, "
+                f"but parallel.dp_engine={self.dp_engine}; use dp_engine=fsdp, or leave them "
+                "auto / float32 (train.dtype=bfloat16 autocasts on CUDA with any engine)")
         if self.zero_stage not in (1, 2, 3):
             raise ValueError(f"parallel.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
 

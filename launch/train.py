@@ -30,6 +30,7 @@ from ctxscale.dist.layout import shard_sequence
 from ctxscale.dist.mesh import ParallelDims, axis_group, axis_rank, axis_size
 from ctxscale.dist.parallelize import (
     clip_grad_norm,
+    fsdp_dtypes,
     grad_reduce_size,
     parallel_context,
     parallelize,
@@ -91,15 +92,24 @@ class TrainState:
         self.pp_group = axis_group(self.mesh, "pp") if self.dims.pp > 1 else None
         model = build_model(cfg.model, self.parallel).to(self.device)
         self.pipeline = self.engine = None
+        par = cfg.parallel
+        if grad_reduce_size(self.dims) == 1 and "bfloat16" in (par.fsdp_param_dtype,
+                                                               par.fsdp_reduce_dtype):
+            raise ConfigError(
+                "parallel.fsdp_param_dtype / fsdp_reduce_dtype=bfloat16 need FSDP, which this job "
+                "does not apply (one data-parallel rank: dp x cp = 1); leave them auto / float32 "
+                "(train.dtype=bfloat16 autocasts on CUDA)")
+        wrap = dict(compile_blocks=cfg.train.compile,
+                    mixed_precision=fsdp_dtypes(cfg.parallel, train_dtype=cfg.train.dtype,
+                                                device_type=self.device.type))
         if self.dims.pp > 1:
             self.pipeline = parallelize_pipeline(model, self.dims, self.mesh, cfg.parallel,
-                                                 self.device, compile_blocks=cfg.train.compile)
+                                                 self.device, **wrap)
             self.pipeline.check_batch(cfg.train.batch_size)
             self.model = self.raw_model = self.pipeline.view
         else:
             self.raw_model = model
-            self.model = parallelize(model, self.dims, self.mesh, cfg.parallel,
-                                     compile_blocks=cfg.train.compile)
+            self.model = parallelize(model, self.dims, self.mesh, cfg.parallel, **wrap)
         # the rank that reports each (dp, cp) shard's loss: last pipeline stage, tp rank 0
         self.is_loss_rank = self.tp_rank == 0 and (self.pipeline is None or self.pipeline.is_last)
         self.optimizer = build_optimizer(self.model, cfg.optim)
