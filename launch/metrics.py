@@ -1,8 +1,9 @@
 """Metrics: `metrics.jsonl` (one JSON object per logged step), TensorBoard scalars, progress bar.
 
 Only the logging rank (global rank 0) writes. Every logged record has at least `step`, `loss`,
-`lr`, `grad_norm` and `tokens_per_s`; evaluation records carry `eval_loss` and, for tasks with
-answers, `eval_accuracy`.
+`lr`, `grad_norm` and `tokens_per_s`, and `tflops` (model TFLOP/s per device) with `mfu` (% of
+the device's peak, where known: `device_peak_flops`); evaluation records carry `eval_loss` and,
+for tasks with answers, `eval_accuracy`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,40 @@ import resource
 from pathlib import Path
 
 import torch
+
+# Dense bfloat16 tensor-core peaks (FLOP/s) by device-name substring, first match wins.
+PEAK_BF16_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.5e12), ("H200", 989.5e12),
+    ("H800", 989.5e12), ("GH200", 989.5e12), ("B200", 2250e12), ("A100", 312e12),
+    ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12),
+]
+PEAK_ENV = "CTXSCALE_PEAK_TFLOPS"
+
+
+def device_peak_flops(device: torch.device, dtype: str) -> float | None:
+    """Peak FLOP/s of one device for MFU: `CTXSCALE_PEAK_TFLOPS` if set (any device), else the
+    dense bf16 peak of a known CUDA GPU when training in bfloat16; None when unknown (CPU, a
+    float32 run, another GPU)."""
+    import os
+
+    env = os.environ.get(PEAK_ENV)
+    if env:
+        try:
+            return float(env) * 1e12
+        except ValueError:
+            raise ValueError(f"{PEAK_ENV}={env!r} must be a number of TFLOP/s per device") from None
+    if device.type != "cuda" or dtype != "bfloat16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
+
+
+def throughput(flops_per_token: float, tokens_per_s: float, world_size: int,
+               peak: float | None) -> dict:
+    """Model TFLOP/s per device (6N + attention per token, recomputation not counted, the
+    work taken as evenly split over the ranks) and, with a known peak, MFU in percent."""
+    tflops = flops_per_token * tokens_per_s / world_size / 1e12
+    return {"tflops": tflops, **({"mfu": 100 * tflops * 1e12 / peak} if peak else {})}
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -5,7 +5,8 @@
 runs one training job per sequence length (each in its own folder `<out>/seq_<N>`, under
 torchrun when `--nproc > 1`), then collects every run's `metrics.jsonl` into
 `<out>/sweep.md`, `<out>/sweep.csv` and, when matplotlib is installed, `<out>/sweep.png`
-(final eval accuracy / loss and tokens/s against context length). `--collect-only` rebuilds the
+(final eval accuracy / loss and tokens/s against context length; the table also has the
+median model TFLOP/s per device and, on a GPU of known peak, MFU). `--collect-only` rebuilds the
 table from finished runs (for example after `sbatch slurm/sweep.sbatch`).
 """
 
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 COLUMNS = ["seq_len", "steps", "final_loss", "eval_loss", "eval_accuracy", "tokens_per_s",
-           "peak_memory_mib"]
+           "tflops", "mfu", "peak_memory_mib"]
 
 
 def summarize_run(run_dir: Path) -> dict | None:
@@ -31,14 +32,21 @@ def summarize_run(run_dir: Path) -> dict | None:
     evals = [r for r in records if r.get("eval_loss") is not None]
     if not steps:
         return None
-    speed = sorted(r["tokens_per_s"] for r in steps[len(steps) // 4:] or steps)
+    late = steps[len(steps) // 4:] or steps  # past the warm-up steps
+
+    def median(key):
+        values = sorted(r[key] for r in late if r.get(key) is not None)
+        return values[len(values) // 2] if values else None
+
     return {
         "seq_len": int(run_dir.name.split("_", 1)[1]),
         "steps": steps[-1]["step"],
         "final_loss": steps[-1]["loss"],
         "eval_loss": evals[-1]["eval_loss"] if evals else None,
         "eval_accuracy": evals[-1].get("eval_accuracy") if evals else None,
-        "tokens_per_s": speed[len(speed) // 2],
+        "tokens_per_s": median("tokens_per_s"),
+        "tflops": median("tflops"),  # model TFLOP/s per device (runs before it: None)
+        "mfu": median("mfu"),  # % of the device's peak, where known
         "peak_memory_mib": max(r.get("memory_bytes", 0) for r in steps) / 2**20,
     }
 

@@ -42,7 +42,12 @@ from ctxscale.launch.config import ConfigError, JobConfig, dump, load_job_config
 from ctxscale.launch.config_loader import run_config_command
 from ctxscale.launch.data import build_data, token_accuracy
 from ctxscale.launch.env import detect_env, init_distributed, pick_device
-from ctxscale.launch.metrics import MetricsLogger, peak_memory_bytes
+from ctxscale.launch.metrics import (
+    MetricsLogger,
+    device_peak_flops,
+    peak_memory_bytes,
+    throughput,
+)
 from ctxscale.launch.optim import build_optimizer, build_scheduler
 from ctxscale.launch.profiling import StepProfiler
 from ctxscale.models import build_model
@@ -91,6 +96,9 @@ class TrainState:
         self.tp_rank = axis_rank(self.mesh, "tp")
         self.pp_group = axis_group(self.mesh, "pp") if self.dims.pp > 1 else None
         model = build_model(cfg.model, self.parallel).to(self.device)
+        # of the whole model, before tp shards it or pp splits it
+        self.flops_per_token = model.flops_per_token(cfg.data.seq_len)
+        self.peak_flops = device_peak_flops(self.device, cfg.train.dtype)
         self.pipeline = self.engine = None
         par = cfg.parallel
         if grad_reduce_size(self.dims) == 1 and "bfloat16" in (par.fsdp_param_dtype,
@@ -288,6 +296,8 @@ def train(cfg: JobConfig) -> dict:
             losses.append(out["loss"])
             record = {"step": st.step, "loss": out["loss"], "lr": out["lr"],
                       "grad_norm": out["grad_norm"], "tokens_per_s": out["tokens"] / dt,
+                      **throughput(st.flops_per_token, out["tokens"] / dt, st.env.world_size,
+                                   st.peak_flops),
                       "step_time_s": dt, "memory_bytes": peak_memory_bytes(st.device)}
             if (tcfg.eval_every and st.can_eval and st.step % tcfg.eval_every == 0
                     and st.step < tcfg.steps):
@@ -314,6 +324,8 @@ def train(cfg: JobConfig) -> dict:
         "steps": st.step, "final_loss": losses[-1] if losses else None,
         "first_loss": losses[0] if losses else None,
         "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else 0.0,
+        **throughput(st.flops_per_token, tokens_seen / elapsed if elapsed > 0 else 0.0,
+                     st.env.world_size, st.peak_flops),
         "elapsed_s": elapsed, "peak_memory_bytes": peak_memory_bytes(st.device),
         "kernels": chosen_paths(), **{f"final_{k}": v for k, v in (last_eval or {}).items()},
     }
@@ -327,6 +339,8 @@ def train(cfg: JobConfig) -> dict:
 def format_summary(s: dict, output_dir: Path) -> str:
     lines = ["", "=== ctxscale run summary ==="]
     lines.append(f"steps            {s['steps']}  ({s['elapsed_s']:.1f} s, {s['tokens_per_s']:.0f} tokens/s)")
+    mfu = f", {s['mfu']:.1f}% MFU" if "mfu" in s else ""
+    lines.append(f"throughput       {s['tflops']:.3g} TFLOP/s per device{mfu} (model FLOPs, whole run)")
     if s.get("first_loss") is not None:
         lines.append(f"train loss       {s['first_loss']:.4f} -> {s['final_loss']:.4f}")
     for name, key, digits in (("eval loss", "eval_loss", 4), ("eval accuracy", "eval_accuracy", 3)):
