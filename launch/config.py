@@ -172,6 +172,11 @@ class CheckpointConfig:
     resume: str = "auto"
     # Folder (default: <train.output_dir>/checkpoints).
     folder: str | None = None
+    # Start from another model's weights only (step 0, fresh optimizer, schedule and data):
+    # a checkpoint folder (step_*) or run folder, a Hugging Face folder or a .safetensors file,
+    # resharded to this run's layout (launch/initial_weights.py). Ignored once this run has a
+    # checkpoint of its own to resume from.
+    init_from: str | None = None
     # Write checkpoints in a background thread (torch.distributed.checkpoint.async_save).
     async_save: bool = False
 

@@ -118,6 +118,16 @@ class TrainState:
         else:
             self.raw_model = model
             self.model = parallelize(model, self.dims, self.mesh, cfg.parallel, **wrap)
+        ckpt_dir = cfg.checkpoint.folder or str(out / "checkpoints")
+        resume = cfg.checkpoint.resume
+        path = latest_checkpoint(ckpt_dir) if resume == "auto" else (
+            None if resume == "none" else Path(resume))
+        self.initialized_from = None
+        if path is None and cfg.checkpoint.init_from:
+            from ctxscale.launch.initial_weights import load_initial_weights
+
+            self.initialized_from = load_initial_weights(self.model, cfg.checkpoint.init_from,
+                                                         partial=self.pipeline is not None)
         # the rank that reports each (dp, cp) shard's loss: last pipeline stage, tp rank 0
         self.is_loss_rank = self.tp_rank == 0 and (self.pipeline is None or self.pipeline.is_last)
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -129,14 +139,10 @@ class TrainState:
                                           micro_batch_size=cfg.train.batch_size,
                                           grad_accum=cfg.train.grad_accum,
                                           max_grad_norm=cfg.optim.max_grad_norm)
-        ckpt_dir = cfg.checkpoint.folder or str(out / "checkpoints")
         self.checkpointer = Checkpointer(ckpt_dir, keep_last=cfg.checkpoint.keep_last,
                                          async_save=cfg.checkpoint.async_save)
         self.step = 0
         self.resumed_from = None
-        resume = cfg.checkpoint.resume
-        path = latest_checkpoint(ckpt_dir) if resume == "auto" else (
-            None if resume == "none" else Path(resume))
         if path is not None:
             meta = self.checkpointer.load(path, self.model, self.optimizer, self.scheduler,
                                           engine=self.engine)
@@ -273,6 +279,7 @@ def train(cfg: JobConfig) -> dict:
             f" ({st.env.launcher}) dp={st.dims.dp} cp={st.dims.cp} tp={st.dims.tp} pp={st.dims.pp}"
             f" | {cfg.data.kind} seq_len={cfg.data.seq_len} | device {st.device}"
             + (f" | resumed from {st.resumed_from}" if st.resumed_from else "")
+            + (f" | weights from {st.initialized_from}" if st.initialized_from else "")
         )
     profiler = StepProfiler(cfg.profile, output_dir=st.output_dir, rank=st.rank,
                             device=st.device, first_step=st.step + 1, log=metrics.write)
