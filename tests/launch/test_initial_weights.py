@@ -50,7 +50,8 @@ def _worker(rank, world_size, root, layout):
     out = {}
     for name, spec in _sources(Path(root)).items():
         cfg = load_job_config(TINY, BASE + LAYOUTS[layout] + [
-            "train.steps=2", "data.seq_len=96", f"checkpoint.init_from={spec}",
+            "train.steps=2", "data.seq_len=96", "model.rope_scaling.type=linear",
+            "model.rope_scaling.factor=2.0", f"checkpoint.init_from={spec}",
             f"train.output_dir={root}/B_{layout}_{name.replace(' ', '_')}"])
         st = TrainState(cfg)
         full = get_model_state_dict(st.model, options=StateDictOptions(full_state_dict=True))
