@@ -49,6 +49,11 @@ class ParallelConfig:
     # reduce-scattered in. "auto": bfloat16 where train.dtype=bfloat16 runs on CUDA (half the
     # all-gather bytes, matmuls in bf16 without autocast's casts), else float32. The optimizer
     # always updates the float32 shards.
+    # With train.grad_accum > 1: FSDP reduce-scatters every micro-batch's gradients (true: the
+    # least memory) or keeps unsharded gradients until the last micro-batch and reduces once
+    # (false: 1/grad_accum of the gradient traffic for a full unsharded gradient held per
+    # rank). DDP always reduces once, at the last micro-batch (no_sync before it).
+    fsdp_reduce_every_microbatch: bool = True
     fsdp_param_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     fsdp_reduce_dtype: Literal["float32", "bfloat16"] = "float32"
     # ZeRO stage when dp_engine is deepspeed.

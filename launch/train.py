@@ -202,6 +202,27 @@ class TrainState:
             (loss * scale).backward()
         return loss.detach().float()
 
+    @contextlib.contextmanager
+    def gradient_sync(self, *, last: bool):
+        """Around one micro-batch's backward: DDP reduces only at the last micro-batch, and so
+        does FSDP with parallel.fsdp_reduce_every_microbatch=false (pipelines and DeepSpeed
+        handle their own micro-batches)."""
+        model = self.model
+        if last or self.pipeline is not None or self.engine is not None:
+            yield
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            with model.no_sync():
+                yield
+        elif (hasattr(model, "set_requires_gradient_sync")
+              and not self.cfg.parallel.fsdp_reduce_every_microbatch):
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        else:
+            yield
+
     # --------------------------------------------------------------- one step
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -214,9 +235,10 @@ class TrainState:
         n_tokens = max(n_tokens.item(), 1.0)
         scale = grad_reduce_size(self.dims) / n_tokens
         loss_sum = torch.zeros((), device=self.device)
-        for batch in batches:
+        for i, batch in enumerate(batches):
             ids, labels, pos, extra = self.shard(batch)
-            loss_sum += self.forward_backward(ids, labels, pos, extra, scale)
+            with self.gradient_sync(last=i == len(batches) - 1):
+                loss_sum += self.forward_backward(ids, labels, pos, extra, scale)
         lr = self.scheduler.get_last_lr()[0]
         if self.engine is not None:
             grad_norm = self.engine.step()  # clips (gradient_clipping) and zeroes gradients
