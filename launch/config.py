@@ -149,6 +149,12 @@ class TrainConfig:
     progress: bool = True
     # Write TensorBoard events next to metrics.jsonl.
     tensorboard: bool = True
+    # Log the same records to Weights & Biases (`pip install ctxscale[wandb]`; WANDB_MODE=
+    # offline works without a network). A resumed run continues the same W&B run (its id is
+    # kept in <output_dir>/wandb_run_id). Name: wandb_run_name, else the output folder's name.
+    wandb: bool = False
+    wandb_project: str = "ctxscale"
+    wandb_run_name: str | None = None
     # Fail fast instead of continuing when the loss becomes NaN/inf.
     stop_on_nan: bool = True
     # torch.compile every block (before FSDP's per-block wrap, as torchtitan): the norms, RoPE
@@ -158,6 +164,13 @@ class TrainConfig:
     compile: bool = False
 
     def validate(self) -> None:
+        if self.wandb:
+            import importlib.util
+            import sys
+
+            if "wandb" not in sys.modules and importlib.util.find_spec("wandb") is None:
+                raise ValueError("train.wandb=true needs the wandb package: pip install wandb "
+                                 "(or ctxscale[wandb]), or set train.wandb=false")
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")

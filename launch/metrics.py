@@ -57,18 +57,37 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _wandb_run(output_dir: Path, *, project: str, name: str, config: dict):
+    """A W&B run for this output folder: the id saved in <output_dir>/wandb_run_id, so that a
+    resumed job logs into the same run (resume="allow")."""
+    import uuid
+
+    import wandb
+
+    id_file = output_dir / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:16]
+    id_file.write_text(run_id + "\n")
+    return wandb.init(project=project, name=name, id=run_id, resume="allow", config=config,
+                      dir=str(output_dir))
+
+
 class MetricsLogger:
     def __init__(self, output_dir: str | Path, *, enabled: bool, tensorboard: bool,
-                 progress_total: int | None = None, progress: bool = False, initial: int = 0):
+                 progress_total: int | None = None, progress: bool = False, initial: int = 0,
+                 wandb: dict | None = None):
+        """`wandb`: {"project", "name", "config"} to log to Weights & Biases as well."""
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self._file = None
         self._tb = None
         self._bar = None
+        self._wandb = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a")
+        if wandb is not None:
+            self._wandb = _wandb_run(Path(output_dir), **wandb)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -89,11 +108,13 @@ class MetricsLogger:
                  for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
+        scalars = {k: v for k, v in clean.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tb is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
-                    self._tb.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, record["step"])
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=record["step"])
 
     def progress(self, n: int = 1, **postfix) -> None:
         if self._bar is not None:
@@ -109,6 +130,9 @@ class MetricsLogger:
                 print(text, flush=True)
 
     def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
         if self._bar is not None:
             self._bar.close()
         if self._tb is not None:

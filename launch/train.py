@@ -290,8 +290,16 @@ def train(cfg: JobConfig) -> dict:
     st = TrainState(cfg)
     tcfg = cfg.train
     is_logger = st.rank == 0
+    wandb = None
+    if tcfg.wandb:
+        import yaml
+
+        wandb = {"project": tcfg.wandb_project,
+                 "name": tcfg.wandb_run_name or st.output_dir.resolve().name,
+                 "config": yaml.safe_load(dump(cfg))}
     metrics = MetricsLogger(st.output_dir, enabled=is_logger, tensorboard=tcfg.tensorboard,
-                            progress_total=tcfg.steps, progress=tcfg.progress, initial=st.step)
+                            progress_total=tcfg.steps, progress=tcfg.progress, initial=st.step,
+                            wandb=wandb)
     if is_logger:
         st.output_dir.mkdir(parents=True, exist_ok=True)
         (st.output_dir / "config.yaml").write_text(dump(cfg))
