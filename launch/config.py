@@ -160,7 +160,7 @@ class TrainConfig:
     # torch.compile every block (before FSDP's per-block wrap, as torchtitan): the norms, RoPE
     # and MLP fuse; the kernels and context-parallel exchanges stay eager (graph breaks). The
     # first step pays the compile (one per distinct block kind, shared by equal blocks). Runs
-    # with dp, cp, pp, tp and ZeRO (not Titans with tp > 1).
+    # with dp, cp, pp, tp and ZeRO (not Titans mac with tp > 1).
     compile: bool = False
 
     def validate(self) -> None:
@@ -313,11 +313,12 @@ class JobConfig:
                 "parallel.dp_engine=deepspeed runs ZeRO data parallelism (x cp) only; for tp or "
                 "pp use parallel.dp_engine=fsdp"
             )
-        if self.train.compile and par.tp > 1 and model.family == "titans":
+        if (self.train.compile and par.tp > 1 and model.family == "titans"
+                and model.titans.variant == "mac"):
             raise ValueError(
-                "train.compile=true does not run Titans with parallel.tp > 1 (Inductor fails on "
-                "the memory's replicated DTensors inside a compiled block); set "
-                "train.compile=false or parallel.tp=1"
+                "train.compile=true does not run Titans mac with parallel.tp > 1 (Inductor fails "
+                "on the block's replicated DTensor outputs); set train.compile=false, "
+                "parallel.tp=1, or model.titans.variant=mag / mal (they compile under tp)"
             )
         if par.pp > 1 and model.tie_embeddings:
             raise ValueError(

@@ -77,23 +77,27 @@ HYBRID_ALL = ["model.family=hybrid", "model.layer_pattern=LMSA", "model.num_laye
               "model.mamba.d_state=4", "model.mamba.head_dim=8"]
 
 
-def _tp_run(rank, world_size, root):
+TITANS_MAG = ["model.family=titans", "model.titans.variant=mag"]
+
+
+def _tp_run(rank, world_size, root, model):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    eager = _run(f"{root}/eager", HYBRID_ALL + ["parallel.tp=2"], rank)
-    compiled = _run(f"{root}/compiled", HYBRID_ALL + ["parallel.tp=2", "train.compile=true"],
-                    rank)
+    eager = _run(f"{root}/eager", model + ["parallel.tp=2"], rank)
+    compiled = _run(f"{root}/compiled", model + ["parallel.tp=2", "train.compile=true"], rank)
     return eager, compiled, _graph_breaks(), counters["stats"]["unique_graphs"]
 
 
-def test_compiled_blocks_under_tensor_parallel_train_like_eager(tmp_path):
+@pytest.mark.parametrize("model", [HYBRID_ALL, TITANS_MAG], ids=["hybrid_LMSA", "titans_mag"])
+def test_compiled_blocks_under_tensor_parallel_train_like_eager(model, tmp_path):
     """The embedding's sequence-sharded output (an asynchronous reduce-scatter) enters the first
     compiled block as a plain tensor; before, the block's backward handed DTensor's
     redistribution a plain gradient and the first step failed."""
-    for eager, compiled, breaks, graphs in run_distributed(_tp_run, 2, args=(str(tmp_path),),
+    for eager, compiled, breaks, graphs in run_distributed(_tp_run, 2,
+                                                           args=(str(tmp_path), model),
                                                            timeout=500):
         if eager:  # the logging rank
             assert sorted(compiled) == [1, 2, 3, 4]
@@ -102,10 +106,10 @@ def test_compiled_blocks_under_tensor_parallel_train_like_eager(tmp_path):
         assert breaks and all("torch.compiler.disable" in r for r in breaks), breaks
 
 
-def test_compile_of_titans_with_tensor_parallel_is_refused_by_name():
-    with pytest.raises(ValueError, match="does not run Titans with parallel.tp > 1"):
+def test_compile_of_titans_mac_with_tensor_parallel_is_refused_by_name():
+    with pytest.raises(ValueError, match="does not run Titans mac with parallel.tp > 1"):
         load_job_config(TINY, BASE + ["train.compile=true", "parallel.tp=2",
-                                      "model.family=titans"])
+                                      "model.family=titans", "model.titans.variant=mac"])
 
 
 def test_compile_names_a_model_without_blocks():
