@@ -7,7 +7,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,hf,deepspeed,mpi
+EXTRAS ?= dev,hf,deepspeed,mpi,corpora
 NPROC ?= 2
 CONFIG ?= configs/tiny.yaml
 ARGS ?=

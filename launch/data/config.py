@@ -57,10 +57,12 @@ class DataConfig:
     passkey_depth_max: float = 1.0
 
     # --- text ---
-    # UTF-8 text files forming the corpus: plain text (split into documents by doc_separator)
-    # or JSON lines, `.jsonl` / `.jsonl.gz` (one document per line, its jsonl_field string).
+    # UTF-8 text files forming the corpus: plain text (split into documents by doc_separator),
+    # JSON lines, `.jsonl` / `.jsonl.gz` / `.jsonl.zst` (one document per line, its jsonl_field
+    # string), or Parquet, `.parquet` (one document per row, its jsonl_field column; FineWeb,
+    # a Hugging Face dataset's files). zstd and Parquet need `pip install ctxscale[corpora]`.
     text_files: list[str] = field(default_factory=list)
-    # The field of each JSON-lines object that holds the document's text.
+    # The field of each JSON-lines object (the column of each Parquet row) holding the text.
     jsonl_field: str = "text"
     # An existing tokenizer: a sentencepiece .model file, or a Hugging Face tokenizer.json or
     # model folder holding one (a pretrained model's own, to convert or fine-tune it; needs

@@ -2,8 +2,9 @@
 
 Pipeline (done once per corpus and tokenizer, then reused from cache_dir):
   1. each file in data.text_files is split into documents by data.doc_separator, or, for
-     `.jsonl` / `.jsonl.gz`, holds one per line (its data.jsonl_field string); empty
-     documents are dropped; documents are numbered globally in file order;
+     `.jsonl` / `.jsonl.gz` / `.jsonl.zst`, holds one per line (its data.jsonl_field string),
+     or, for `.parquet`, one per row (the data.jsonl_field column); empty documents are
+     dropped; documents are numbered globally in file order;
   2. the tokenizer is loaded (data.tokenizer: a sentencepiece .model, or a Hugging Face
      tokenizer.json / model folder, hf_tokenizer.py) or trained on the TRAINING documents;
   3. every document is encoded and written, followed by EOS, into one flat token file
@@ -53,7 +54,26 @@ _PROBE = 1 << 16  # bytes hashed at the start, middle and end of the token file
 
 
 def is_jsonl(path: Path) -> bool:
-    return path.name.endswith((".jsonl", ".jsonl.gz"))
+    return path.name.endswith((".jsonl", ".jsonl.gz", ".jsonl.zst"))
+
+
+def is_parquet(path: Path) -> bool:
+    return path.suffix == ".parquet"
+
+
+def is_records(path: Path) -> bool:
+    """A file of records (JSON lines or Parquet rows) whose `data.jsonl_field` is a document."""
+    return is_jsonl(path) or is_parquet(path)
+
+
+def _optional(module: str, what: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"reading {what} needs the {module.split('.')[0]} package: pip install "
+                         "ctxscale[corpora] (or convert the files to .jsonl / .jsonl.gz)") from e
 
 
 def _iter_jsonl(path: Path, field: str):
@@ -61,7 +81,10 @@ def _iter_jsonl(path: Path, field: str):
     read line by line."""
     import gzip
 
-    opener = gzip.open if path.name.endswith(".gz") else open
+    if path.name.endswith(".zst"):
+        opener = _optional("zstandard", f"{path.name} (zstd)").open
+    else:
+        opener = gzip.open if path.name.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -80,6 +103,34 @@ def _iter_jsonl(path: Path, field: str):
     except (UnicodeDecodeError, OSError, EOFError) as e:
         raise ValueError(f"data.text_files entry {str(path)!r} cannot be read as UTF-8 JSON "
                          f"lines: {e}") from e
+
+
+def _iter_parquet(path: Path, field: str, batch_rows: int = 1024):
+    """One document per row: the string column `field`, read a batch of rows at a time (null
+    values are empty documents, dropped like every empty one)."""
+    pq = _optional("pyarrow.parquet", f"{path.name} (Parquet)")
+    import pyarrow as pa
+
+    try:
+        pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"data.text_files entry {str(path)!r} is not a readable Parquet file "
+                         f"({e})") from e
+    if field not in schema.names:
+        raise ValueError(f"data.text_files entry {str(path)!r} has no column {field!r} (has "
+                         f"{schema.names}); set data.jsonl_field to the text column")
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ValueError(f"data.text_files entry {str(path)!r}: column {field!r} holds {kind}, "
+                         "not strings; set data.jsonl_field to the text column")
+    try:
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=[field]):
+            for doc in batch.column(0).to_pylist():
+                yield doc or ""
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"data.text_files entry {str(path)!r} cannot be read past a corrupt "
+                         f"row group ({e})") from e
 
 
 def _iter_split(path: Path, separator: str, chunk_chars: int):
@@ -105,10 +156,15 @@ def _iter_split(path: Path, separator: str, chunk_chars: int):
 def iter_documents(path: Path, separator: str, field: str = "text", *,
                    chunk_chars: int = 1 << 22):
     """The documents of one file, streamed (memory bounded by the largest document, not the
-    file): `.jsonl` / `.jsonl.gz` one per line (`field` of each object), any other file split
-    by `separator`. Empty documents are dropped."""
-    docs = _iter_jsonl(path, field) if is_jsonl(path) else _iter_split(path, separator,
-                                                                       chunk_chars)
+    file): `.jsonl` / `.jsonl.gz` / `.jsonl.zst` one per line (`field` of each object),
+    `.parquet` one per row (column `field`, a row group at a time), any other file split by
+    `separator`. Empty documents are dropped."""
+    if is_parquet(path):
+        docs = _iter_parquet(path, field)
+    elif is_jsonl(path):
+        docs = _iter_jsonl(path, field)
+    else:
+        docs = _iter_split(path, separator, chunk_chars)
     return (d for d in docs if d.strip())
 
 
@@ -120,7 +176,7 @@ def read_documents(path: Path, separator: str, field: str = "text") -> list[str]
 def _reader_key(files: list[Path], separator: str, field: str) -> dict:
     """What the caches key on for how files become documents (the field only with JSON lines,
     so the keys of plain-text corpora stay what they were)."""
-    return {"separator": separator, **({"jsonl_field": field} if any(map(is_jsonl, files))
+    return {"separator": separator, **({"jsonl_field": field} if any(map(is_records, files))
                                        else {})}
 
 
