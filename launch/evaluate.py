@@ -7,6 +7,8 @@ length and depth, and MQAR; write a markdown table, results.json and a plot.
 - passkey (Mohtashami & Jaggi 2023, natural-language version `passkey_text_eval_set`): for each
   length L in `passkey_lengths` and depth d in `passkey_depths`, `passkey_samples` prompts whose
   filler is held-out text; a prompt counts only when every answer token is the argmax;
+- loss by position: the perplexity batches' mean token loss in log2 buckets of context position
+  (within the document with `data.document_mask`), a table under the main one and a plot;
 - MQAR (Arora et al. 2023, "Zoology"): token accuracy at the query positions of `mqar_samples`
   fresh samples (`mqar_seq_len`, `mqar_num_kv_pairs`, keys/values drawn from the model's
   vocabulary); 0 samples skips it.
@@ -78,6 +80,10 @@ class EvalJob:
     mqar_samples: int = 0
     mqar_seq_len: int = 64
     mqar_num_kv_pairs: int = 4
+    # Mean token loss by context position (log2 buckets) on the perplexity batches: a table in
+    # results.md and loss_by_position.png (evaluate at a data.seq_len beyond the training
+    # length to see extrapolation).
+    loss_by_position: bool = True
     seed: int = 0
     output_dir: str = "runs/eval"
 
@@ -112,6 +118,102 @@ def perplexity(model, batches) -> float:
         count += int((labels != -100).sum())
     mean = loss / max(count, 1)
     return math.exp(mean) if mean < 700 else float("inf")  # an ablation may be that bad
+
+
+def position_bucket(positions: torch.Tensor) -> torch.Tensor:
+    """Bucket k of 0-based positions: 1-based position t = pos + 1 in [2^k, 2^(k+1))."""
+    return torch.floor(torch.log2(positions.double() + 1)).long()
+
+
+def _token_losses(model, batch, chunk: int = 1024) -> torch.Tensor:
+    """Per-token cross-entropy `(batch, seq)` in float32 (0 where unlabelled): from the final
+    hidden states through the output head `chunk` positions at a time when the model has
+    them (no full-sequence logits), else from its logits."""
+    ids, labels, kw = batch["input_ids"], batch["labels"], batch_kwargs(batch)
+    b, s = ids.shape
+    if hasattr(model, "hidden_states") and getattr(model, "output", None) is not None:
+        h = model.hidden_states(ids, kw.get("position_ids"), kw.get("document_ids"))
+        logits_of = lambda a, e: model.output(h[:, a:e])  # noqa: E731
+    else:
+        logits = model(ids, **kw)
+        logits_of = lambda a, e: logits[:, a:e]  # noqa: E731
+    parts = []
+    for a in range(0, s, chunk):
+        e = min(a + chunk, s)
+        ce = torch.nn.functional.cross_entropy(logits_of(a, e).float().flatten(0, 1),
+                                               labels[:, a:e].flatten(), reduction="none",
+                                               ignore_index=-100)
+        parts.append(ce.view(b, e - a))
+    return torch.cat(parts, 1)
+
+
+@torch.no_grad()
+def loss_by_position(model, batches) -> dict:
+    """Mean token loss by how much context a token has: 1-based position t within the window
+    (within its document, from the batch's per-document `position_ids`, with
+    data.document_mask), in buckets t in [2^k, 2^(k+1)). A model that uses its context keeps
+    lowering the loss along the buckets; past the training length a model that does not
+    extrapolate turns up. Returns {"start", "end", "loss", "tokens"}, one entry per bucket."""
+    model.eval()
+    sums: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    for batch in batches:
+        labels = batch["labels"]
+        b, s = labels.shape
+        pos = batch.get("position_ids")
+        pos = torch.arange(s).expand(b, s) if pos is None else pos.expand(b, s)
+        losses = _token_losses(model, batch)
+        keep = labels != -100
+        buckets = position_bucket(pos)[keep]
+        values = losses[keep].double()
+        for k in buckets.unique().tolist():
+            sel = buckets == k
+            sums[k] = sums.get(k, 0.0) + float(values[sel].sum())
+            counts[k] = counts.get(k, 0) + int(sel.sum())
+    ks = sorted(sums)
+    return {"start": [2**k for k in ks], "end": [2 ** (k + 1) - 1 for k in ks],
+            "loss": [sums[k] / counts[k] for k in ks], "tokens": [counts[k] for k in ks]}
+
+
+def position_table(results: dict) -> str:
+    """Mean loss by context position (`loss_by_position`), one row per model."""
+    rows = {name: r["loss_by_position"] for name, r in results.items() if "loss_by_position" in r}
+    if not rows:
+        return ""
+    spans = sorted({(a, e) for r in rows.values() for a, e in zip(r["start"], r["end"])})
+    head = ["model"] + [f"{a}" if a == e else f"{a}-{e}" for a, e in spans]
+    lines = ["loss by position (tokens of context)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        by = {(a, e): v for a, e, v in zip(r["start"], r["end"], r["loss"])}
+        lines.append("| " + " | ".join([name] + [f"{by[sp]:.3f}" if sp in by else ""
+                                                 for sp in spans]) + " |")
+    return "\n".join(lines)
+
+
+def plot_loss_by_position(results: dict, path: Path, *, train_len: int | None = None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {name: r["loss_by_position"] for name, r in results.items() if "loss_by_position" in r}
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(8.5, 4))
+    for name, r in rows.items():
+        mids = [(a * e) ** 0.5 for a, e in zip(r["start"], r["end"])]  # geometric middles
+        ax.plot(mids, r["loss"], marker="o", label=name)
+    if train_len:
+        ax.axvline(train_len, color="gray", ls="--", lw=1, label="training length")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("position in context (tokens)")
+    ax.set_ylabel("mean token loss")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 @torch.no_grad()
@@ -194,6 +296,8 @@ def plot_passkey(results: dict, path: Path, *, train_len: int | None = None) -> 
 
 def _evaluate_one(cfg: EvalJob, model, batches, tokenizer, filler) -> dict:
     r = {"perplexity": perplexity(model, batches)}
+    if cfg.loss_by_position:
+        r["loss_by_position"] = loss_by_position(model, batches)
     if cfg.passkey_lengths:
         r["passkey"] = passkey_curve(model, tokenizer, filler, lengths=cfg.passkey_lengths,
                                      depths=cfg.passkey_depths, samples=cfg.passkey_samples,
@@ -222,8 +326,11 @@ def evaluate_models(cfg: EvalJob) -> dict:
         for row, model in model_variants(load_model(path), label):
             results[row] = _evaluate_one(cfg, model, batches, getattr(val, "tokenizer", None), filler)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "results.md").write_text(markdown_table(results) + "\n")
+    positions = position_table(results)
+    (out / "results.md").write_text(markdown_table(results) + "\n"
+                                    + (f"\n{positions}\n" if positions else ""))
     plot_passkey(results, out / "passkey.png", train_len=cfg.data.seq_len)
+    plot_loss_by_position(results, out / "loss_by_position.png")
     return results
 
 
@@ -239,5 +346,6 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["ABLATIONS", "EvalJob", "batch_kwargs", "evaluate_models", "model_variants", "windowed_layers", "markdown_table", "mqar_eval", "passkey_curve",
-           "perplexity", "plot_passkey"]
+__all__ = ["ABLATIONS", "EvalJob", "batch_kwargs", "evaluate_models", "loss_by_position",
+           "model_variants", "windowed_layers", "markdown_table", "mqar_eval", "passkey_curve",
+           "perplexity", "plot_loss_by_position", "plot_passkey", "position_table"]

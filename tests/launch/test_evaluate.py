@@ -15,6 +15,7 @@ from ctxscale.launch.convert import save_model
 from ctxscale.launch.evaluate import (
     EvalJob,
     evaluate_models,
+    loss_by_position,
     markdown_table,
     mqar_eval,
     passkey_curve,
@@ -150,5 +151,60 @@ def test_evaluate_models_writes_table_and_plot(tmp_path):
         r["perplexity"])
     table = (out / "results.md").read_text()
     assert table.startswith("| model | perplexity | MQAR | passkey@192 | passkey@384 |")
-    assert table == markdown_table(res) + "\n"
+    assert table.startswith(markdown_table(res) + "\n")
+    assert "loss by position (tokens of context)" in table and "| 32-63 |" in table
     assert (out / "passkey.png").stat().st_size > 1000
+    assert (out / "loss_by_position.png").stat().st_size > 1000
+
+
+@torch.no_grad()
+def _manual_buckets(model, batches, positions):
+    """Per-token losses from the full logits, averaged by hand over log2 position buckets."""
+    sums, counts = {}, {}
+    for batch, pos in zip(batches, positions):
+        logits = model(batch["input_ids"], **{k: batch[k] for k in ("document_ids",
+                                                                     "position_ids") if k in batch})
+        ce = nn.functional.cross_entropy(logits.double().flatten(0, 1),
+                                         batch["labels"].flatten(), reduction="none",
+                                         ignore_index=-100).view(batch["labels"].shape)
+        for (i, j), lab in np.ndenumerate(batch["labels"].numpy()):
+            if lab == -100:
+                continue
+            k = int(math.floor(math.log2(int(pos[i, j]) + 1)))
+            sums[k] = sums.get(k, 0.0) + float(ce[i, j])
+            counts[k] = counts.get(k, 0) + 1
+    return sums, counts
+
+
+@pytest.mark.parametrize("document_mask", [False, True])
+def test_loss_by_position_matches_a_hand_count(document_mask):
+    """Buckets [1], [2-3], [4-7], ... of 1-based positions (per document with the mask, from
+    the batch's position_ids): the same means and token counts as a per-token count over the
+    full logits, float64 reference, 1e-5 (float32 logits); their token-weighted mean is the
+    perplexity's log."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=50, dim=16, num_layers=1, num_heads=2))
+    rng = np.random.default_rng(0)
+    batches, positions = [], []
+    for _ in range(2):
+        ids = torch.from_numpy(rng.integers(0, 50, (2, 37)))
+        labels = ids.roll(-1, 1).clone()
+        labels[:, -1] = -100
+        labels[0, 5] = -100
+        batch = {"input_ids": ids, "labels": labels}
+        pos = torch.arange(37).expand(2, 37)
+        if document_mask:
+            docs = torch.tensor([[0] * 20 + [1] * 17, [0] * 9 + [1] * 28])
+            starts = torch.tensor([[0] * 20 + [20] * 17, [0] * 9 + [9] * 28])
+            pos = torch.arange(37).expand(2, 37) - starts
+            batch |= {"document_ids": docs, "position_ids": pos}
+        batches.append(batch)
+        positions.append(pos)
+    got = loss_by_position(model, batches)
+    sums, counts = _manual_buckets(model, batches, positions)
+    assert got["start"] == [2**k for k in sorted(sums)] == [1, 2, 4, 8, 16, 32][:len(sums)]
+    assert got["end"] == [2 ** (k + 1) - 1 for k in sorted(sums)]
+    assert got["tokens"] == [counts[k] for k in sorted(sums)]
+    assert got["loss"] == pytest.approx([sums[k] / counts[k] for k in sorted(sums)], rel=1e-5)
+    mean = sum(lo * n for lo, n in zip(got["loss"], got["tokens"])) / sum(got["tokens"])
+    assert math.exp(mean) == pytest.approx(perplexity(model, batches), rel=1e-5)
