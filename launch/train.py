@@ -376,8 +376,10 @@ def train(cfg: JobConfig) -> dict:
 def format_summary(s: dict, output_dir: Path) -> str:
     lines = ["", "=== ctxscale run summary ==="]
     lines.append(f"steps            {s['steps']}  ({s['elapsed_s']:.1f} s, {s['tokens_per_s']:.0f} tokens/s)")
-    mfu = f", {s['mfu']:.1f}% MFU" if "mfu" in s else ""
-    lines.append(f"throughput       {s['tflops']:.3g} TFLOP/s per device{mfu} (model FLOPs, whole run)")
+    if "tflops" in s:
+        mfu = f", {s['mfu']:.1f}% MFU" if "mfu" in s else ""
+        lines.append(f"throughput       {s['tflops']:.3g} TFLOP/s per device{mfu} "
+                     "(model FLOPs, whole run)")
     if s.get("first_loss") is not None:
         lines.append(f"train loss       {s['first_loss']:.4f} -> {s['final_loss']:.4f}")
     for name, key, digits in (("eval loss", "eval_loss", 4), ("eval accuracy", "eval_accuracy", 3)):
