@@ -15,6 +15,7 @@ COMMANDS = {
     "convert": ("ctxscale.launch.convert", "distill a softmax model into linear attention"),
     "eval": ("ctxscale.launch.evaluate", "perplexity, passkey by length, MQAR: table + plot"),
     "tokenize": ("ctxscale.launch.tokenize", "text corpus -> token file for data.kind=tokens"),
+    "generate": ("ctxscale.launch.generate", "sample text from a trained model"),
 }
 
 

@@ -36,25 +36,12 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ctxscale.dist.context import ParallelContext
-from ctxscale.kernels.attention import attention as attention_kernel
 from ctxscale.kernels.norm import RMSNorm
 from ctxscale.models.config import ModelConfig
 from ctxscale.models.linear_attention import LinearAttention, linear_attention_flops_per_token
 from ctxscale.models.mamba import MambaMixer
 from ctxscale.models.mamba2 import Mamba2Mixer
 from ctxscale.models.transformer import Attention, FeedForward, Transformer
-
-
-class CachedAttention(Attention):
-    """The Transformer's attention plus `step(x, state)` with a KV cache (single device)."""
-
-    def step(self, x, state, cos, sin):
-        q, k, v = self.qkv(x, cos, sin)
-        if state:
-            k, v = torch.cat([state["k"], k], 1), torch.cat([state["v"], v], 1)
-        # causal masks are bottom-right aligned: new query i sees every cached key
-        o = attention_kernel(q, k, v, causal=True)
-        return self.wo(o.flatten(2)), {"k": k, "v": v}
 
 
 class HybridBlock(nn.Module):
@@ -67,7 +54,7 @@ class HybridBlock(nn.Module):
         if code in "ALP":
             self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
             self.attention = (LinearAttention(cfg, parallel, layer_index=layer_index) if code == "L"
-                              else CachedAttention(cfg, parallel))
+                              else Attention(cfg, parallel))
         else:
             self.mixer_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if code in "MP":
@@ -168,20 +155,6 @@ class HybridLM(Transformer):
             h = layer(h, cos, sin, document_ids)
         return self.norm(h) if self.norm is not None else h
 
-    @torch.no_grad()
-    def forward_step(self, input_ids, state: dict | None = None):
-        """Single device inference: input_ids `(batch, new_tokens)` continuing from `state`
-        (None: a new sequence) -> (logits `(batch, new_tokens, vocab)`, new state)."""
-        state = state or {"pos": 0, "layers": {}}
-        h = self.tok_embeddings(input_ids)
-        b, s = input_ids.shape
-        pos = torch.arange(state["pos"], state["pos"] + s, device=h.device).expand(b, s)
-        cos, sin = self.rope(pos) if self.uses_rope else (None, None)
-        new_layers = {}
-        for name, layer in self.layers.items():
-            h, new_layers[name] = layer.step(h, state["layers"].get(name), cos, sin)
-        return self.output(self.norm(h)), {"pos": state["pos"] + s, "layers": new_layers}
-
     def flops_per_token(self, seq_len: int) -> float:
         """6·params + softmax attention (A, P layers, causal half) + linear-attention state work
         + Mamba-2's SSD state update and readout (heads · d_state · head_dim each)."""
@@ -194,4 +167,4 @@ class HybridLM(Transformer):
         return 6 * self.num_params(exclude_embeddings=True) + attn + lin + ssd
 
 
-__all__ = ["CachedAttention", "HybridBlock", "HybridLM", "layer_codes"]
+__all__ = ["HybridBlock", "HybridLM", "layer_codes"]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ctxscale.dist.context import SINGLE, ParallelContext
+from ctxscale.kernels.attention import attention as attention_kernel
 from ctxscale.kernels.norm import RMSNorm
 from ctxscale.kernels.rotary import apply_rotary, rope_cos_sin, rope_inv_freq
 from ctxscale.models.config import ModelConfig
@@ -52,6 +53,16 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, document_ids=None):
         return self.wo(self.core(*self.qkv(x, cos, sin), document_ids))
+
+    def step(self, x, state, cos, sin):
+        """Single device inference with a KV cache: (x `(batch, new, dim)`, state None or
+        {"k", "v"}) -> (output, new state)."""
+        q, k, v = self.qkv(x, cos, sin)
+        if state:
+            k, v = torch.cat([state["k"], k], 1), torch.cat([state["v"], v], 1)
+        # causal masks are bottom-right aligned: new query i sees every cached key
+        o = attention_kernel(q, k, v, causal=True)
+        return self.wo(o.flatten(2)), {"k": k, "v": v}
 
 
 class FeedForward(nn.Module):
@@ -84,6 +95,12 @@ class TransformerBlock(nn.Module):
     def _block(self, x, cos, sin, document_ids=None):
         q, k, v = self._pre_attention(x, cos, sin)
         return self._post_attention(x, self.attention.core(q, k, v, document_ids))
+
+    def step(self, x, state, cos, sin):
+        """Single device: (x, state) -> (y, new_state) with the attention's KV cache."""
+        o, new = self.attention.step(self.attention_norm(x), state, cos, sin)
+        h = x + o
+        return h + self.feed_forward(self.ffn_norm(h)), new
 
     def forward(self, x, cos, sin, document_ids=None):
         """`document_ids`: None, or the `(batch, seq)` document ids of the whole sequence
@@ -144,6 +161,33 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, std=cfg.init_std)
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
+
+    uses_rope = True  # the cos/sin of the positions are needed (HybridLM: by some layers)
+
+    @property
+    def can_step(self) -> bool:
+        """Whether every block has `step` (recurrent inference, `forward_step`)."""
+        return all(hasattr(layer, "step") for layer in self.layers.values())
+
+    @torch.no_grad()
+    def forward_step(self, input_ids, state: dict | None = None):
+        """Single device inference: input_ids `(batch, new_tokens)` continuing from `state`
+        (None: a new sequence) -> (logits `(batch, new_tokens, vocab)`, new state). Every
+        block carries its state: a KV cache for softmax attention, recurrent states for
+        linear attention and Mamba (HybridLM). One pass, pieces with the state carried, and
+        token by token give the same logits."""
+        if not self.can_step:
+            raise ValueError(f"{type(self).__name__} blocks have no step(); run the full "
+                             "forward over the whole sequence instead")
+        state = state or {"pos": 0, "layers": {}}
+        h = self.tok_embeddings(input_ids)
+        b, s = input_ids.shape
+        pos = torch.arange(state["pos"], state["pos"] + s, device=h.device).expand(b, s)
+        cos, sin = self.rope(pos) if self.uses_rope else (None, None)
+        new_layers = {}
+        for name, layer in self.layers.items():
+            h, new_layers[name] = layer.step(h, state["layers"].get(name), cos, sin)
+        return self.output(self.norm(h)), {"pos": state["pos"] + s, "layers": new_layers}
 
     def rope(self, position_ids: torch.Tensor):
         return rope_cos_sin(position_ids, self.rope_inv_freq, self.rope_attention_scaling)
