@@ -57,6 +57,19 @@ def load_dcp(state: dict, path, *, one_process: bool | None = None) -> None:
         dcp.load(state, checkpoint_id=str(path), no_dist=one_process)
 
 
+def model_differences(missing: list, extra: list, reshaped: list) -> list[str]:
+    """The clauses of a "holds a different model" message (a few names of each kind)."""
+    def few(names):
+        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+    parts = [f"{len(missing)} of this model's tensors are not in it ({few(missing)})"] if missing else []
+    if extra:
+        parts.append(f"{len(extra)} of its tensors are not in this model ({few(extra)})")
+    if reshaped:
+        parts.append("shapes differ for " + few(reshaped))
+    return parts
+
+
 def check_model_matches(path: Path, model_sd: dict) -> None:
     """Raise a ValueError naming the differences when the DCP checkpoint at `path` holds
     another model than `model_sd` (parameter names and global shapes; DTensor shards count by
@@ -81,16 +94,8 @@ def check_model_matches(path: Path, model_sd: dict) -> None:
     unexpected = sorted(set(saved) - names)
     if not (missing or unexpected or reshaped):
         return
-
-    def few(names):
-        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-
-    parts = [f"{len(missing)} of this model's tensors are not in it ({few(missing)})"] if missing else []
-    if unexpected:
-        parts.append(f"{len(unexpected)} of its tensors are not in this model ({few(unexpected)})")
-    if reshaped:
-        parts.append("shapes differ for " + few([f"{k} (saved {a}, model {b})"
-                                                 for k, a, b in reshaped]))
+    parts = model_differences(missing, unexpected,
+                              [f"{k} (saved {a}, model {b})" for k, a, b in reshaped])
     hint = ""
     if any(k.endswith("mixer.in_proj.weight") for k in unexpected):
         hint = (" It holds Mamba mixers with a fused in_proj: it was written by a ctxscale "

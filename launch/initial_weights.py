@@ -68,15 +68,9 @@ def _check_names(source: str, have: dict, want: dict) -> None:
                       if tuple(have[k].shape) != tuple(want[k].shape))
     if not (missing or extra or reshaped):
         return
+    from ctxscale.launch.checkpoint import model_differences
 
-    def few(names):
-        return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-
-    parts = [f"{len(missing)} of this model's tensors are not in it ({few(missing)})"] if missing else []
-    if extra:
-        parts.append(f"{len(extra)} of its tensors are not in this model ({few(extra)})")
-    if reshaped:
-        parts.append("shapes differ for " + few(reshaped))
+    parts = model_differences(missing, extra, reshaped)
     raise ValueError(f"checkpoint.init_from={source!r} holds a different model: "
                      f"{'; '.join(parts)}. Set the model section to the source's settings (its "
                      "config.yaml or config.json); nothing was loaded")
