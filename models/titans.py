@@ -17,7 +17,8 @@ each followed by a SwiGLU MLP, in a Llama-style decoder (RMSNorm, RoPE, tied or 
 Every block has `forward(x, cos, sin, state=None) -> (x, state)`: the state (memory weights and
 momentum, and for mag / mal the last window − 1 keys/values) lets a sequence run in pieces with
 the same result as one pass (pieces must be multiples of `segment_len` for mac and of
-`chunk_size` for mag / mal, the last piece excepted). Context parallelism needs no other code
+`chunk_size` for mag / mal, the last piece excepted; continuing from a piece that ended inside
+a unit is refused, as its memory would have updated mid-unit). Context parallelism needs no other code
 here: the model's `ParallelContext` passes the memory state between ranks in order
 (`recv_state` / `send_state`) and supplies the previous rank's keys to the window
 (`with_halo`); see `dist/titans_cp.py` for the algorithm and its cost.
@@ -69,6 +70,9 @@ from ctxscale.models.transformer import FeedForward, Transformer
 class BlockState(NamedTuple):
     memory: MemoryState
     kv: tuple[torch.Tensor, torch.Tensor] | None = None  # last window−1 keys/values (mag, mal)
+    # tokens of the piece past its last whole unit (segment_len / chunk_size): such a piece
+    # must be the last one, and continuing from its state is refused
+    partial: int = 0
 
 
 # ------------------------------------------------------------------ neural memory layer
@@ -383,6 +387,14 @@ class TitansBlock(nn.Module):
         layout in units of segment_len (mac) or chunk_size (mag, mal), and the ids."""
         b = x.shape[0]
         self._check_shard(cos.shape[1])  # the whole local sequence (x: a tp shard of it)
+        whole, whole_name = ((self.segment_len, "segment_len") if self.variant == "mac"
+                             else (self.chunk_size, "chunk_size"))
+        if state is not None and state.partial:
+            raise ValueError(
+                f"Titans {self.variant}: continuing a sequence from a piece that ended "
+                f"{state.partial} tokens into a unit of model.titans.{whole_name}={whole}; the "
+                "memory would update mid-unit and differ from one pass. Run pieces of whole "
+                "units (only the last may be shorter), or the sequence in one pass")
         kv = state.kv if state is not None else None
         run, attn = self._region, self.attention
         if self.variant == "mac":
@@ -433,7 +445,7 @@ class TitansBlock(nn.Module):
             k, v, kv = attn.with_context(k, v, kv)
             h = h + run(attn.attend, q, k, v, self._key_ids(document_ids, k, q))
         h = run(self._mlp, h)
-        return h, BlockState(mem, kv)
+        return h, BlockState(mem, kv, cos.shape[1] % whole)
 
 
 # ------------------------------------------------------------------ model

@@ -60,6 +60,23 @@ def test_pieces_with_state_equal_one_pass(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_continuing_from_a_piece_that_ends_inside_a_unit_is_refused(variant):
+    """A piece that is not a multiple of the unit (segment_len / chunk_size) may only be the
+    last: continuing from its state would update the memory mid-unit (by ~1e-2 in the logits)
+    and is refused, naming the unit."""
+    model = _model(variant)
+    unit = model.cfg.titans.segment_len if variant == "mac" else model.cfg.titans.chunk_size
+    ids = torch.randint(0, 37, (2, unit + 4), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(unit + 4).expand(2, -1)
+    _, state = model.hidden_states(ids[:, : unit - 1], pos[:, : unit - 1], return_state=True)
+    assert state[0].partial == unit - 1
+    name = "segment_len" if variant == "mac" else "chunk_size"
+    with pytest.raises(ValueError, match=rf"ended {unit - 1} tokens into a unit of "
+                                         rf"model.titans.{name}={unit}.*whole units"):
+        model.hidden_states(ids[:, unit - 1 :], pos[:, unit - 1 :], state=state)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_causal(variant):
     """Changing tokens from position 20 on leaves the outputs before 20 unchanged (MAC's memory
     tokens h_j are only visible to queries i >= j, so no future token leaks in)."""
