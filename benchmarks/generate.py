@@ -27,6 +27,7 @@ FAMILIES = {
     "linear (lawcat)": dict(family="linear"),
     "mamba2": dict(family="mamba2"),
     "hybrid LMSA": dict(family="hybrid", layer_pattern="LMSA"),
+    "titans mag": dict(family="titans"),
 }
 
 
@@ -40,6 +41,7 @@ def _model(spec):
     if cfg.family == "linear":
         cfg.linear_attention.kind = "lawcat"
     cfg.mamba.head_dim = 32
+    cfg.titans.variant = "mag"
     return build_model(cfg).eval()
 
 

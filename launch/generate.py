@@ -3,10 +3,11 @@
     ctxscale generate --model runs/shakespeare --prompt "ROMEO:" --max-new-tokens 200
 
 `--model`: a train run folder (its newest checkpoint), a `convert` model/ folder or a Hugging
-Face folder (`launch.convert.load_model`). Models whose blocks all have a `step` (the
-Transformer with a KV cache; linear attention, Mamba, Mamba-2 and hybrids with their recurrent
-states, `Transformer.forward_step`) decode one token per forward; the others (Titans) rerun the
-forward over the whole sequence for every token, which is said on the first line.
+Face folder (`launch.convert.load_model`). Every family decodes with state (`forward_step`):
+the Transformer with a KV cache; linear attention, Mamba, Mamba-2 and hybrids with their
+recurrent states; Titans from its state at the last whole memory unit, rerunning only the
+tokens since (fewer than segment_len / chunk_size). A model without `forward_step` reruns the
+whole sequence for every token, which is said on the first line.
 
 The tokenizer: `--tokenizer` (a sentencepiece .model, a tokenizer.json or a folder), else the
 model folder's own (tokenizer.json / tokenizer.model), else the run's: its config.yaml
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         prompt = torch.tensor([ids] * args.num_samples)
         print(f"generate: {type(model).__name__}, "
               + ("KV cache / recurrent state" if model.can_step
-                 else "no step(): the whole sequence reruns for every token"), file=sys.stderr)
+                 else "no forward_step: the whole sequence reruns for every token"),
+              file=sys.stderr)
         out = generate(model, prompt, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        eos_id=eos, seed=args.seed)

@@ -468,6 +468,31 @@ class Titans(Transformer):
             elif isinstance(module, _Projections) and module.persistent is not None:
                 nn.init.normal_(module.persistent, std=1.0)
 
+    can_step = True  # forward_step below (not per block: the memory learns per unit)
+
+    @torch.no_grad()
+    def forward_step(self, input_ids, state: dict | None = None):
+        """Single device inference: input_ids `(batch, new_tokens)` continuing from `state`
+        (None: a new sequence) -> (logits `(batch, new_tokens, vocab)`, new state). The memory
+        learns per unit (mac: segment_len, mag / mal: chunk_size), so the state holds every
+        layer's BlockState at the last whole unit and the tokens since then (fewer than a
+        unit); each call reruns only those plus the new ones from that state, and moves the
+        state on by the whole units they complete. The same logits as one pass."""
+        t = self.cfg.titans
+        unit = t.segment_len if t.variant == "mac" else t.chunk_size
+        state = state or {"base": None, "start": 0, "tail": input_ids[:, :0]}
+        tail = torch.cat([state["tail"], input_ids], 1)
+        b, n, start = tail.shape[0], tail.shape[1], state["start"]
+        pos = torch.arange(start, start + n, device=tail.device).expand(b, n)
+        h = self.hidden_states(tail, pos, state=state["base"])
+        logits = self.output(h[:, n - input_ids.shape[1]:])
+        whole = n - n % unit
+        base = state["base"]
+        if whole:  # the completed units: their end state becomes the new base
+            _, base = self.hidden_states(tail[:, :whole], pos[:, :whole], state=base,
+                                         return_state=True)
+        return logits, {"base": base, "start": start + whole, "tail": tail[:, whole:]}
+
     def hidden_states(self, input_ids, position_ids=None, document_ids=None, *, state=None,
                       return_state=False):
         """Final-norm hidden states `(batch, seq, dim)`. `state` (a list with one BlockState per

@@ -1,5 +1,5 @@
-"""`ctxscale generate`: cached decoding (KV cache, recurrent states) gives the logits and tokens
-of rerunning the whole sequence, for every family with `step`; sampling honours top-k / top-p /
+"""`ctxscale generate`: cached decoding (KV cache, recurrent states, Titans' state at the last
+whole memory unit) gives the logits and tokens of rerunning the whole sequence; sampling honours top-k / top-p /
 temperature and the seed; EOS stops a row; the CLI finds a run's trained tokenizer; bad input
 is refused by name.
 
@@ -21,7 +21,8 @@ from tests.launch.test_data_text import SHAKESPEARE
 FAMILIES = {
     "transformer": dict(family="transformer"),
     "hybrid_LMSA": dict(family="hybrid", layer_pattern="LMSA", num_layers=4),
-    "titans_mag": dict(family="titans"),  # no step(): reruns the sequence
+    "titans_mac": dict(family="titans"),  # the state at the last whole unit + the tail
+    "titans_mag": dict(family="titans"),
 }
 
 
@@ -31,8 +32,9 @@ def _model(kind):
                                 num_layers=2, max_seq_len=128), **FAMILIES[kind]})
     if kind == "hybrid_LMSA":
         cfg.mamba.d_state, cfg.mamba.head_dim = 4, 8
-    if kind == "titans_mag":
-        cfg.titans.variant = "mag"
+    if kind.startswith("titans"):
+        cfg.titans.variant = kind.split("_")[1]
+        cfg.titans.segment_len, cfg.titans.chunk_size = 8, 4  # units complete while decoding
     return build_model(cfg)
 
 
@@ -40,20 +42,19 @@ def _model(kind):
 def test_cached_decoding_equals_rerunning_the_sequence(kind):
     model = _model(kind).eval()
     prompt = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(1))
-    assert model.can_step == (kind != "titans_mag")
+    assert model.can_step
     fast = generate(model, prompt, max_new_tokens=12, temperature=0)
     slow = generate(model, prompt, max_new_tokens=12, temperature=0, use_cache=False)
     assert torch.equal(fast, slow) and fast.shape == (2, 19)
     assert torch.equal(fast[:, :7], prompt)
-    if model.can_step:  # the logits themselves, token by token after the prompt
-        with torch.no_grad():
-            full = model(fast)
-            out, state = model.forward_step(fast[:, :7])
-            steps = [out]
-            for t in range(7, fast.shape[1]):
-                out, state = model.forward_step(fast[:, t : t + 1], state)
-                steps.append(out)
-        torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the logits themselves, token by token after the prompt
+        full = model(fast)
+        out, state = model.forward_step(fast[:, :7])
+        steps = [out]
+        for t in range(7, fast.shape[1]):
+            out, state = model.forward_step(fast[:, t : t + 1], state)
+            steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
     sampled = generate(model, prompt, max_new_tokens=12, temperature=1.0, seed=3)
     assert torch.equal(sampled, generate(model, prompt, max_new_tokens=12, temperature=1.0,
                                          seed=3, use_cache=False))
