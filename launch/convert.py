@@ -58,6 +58,7 @@ from ctxscale.launch.config import (
 )
 from ctxscale.launch.config_loader import dump, load, run_config_command, to_dict
 from ctxscale.launch.data import DataConfig, build_data
+from ctxscale.launch.data.cache import run_cache_dir
 from ctxscale.launch.data.hf_tokenizer import check_teacher_tokenizer
 from ctxscale.launch.data.passkey_mix import PasskeyMix
 from ctxscale.launch.env import detect_env, init_distributed, pick_device
@@ -303,7 +304,7 @@ class Converter:
         set_kernel_mode(cfg.kernels.mode, **cfg.kernels.per_op())
         torch.manual_seed(cfg.run.seed)
         self.out = Path(cfg.run.output_dir)
-        cache = str(self.out / "cache") if cfg.data.cache_dir is None else None
+        cache = str(run_cache_dir(self.out, cfg.data.cache_dir))
         common = dict(batch_size=cfg.run.batch_size, dp_rank=self.dp_rank, dp_size=self.dp_size,
                       seed=cfg.run.seed, cache_dir=cache)
         self.data = PasskeyMix(build_data(cfg.data, split="train", **common),

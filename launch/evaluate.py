@@ -35,6 +35,7 @@ import torch
 
 from ctxscale.launch.config_loader import load, run_config_command
 from ctxscale.launch.data import DataConfig, build_data, mqar_sample, passkey_accuracy
+from ctxscale.launch.data.cache import run_cache_dir
 from ctxscale.launch.data.synthetic import passkey_text_eval_set
 
 # (row suffix, LinearAttention.hybrid_mode) of the ablations of windowed (LoLCATs) models
@@ -315,7 +316,7 @@ def evaluate_models(cfg: EvalJob) -> dict:
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cache = str(out / "cache") if cfg.data.cache_dir is None else None
+    cache = str(run_cache_dir(out, cfg.data.cache_dir))
     val = build_data(cfg.data, batch_size=cfg.batch_size, dp_rank=0, dp_size=1, seed=cfg.seed,
                      split="val", cache_dir=cache)
     batches = val.eval_batches(cfg.eval_batches)

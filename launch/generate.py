@@ -92,6 +92,7 @@ def find_tokenizer(model_path: str | Path, explicit: str | None = None):
     """The tokenizer to use with the model at `model_path` (module docstring), or None."""
     import yaml
 
+    from ctxscale.launch.data.cache import run_cache_dir
     from ctxscale.launch.data.hf_tokenizer import load_tokenizer
     from ctxscale.launch.data.tokenizer import Tokenizer
 
@@ -108,7 +109,7 @@ def find_tokenizer(model_path: str | Path, explicit: str | None = None):
         return load_tokenizer(data["tokenizer"], eos_id=data.get("eos_id", -1))
     if data.get("kind") != "text":
         return None
-    cache = Path(data["cache_dir"]) if data.get("cache_dir") else p / "cache"
+    cache = run_cache_dir(p, data.get("cache_dir"))
     vocab = data.get("tokenizer_vocab_size")
     trained = sorted((cache / "tokenizers").glob(f"spm-*{vocab}-*.model"))
     if len(trained) > 1:

@@ -53,6 +53,7 @@ def tokenize(cfg, out: Path, *, force: bool = False, log=print) -> dict:
         check_files,
         file_identity,
         resolve_cache_dir,
+        run_cache_dir,
         tmp_name,
     )
     from ctxscale.launch.data.text import (
@@ -76,8 +77,7 @@ def tokenize(cfg, out: Path, *, force: bool = False, log=print) -> dict:
         raise FileExistsError(f"--out {str(out)!r}: {', '.join(existing)} already exist(s); "
                               "pass --force to replace them, or choose another --out")
     files = check_files(data.text_files, "data.text_files")
-    cache = resolve_cache_dir(None if data.cache_dir else str(Path(cfg.train.output_dir) / "cache"),
-                              data.cache_dir)
+    cache = resolve_cache_dir(str(run_cache_dir(cfg.train.output_dir, data.cache_dir)), None)
     tokenizer = load_or_train_tokenizer(data, files, cache)
     eos, dtype = document_eos(tokenizer), token_dtype(tokenizer.vocab_size)
     trained = data.tokenizer is None

@@ -41,6 +41,7 @@ from ctxscale.launch.checkpoint import Checkpointer, latest_checkpoint
 from ctxscale.launch.config import ConfigError, JobConfig, dump, load_job_config
 from ctxscale.launch.config_loader import run_config_command
 from ctxscale.launch.data import build_data, token_accuracy
+from ctxscale.launch.data.cache import run_cache_dir
 from ctxscale.launch.env import detect_env, init_distributed, pick_device
 from ctxscale.launch.metrics import (
     MetricsLogger,
@@ -76,13 +77,13 @@ class TrainState:
         torch.manual_seed(cfg.train.seed)
         out = Path(cfg.train.output_dir)
         self.output_dir = out
+        cache = str(run_cache_dir(out, cfg.data.cache_dir))
         self.data = build_data(cfg.data, batch_size=cfg.train.batch_size, dp_rank=self.dp_rank,
                                dp_size=self.dp_size, seed=cfg.train.seed, split="train",
-                               cache_dir=str(out / "cache") if cfg.data.cache_dir is None else None)
+                               cache_dir=cache)
         self.val_data = build_data(cfg.data, batch_size=cfg.train.batch_size,
                                    dp_rank=self.dp_rank, dp_size=self.dp_size,
-                                   seed=cfg.train.seed, split="val",
-                                   cache_dir=str(out / "cache") if cfg.data.cache_dir is None else None)
+                                   seed=cfg.train.seed, split="val", cache_dir=cache)
         # no validation split (data.val_fraction=0) or no batches asked for: no evaluation
         self.can_eval = cfg.train.eval_batches > 0 and self.val_data.has_validation
         if cfg.model.vocab_size == 0:

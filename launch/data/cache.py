@@ -27,6 +27,13 @@ def resolve_cache_dir(override: str | None, configured: str | None) -> Path:
     return path
 
 
+def run_cache_dir(output_dir: str | Path, configured: str | None) -> Path:
+    """The data cache of a job writing to `output_dir`: `data.cache_dir` when set, else
+    <output_dir>/cache (train, eval, convert and tokenize share it, so a tokenizer trained
+    for a config is found by every command run with it)."""
+    return Path(configured) if configured else Path(output_dir) / "cache"
+
+
 def check_files(paths: list[str], key: str) -> list[Path]:
     """Resolve the files of config list `key`, raising FileNotFoundError that names a missing
     path."""
