@@ -41,6 +41,12 @@ class TitansConfig:
     # bounded either way).
     max_lr: float = 0.02
 
+    def unit(self) -> tuple[int, str]:
+        """(tokens, field name) of the memory's unit of learning: a segment (mac) or a chunk
+        (mag, mal). Context-parallel shards and continued pieces come in whole units."""
+        return ((self.segment_len, "segment_len") if self.variant == "mac"
+                else (self.chunk_size, "chunk_size"))
+
     def validate(self) -> None:
         for name in ("chunk_size", "segment_len", "window", "memory_depth"):
             if getattr(self, name) < 1:

@@ -309,6 +309,7 @@ class TitansBlock(nn.Module):
         self.variant = t.variant
         self.segment_len = t.segment_len
         self.chunk_size = t.chunk_size
+        self.unit, self.unit_name = t.unit()
         self.parallel = parallel
         self.checkpointing = cfg.activation_checkpointing
         self.memory_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -325,13 +326,12 @@ class TitansBlock(nn.Module):
     def _check_shard(self, n):
         if not self.parallel.cp_enabled:
             return
-        unit, name = ((self.segment_len, "model.titans.segment_len") if self.variant == "mac"
-                      else (self.chunk_size, "model.titans.chunk_size"))
-        if n % unit:
+        if n % self.unit:
             raise ValueError(
-                f"each context-parallel rank holds {n} tokens, not a multiple of {name}={unit}: "
-                "memory segments/chunks would straddle the shard boundary. Choose data.seq_len "
-                f"divisible by parallel.cp × {unit}"
+                f"each context-parallel rank holds {n} tokens, not a multiple of "
+                f"model.titans.{self.unit_name}={self.unit}: memory segments/chunks would "
+                "straddle the shard boundary. Choose data.seq_len divisible by parallel.cp × "
+                f"{self.unit}"
             )
 
     def _memory_state(self, state, batch):
@@ -387,12 +387,11 @@ class TitansBlock(nn.Module):
         layout in units of segment_len (mac) or chunk_size (mag, mal), and the ids."""
         b = x.shape[0]
         self._check_shard(cos.shape[1])  # the whole local sequence (x: a tp shard of it)
-        whole, whole_name = ((self.segment_len, "segment_len") if self.variant == "mac"
-                             else (self.chunk_size, "chunk_size"))
         if state is not None and state.partial:
             raise ValueError(
                 f"Titans {self.variant}: continuing a sequence from a piece that ended "
-                f"{state.partial} tokens into a unit of model.titans.{whole_name}={whole}; the "
+                f"{state.partial} tokens into a unit of model.titans.{self.unit_name}="
+                f"{self.unit}; the "
                 "memory would update mid-unit and differ from one pass. Run pieces of whole "
                 "units (only the last may be shorter), or the sequence in one pass")
         kv = state.kv if state is not None else None
@@ -445,7 +444,7 @@ class TitansBlock(nn.Module):
             k, v, kv = attn.with_context(k, v, kv)
             h = h + run(attn.attend, q, k, v, self._key_ids(document_ids, k, q))
         h = run(self._mlp, h)
-        return h, BlockState(mem, kv, cos.shape[1] % whole)
+        return h, BlockState(mem, kv, cos.shape[1] % self.unit)
 
 
 # ------------------------------------------------------------------ model
@@ -478,8 +477,7 @@ class Titans(Transformer):
         layer's BlockState at the last whole unit and the tokens since then (fewer than a
         unit); each call reruns only those plus the new ones from that state, and moves the
         state on by the whole units they complete. The same logits as one pass."""
-        t = self.cfg.titans
-        unit = t.segment_len if t.variant == "mac" else t.chunk_size
+        unit, _ = self.cfg.titans.unit()
         state = state or {"base": None, "start": 0, "tail": input_ids[:, :0]}
         tail = torch.cat([state["tail"], input_ids], 1)
         b, n, start = tail.shape[0], tail.shape[1], state["start"]
@@ -523,9 +521,7 @@ class Titans(Transformer):
         world, rank = (par.cp_size, par.cp_rank) if par.cp_enabled else (1, 0)
         check_segments(document_ids, b, s * world, cos.device,
                        what="Titans document_ids (the whole sequence's, on every cp rank)")
-        t = self.cfg.titans
-        unit = t.segment_len if t.variant == "mac" else t.chunk_size
-        return cp_document_layout(document_ids, unit, rank, world)
+        return cp_document_layout(document_ids, self.cfg.titans.unit()[0], rank, world)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Estimate: 6·params, plus attention over the keys a query sees (segment or window,
