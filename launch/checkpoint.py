@@ -57,6 +57,17 @@ def load_dcp(state: dict, path, *, one_process: bool | None = None) -> None:
         dcp.load(state, checkpoint_id=str(path), no_dist=one_process)
 
 
+def load_model_dcp(model, path) -> None:
+    """Only the model's weights from the DCP folder `path` (a checkpoint holding the optimizer
+    too, or a model-only save), in place, resharded to `model`'s layout; collective when a
+    process group is up."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    load_dcp(state, path)
+    set_model_state_dict(model, state["model"])
+
+
 def model_differences(missing: list, extra: list, reshaped: list) -> list[str]:
     """The clauses of a "holds a different model" message (a few names of each kind)."""
     def few(names):

@@ -49,7 +49,7 @@ import yaml
 from ctxscale.dist.layout import shard_sequence
 from ctxscale.dist.mesh import ParallelDims, axis_rank, axis_size
 from ctxscale.dist.parallelize import parallel_context
-from ctxscale.launch.checkpoint import Checkpointer, latest_checkpoint, load_dcp, save_dcp
+from ctxscale.launch.checkpoint import Checkpointer, latest_checkpoint, load_model_dcp, save_dcp
 from ctxscale.launch.config import (
     CheckpointConfig,
     KernelConfig,
@@ -240,14 +240,6 @@ def load_convert_config(path=None, overrides=None) -> ConvertJob:
 # ------------------------------------------------------------------------------ model I/O
 
 
-def _load_dcp_model(model, folder: Path) -> None:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-    state = {"model": get_model_state_dict(model)}
-    load_dcp(state, folder)
-    set_model_state_dict(model, state["model"])
-
-
 def load_model(path, *, parallel=None, device="cpu"):
     """A ctxscale model from `path`: a `convert` model/ folder, a `train` run folder (newest
     checkpoint) or a Hugging Face directory."""
@@ -268,7 +260,7 @@ def load_model(path, *, parallel=None, device="cpu"):
     weights = path if (path / ".metadata").is_file() else latest_checkpoint(path / "checkpoints")
     if weights is None:
         raise ValueError(f"{path} has no weights (no .metadata and no checkpoints/step_*)")
-    _load_dcp_model(model, weights)
+    load_model_dcp(model, weights)
     return model
 
 

@@ -102,15 +102,13 @@ def load_initial_weights(model: torch.nn.Module, spec: str, *, partial: bool = F
         set_model_state_dict,
     )
 
-    from ctxscale.launch.checkpoint import check_model_matches, load_dcp
+    from ctxscale.launch.checkpoint import check_model_matches, load_model_dcp
 
     kind, path = resolve_source(spec)
     mine = get_model_state_dict(model)
     if kind == "dcp":
         check_model_matches(path, mine)
-        state = {"model": mine}
-        load_dcp(state, path)
-        set_model_state_dict(model, state["model"])
+        load_model_dcp(model, path)
         return f"{path} (DCP, resharded)"
     full = _full_tensors(kind, path)
     have = {k: v for k, v in full.items() if k in mine} if partial else full
