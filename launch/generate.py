@@ -70,7 +70,6 @@ def generate(model, prompt: torch.Tensor, *, max_new_tokens: int, temperature: f
     step = use_cache and getattr(model, "can_step", False)
     ids, done = prompt, torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
     state = None
-    logits = None
     for _ in range(max_new_tokens):
         if step:
             out, state = model.forward_step(ids if state is None else ids[:, -1:], state)

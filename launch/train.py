@@ -39,7 +39,7 @@ from ctxscale.dist.parallelize import (
 from ctxscale.kernels.dispatch import chosen_paths, set_kernel_mode
 from ctxscale.launch.checkpoint import Checkpointer, latest_checkpoint
 from ctxscale.launch.config import ConfigError, JobConfig, dump, load_job_config
-from ctxscale.launch.config_loader import run_config_command
+from ctxscale.launch.config_loader import run_config_command, to_dict
 from ctxscale.launch.data import build_data, token_accuracy
 from ctxscale.launch.data.cache import run_cache_dir
 from ctxscale.launch.env import detect_env, init_distributed, pick_device
@@ -293,11 +293,9 @@ def train(cfg: JobConfig) -> dict:
     is_logger = st.rank == 0
     wandb = None
     if tcfg.wandb:
-        import yaml
-
         wandb = {"project": tcfg.wandb_project,
                  "name": tcfg.wandb_run_name or st.output_dir.resolve().name,
-                 "config": yaml.safe_load(dump(cfg))}
+                 "config": to_dict(cfg)}
     metrics = MetricsLogger(st.output_dir, enabled=is_logger, tensorboard=tcfg.tensorboard,
                             progress_total=tcfg.steps, progress=tcfg.progress, initial=st.step,
                             wandb=wandb)

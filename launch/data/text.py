@@ -174,8 +174,8 @@ def read_documents(path: Path, separator: str, field: str = "text") -> list[str]
 
 
 def _reader_key(files: list[Path], separator: str, field: str) -> dict:
-    """What the caches key on for how files become documents (the field only with JSON lines,
-    so the keys of plain-text corpora stay what they were)."""
+    """What the caches key on for how files become documents (the field only with record files,
+    JSON lines or Parquet, so the keys of plain-text corpora stay what they were)."""
     return {"separator": separator, **({"jsonl_field": field} if any(map(is_records, files))
                                        else {})}
 
@@ -356,7 +356,7 @@ def _batches(docs, max_docs: int, max_chars: int):
 
 
 def write_tokens(docs, tokenizer, f, *, max_docs: int = 1024, max_chars: int = 1 << 22,
-                 progress=None) -> list[int]:
+                 progress=None) -> np.ndarray:
     """Encode the documents `docs` (an iterable of strings) in batches and write each, followed
     by its EOS, to the open binary file `f` as `token_dtype(vocab)` ids. Returns the document
     offsets (int64, num_docs + 1, from 0). `progress(docs, tokens)` is called after each
